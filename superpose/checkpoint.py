@@ -1,0 +1,124 @@
+"""Checkpoints that survive a crash, and the export to an ordinary Hugging Face model directory.
+
+A checkpoint is one file, ``checkpoints/step-NNNNNNNN/state.pt``, holding the full (gathered)
+model and optimizer state keyed by parameter name, the trainer state (step, data position, RNG)
+and the resolved config. Because it is gathered, a checkpoint written under any strategy and
+world size resumes under any other. It is written into a hidden temporary directory, fsynced and
+renamed into place, so a directory named ``step-*`` is always complete; every rank reads it from
+the run directory (a filesystem shared by the nodes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .distributed import Runtime, barrier
+
+STATE_FILE = "state.pt"
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the previous good one is left untouched."""
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are hidden and skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int, runtime: Runtime) -> None:
+    """Collective: every rank calls it; rank 0 writes."""
+    state = {
+        "model": get_model_state_dict(model, options=_GATHER),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=_GATHER),
+        "trainer": trainer_state,
+    }
+    if runtime.is_main:
+        root = Path(run_dir) / "checkpoints"
+        final = root / f"step-{step:08d}"
+        tmp = root / f".tmp-step-{step:08d}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            with open(tmp / STATE_FILE, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); earlier checkpoints are intact") from None
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    """Restore model and optimizer in place (any strategy) and return the trainer state."""
+    try:
+        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file can fail in many ways inside the unpickler
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from None
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    return state["trainer"]
+
+
+def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict, runtime: Runtime) -> None:
+    """Write ``out_dir`` as an HF model directory: safetensors weights, config, tokenizer.
+
+    Collective (the weights are gathered from every rank); rank 0 writes into a temporary
+    directory and renames it, so ``out_dir`` is either the old export or the new one.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import EOS
+
+    full = get_model_state_dict(model, options=_GATHER)
+    if runtime.is_main:
+        weights = {name.removeprefix("lm."): tensor for name, tensor in full.items()}
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.config.eos_token_id = lm.config.bos_token_id = eos_id
+        if lm.generation_config is not None:
+            lm.generation_config.eos_token_id = lm.generation_config.bos_token_id = eos_id
+            lm.generation_config.pad_token_id = eos_id
+        lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+        fast.save_pretrained(tmp)
+        (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
+        old = out_dir.with_name(f".old-{out_dir.name}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

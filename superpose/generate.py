@@ -1,0 +1,30 @@
+"""Sample text from an exported model with plain `transformers` (the export is an ordinary HF model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run directory means its exported ``model/``; anything else must be an HF model directory."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path} is neither a run directory with model/ nor an HF model directory")
+
+
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+             top_k: int = 50, samples: int = 1, seed: int = 0) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.eos_token_id]])
+    torch.manual_seed(seed)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0, temperature=temperature or None,
+                         top_k=top_k, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                         pad_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in out]

@@ -1,0 +1,157 @@
+"""Token Superposition Training as pure functions: bag the inputs, split windows, score bags.
+
+Shapes: B batch, L model positions, s bag size, k tokens per input position (s when inputs are
+bagged, else 1), m target tokens per position (s when targets are bags, else 1), V vocabulary,
+d model width. A position with k = m = 1 is ordinary next-token prediction.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTINGS = ("uniform", "power", "exp", "first")
+MODES = ("full", "input", "output")
+
+
+def slot_weights(weighting: str | Sequence[float], bag_size: int, device=None) -> torch.Tensor:
+    """Weights of the s target slots of a bag, fp32 ``[s]`` (paper, Appendix D).
+
+    uniform: 1; power: 1/j; exp: exp(-j); first: only slot 1 (j = 1..s). A sequence of s floats
+    is taken as given. Only ratios matter: the loss divides by the weight sum.
+    """
+    j = torch.arange(1, bag_size + 1, dtype=torch.float32, device=device)
+    if not isinstance(weighting, str):
+        weights = torch.as_tensor(weighting, dtype=torch.float32, device=device)
+        if weights.shape != (bag_size,) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"slot weights must be {bag_size} non-negative floats with a positive sum")
+        return weights
+    if weighting == "uniform":
+        return torch.ones_like(j)
+    if weighting == "power":
+        return 1.0 / j
+    if weighting == "exp":
+        return torch.exp(-j)
+    if weighting == "first":
+        return (j == 1).float()
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def embed_bags(embedding: nn.Module | torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """Mean input embedding of each bag: ids ``[B, L, k]`` -> ``[B, L, d]``.
+
+    Accumulates in fp32 and casts back to the embedding dtype. With k = 1 it is a plain lookup,
+    so a next-token batch costs exactly what it costs without TST. ``embedding`` may be any
+    module mapping ids to vectors (``model.get_input_embeddings()``) or a weight ``[V, d]``.
+    """
+    lookup = (lambda ids: F.embedding(ids, embedding)) if isinstance(embedding, torch.Tensor) else embedding
+    if bags.shape[-1] == 1:
+        return lookup(bags[..., 0])
+    vectors = lookup(bags)  # [B, L, k, d]
+    return vectors.float().mean(dim=-2).to(vectors.dtype)
+
+
+def bag_embeddings(embedding: nn.Module | torch.Tensor, tokens: torch.Tensor, bag_size: int) -> torch.Tensor:
+    """Average each run of ``bag_size`` contiguous token embeddings: ``[B, L*s]`` -> ``[B, L, d]``."""
+    batch, length = tokens.shape
+    if length % bag_size:
+        raise ValueError(f"token length {length} is not a multiple of bag_size {bag_size}")
+    return embed_bags(embedding, tokens.view(batch, length // bag_size, bag_size))
+
+
+def multi_hot_cross_entropy_sum(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Un-normalised multi-hot cross-entropy: ``(sum of w*(lse - z[y]), sum of w)`` over valid slots.
+
+    logits ``[..., V]``, targets ``[..., m]`` int64, weights ``[m]`` fp32 (default uniform).
+    Returns two fp32 scalars so that a trainer can divide by a *global* weight (all ranks, all
+    micro-batches). Slots equal to ``ignore_index`` carry no weight.
+    """
+    vocab, slots = logits.shape[-1], targets.shape[-1]
+    z = logits.reshape(-1, vocab)  # [N, V]
+    y = targets.reshape(-1, slots)  # [N, m]
+    if weights is None:
+        weights = torch.ones(slots, dtype=torch.float32, device=z.device)
+    valid = y != ignore_index
+    w = weights.to(z.device)[None, :] * valid  # [N, m]
+    lse = torch.logsumexp(z.float(), dim=-1)  # [N]
+    picked = z.gather(1, torch.where(valid, y, 0)).float()  # [N, m]
+    return (w * (lse[:, None] - picked)).sum(), w.sum()
+
+
+def multi_hot_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weighting: str | Sequence[float] = "uniform",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Multi-hot cross-entropy (MCE), the mean over valid (position, slot) weight.
+
+    Per position: ``logsumexp(z) - sum_j w_j z[y_j] / sum_j w_j``, which for uniform weights is
+    the mean of the s ordinary cross-entropies on the same logits. Duplicated tokens in a bag
+    count once per occurrence; ``ignore_index`` slots drop out; a position without any valid
+    slot contributes nothing. Like the paper, the value does NOT include the constant ``log s``
+    of the KL form: its minimum for a bag of s distinct tokens is log s, not 0. With s = 1 it is
+    exactly ``F.cross_entropy``.
+
+    logits ``[..., V]``, targets ``[..., s]`` -> fp32 scalar.
+    """
+    weights = slot_weights(weighting, targets.shape[-1], device=logits.device)
+    total, weight = multi_hot_cross_entropy_sum(logits, targets, weights, ignore_index)
+    return total / weight.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def window_length(seq_len: int, bag_size: int, mode: str = "full") -> int:
+    """Data tokens one sample of a stage reads: full s*L+s, input s*L+1, output L+s (s=1: L+1)."""
+    if mode == "full":
+        return bag_size * seq_len + bag_size
+    if mode == "input":
+        return bag_size * seq_len + 1
+    if mode == "output":
+        return seq_len + bag_size
+    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def split_window(window: torch.Tensor, bag_size: int, mode: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn token windows into model inputs and targets for one stage.
+
+    window ``[B, W]`` with W = ``window_length(L, s, mode)`` -> inputs ``[B, L, k]``, targets ``[B, L, m]``:
+
+    - full:   position i holds bag i (tokens s*i .. s*i+s-1) and predicts bag i+1
+              (tokens s*(i+1) .. s*(i+2)-1): k = m = s. Every bag, the last included, has s targets.
+    - input:  bagged inputs, predict the single next token s*(i+1): k = s, m = 1.
+    - output: token inputs, position i predicts the next s tokens i+1 .. i+s: k = 1, m = s.
+
+    With s = 1 every mode is next-token prediction: inputs ``window[:, :L]``, targets ``window[:, 1:]``.
+    """
+    batch, width = window.shape
+    s = bag_size
+    if mode == "full":
+        seq_len = width // s - 1
+        _check_width(width, window_length(seq_len, s, mode), s, mode)
+        bags = window.view(batch, seq_len + 1, s)  # [B, L+1, s]
+        return bags[:, :-1], bags[:, 1:]
+    if mode == "input":
+        seq_len = (width - 1) // s
+        _check_width(width, window_length(seq_len, s, mode), s, mode)
+        inputs = window[:, : s * seq_len].view(batch, seq_len, s)  # [B, L, s]
+        targets = window[:, s::s].unsqueeze(-1)  # [B, L, 1]: tokens s, 2s, ..., s*L
+        return inputs, targets
+    if mode == "output":
+        seq_len = width - s
+        _check_width(width, window_length(seq_len, s, mode), s, mode)
+        inputs = window[:, :seq_len].unsqueeze(-1)  # [B, L, 1]
+        targets = window[:, 1:].unfold(1, s, 1)  # [B, L, s]: row i = tokens i+1 .. i+s
+        return inputs, targets
+    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def _check_width(width: int, expected: int, bag_size: int, mode: str) -> None:
+    if width != expected or width <= bag_size:
+        raise ValueError(f"window of {width} tokens does not fit mode {mode!r} with bag_size {bag_size}")

@@ -1,0 +1,160 @@
+"""Models: named presets built from `transformers` configs, and the TST forward over any HF causal LM.
+
+The TST forward touches only the public interface of a Hugging Face causal LM:
+``get_input_embeddings()``, the body (``base_model``) called with ``inputs_embeds``, and
+``get_output_embeddings()``. The weights and their layout are untouched, so the trained model
+is an ordinary checkpoint of its class. (Models whose CausalLM head post-processes logits, e.g.
+with soft-capping, are not covered: the presets are Llama and Qwen3-MoE.)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
+
+from .method import embed_bags, multi_hot_cross_entropy_sum
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or does not fit the data; the message says why."""
+
+
+def _llama(hidden, intermediate, layers, heads, kv_heads, max_pos, rope_theta) -> dict:
+    return dict(
+        kind="llama",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        rope_theta=rope_theta,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+
+
+def _qwen3_moe(hidden, layers, heads, kv_heads, head_dim, experts, top_k, expert_size, max_pos) -> dict:
+    return dict(
+        kind="qwen3_moe",
+        hidden_size=hidden,
+        intermediate_size=expert_size * top_k,
+        moe_intermediate_size=expert_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.001,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=False,
+    )
+
+
+# Shapes: tiny trains on 2 CPU cores; llama-270m / llama-600m are SmolLM2-135M / -360M with
+# untied embeddings (270M / 600M with a Llama-3-sized vocabulary, as in the paper); llama-3b is
+# the SmolLM3-3B shape; qwen3-moe-10b-a1b has ~10B parameters with ~1B active per token.
+PRESETS: dict[str, dict] = {
+    "tiny": _llama(128, 512, 4, 4, 4, 2048, 10000.0),
+    "llama-270m": _llama(576, 1536, 30, 9, 3, 8192, 100000.0),
+    "llama-600m": _llama(960, 2560, 32, 15, 5, 8192, 100000.0),
+    "llama-3b": _llama(2048, 11008, 36, 16, 4, 65536, 5000000.0),
+    "qwen3-moe-tiny": _qwen3_moe(128, 4, 4, 2, 32, 8, 2, 128, 2048),
+    "qwen3-moe-10b-a1b": _qwen3_moe(1536, 24, 16, 4, 128, 128, 8, 640, 8192),
+}
+
+
+def model_config(preset: str, vocab_size: int) -> PretrainedConfig:
+    """A preset name, or a local HF model/config directory; vocab size follows the tokenizer for presets."""
+    if preset in PRESETS:
+        fields = dict(PRESETS[preset])
+        kind = fields.pop("kind")
+        cls = LlamaConfig if kind == "llama" else Qwen3MoeConfig
+        return cls(vocab_size=vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None, **fields)
+    path = Path(preset)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.preset {preset!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def build_model(preset: str, vocab_size: int, seq_len: int, attn_implementation: str = "sdpa") -> nn.Module:
+    """A fresh causal LM (or the weights of a local HF model directory), checked against the data."""
+    config = model_config(preset, vocab_size)
+    config._attn_implementation = attn_implementation
+    path = Path(preset)
+    has_weights = preset not in PRESETS and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+    if config.vocab_size < vocab_size:
+        raise ModelError(
+            f"the tokenizer has {vocab_size} tokens but the model's vocabulary has {config.vocab_size}; "
+            "use a tokenizer that matches the model"
+        )
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ModelError(f"data.seq_len = {seq_len} exceeds the model's max_position_embeddings = {max_pos}")
+    if has_weights:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+class TSTModel(nn.Module):
+    """A causal LM scored on (inputs ``[B, L, k]``, targets ``[B, L, m]``) for any stage.
+
+    ``forward`` returns the un-normalised loss sum and its weight (see
+    ``multi_hot_cross_entropy_sum``), so that the trainer divides by the global weight of the
+    whole step. Wrapping the LM in this module lets DDP/FSDP see one forward per micro-batch.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+        x = embed_bags(self.lm.get_input_embeddings(), inputs)  # [B, L, d]
+        moe = hasattr(self.lm.config, "router_aux_loss_coef")
+        out = self.lm.base_model(inputs_embeds=x, use_cache=False, **({"output_router_logits": True} if moe else {}))
+        logits = self.lm.get_output_embeddings()(out.last_hidden_state)  # [B, L, V]
+        loss_sum, weight = multi_hot_cross_entropy_sum(logits, targets, weights)
+        if moe and self.training:
+            loss_sum = loss_sum + self.lm.config.router_aux_loss_coef * router_balance_loss(self.lm, out) * weight
+        return loss_sum, weight
+
+
+def router_balance_loss(lm: nn.Module, out) -> torch.Tensor:
+    """The MoE load-balancing loss exactly as the model's own CausalLM forward computes it."""
+    module = sys.modules[type(lm).__module__]
+    return module.load_balancing_loss_func(out.router_logits, lm.config.num_experts, lm.config.num_experts_per_tok, None)
+
+
+def count_parameters(lm: nn.Module) -> dict:
+    """Total parameters, and the matmul parameters one token passes through (MoE: top-k of E experts)."""
+    total = sum(p.numel() for p in lm.parameters())
+    embedding = lm.get_input_embeddings().weight.numel()
+    experts = sum(p.numel() for n, p in lm.named_parameters() if ".experts." in n or n.endswith(".experts"))
+    config = lm.config
+    active_experts = experts * getattr(config, "num_experts_per_tok", 1) / max(1, getattr(config, "num_experts", 1))
+    tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    matmul = total - embedding - experts + active_experts + (embedding if tied else 0)
+    return {"total": total, "active_matmul": int(matmul)}
+
+
+def flops_per_step(lm: nn.Module, seq_len: int, positions: int) -> float:
+    """Training FLOPs of one step over ``positions`` model positions (forward + backward).
+
+    ``6 * N_active * positions + 6 * n_layers * L * d_attn * positions`` where N_active counts
+    the matmul weights a position passes through (the output head included, the input embedding
+    lookup excluded, MoE experts scaled by top-k / E) and the second term is the attention
+    score and value products (QK^T and AV: 2 * 2 * L * d_attn per position forward, x3 for
+    backward; causal masking not discounted, as in the PaLM paper's accounting). Bag averaging
+    costs O(s*d) per position and is ignored, so a phase-1 step and a phase-2 step count alike.
+    """
+    config = lm.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d_attn = config.num_attention_heads * head_dim
+    n_active = count_parameters(lm)["active_matmul"]
+    return 6.0 * n_active * positions + 6.0 * config.num_hidden_layers * seq_len * d_attn * positions

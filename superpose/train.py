@@ -1,0 +1,311 @@
+"""The training loop: one step function for every stage, validation, checkpoints, export.
+
+Per step: look up the stage, draw the windows that stage needs, split them into
+(inputs, targets), run forward/backward on each micro-batch with the loss divided by the
+*global* target weight of the step, clip, and apply AdamW at the scheduled LR. Phase 1 and
+phase 2 differ only in the ``Stage`` the lookup returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import data as data_mod
+from .checkpoint import CheckpointError, checkpoint_dirs, export_model, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, config_from_dict
+from .distributed import Runtime, all_reduce_sum, barrier, gradient_sync, init_runtime, parallelize
+from .method import slot_weights, split_window, window_length
+from .model import TSTModel, build_model, count_parameters, flops_per_step
+from .schedule import Stage, build_stages, lr_at, stage_at
+
+# Keys that may change when a run is resumed: they do not alter the trained model.
+RESUME_SAFE_KEYS = {
+    "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
+    "distributed.strategy",
+}
+
+
+class TrainingError(RuntimeError):
+    """The run stopped for a reason the user must act on; the message says which."""
+
+
+@dataclass
+class StepResult:
+    loss: float  # MCE (phase 1, without log s) or next-token CE, mean over the global batch
+    grad_norm: float
+    applied: bool  # False when the loss or gradients were not finite and the update was skipped
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; matrices get weight decay, norms and biases (1-D parameters) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        fused=device.type == "cuda" or None,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    window: torch.Tensor,
+    stage: Stage,
+    lr: float,
+    cfg: Config,
+    runtime: Runtime,
+) -> StepResult:
+    """One optimizer step on this rank's windows ``[B_local, W]`` for any stage."""
+    inputs, targets = split_window(window.to(runtime.device, non_blocking=True), stage.bag_size, stage.mode)
+    weights = slot_weights(stage.weighting, targets.shape[-1], device=runtime.device)  # [m]
+    # Every slot of our windows is a real token, so the global weight is known before the forward.
+    global_weight = weights.sum() * targets.shape[0] * targets.shape[1] * runtime.world
+    micro = cfg.train.micro_batch_size or inputs.shape[0]
+    chunks = list(zip(inputs.split(micro), targets.split(micro)))
+    loss_total = torch.zeros((), device=runtime.device)
+    for i, (x, y) in enumerate(chunks):
+        with gradient_sync(model, enabled=i == len(chunks) - 1), autocast(cfg, runtime):
+            loss_sum, _ = model(x, y, weights)
+        # DDP/FSDP average gradients over ranks; the factor `world` turns that into a sum.
+        (loss_sum * (runtime.world / global_weight)).backward()
+        loss_total += loss_sum.detach()
+    loss = (all_reduce_sum(loss_total) / global_weight).item()
+    max_norm = cfg.optim.grad_clip or math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
+    if applied:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, applied)
+
+
+def autocast(cfg: Config, runtime: Runtime):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(runtime.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime) -> float:
+    """Next-token loss (nats) on fixed held-out windows ``[n, L+1]``, split across ranks.
+
+    Every rank runs the same number of forwards (FSDP needs that): the last rank's share is
+    padded with windows whose targets are ignored."""
+    model.eval()
+    per_rank = -(-windows.shape[0] // runtime.world)
+    mine = windows[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
+    inputs, targets = split_window(mine, 1, "full")
+    pad = per_rank - inputs.shape[0]
+    if pad:
+        inputs = torch.cat([inputs, windows[:pad, :-1, None]])
+        targets = torch.cat([targets, torch.full_like(windows[:pad, 1:, None], -100)])
+    weights = torch.ones(1, device=runtime.device)
+    total = torch.zeros(2, device=runtime.device)
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // runtime.world)
+    for x, y in zip(inputs.split(micro), targets.split(micro)):
+        with autocast(cfg, runtime):
+            loss_sum, weight = model(x.to(runtime.device), y.to(runtime.device), weights)
+        total += torch.stack([loss_sum.float(), weight.float()])
+    total = all_reduce_sum(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, ``kind`` = train | eval | stage | end."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            # Drop what a killed run logged after the checkpoint we resume from.
+            lines = [l for l in path.read_text().splitlines() if l.strip()]
+            keep = [l for l in lines if _before(json.loads(l), resume_step)]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in keep))
+            os.replace(tmp, path)
+        self.handle = open(path, "a") if enabled else None
+
+    def write(self, record: dict) -> None:
+        """Append one record and flush, so a killed run loses at most the line being written."""
+        if self.handle:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+
+
+def _before(record: dict, step: int) -> bool:
+    """Was this record logged before the checkpoint of ``step`` was written?"""
+    return record["step"] < step or (record["step"] == step and record["kind"] in ("start", "train", "eval"))
+
+
+def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
+    """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only)."""
+    directory = Path(cfg.data.dir)
+    if not (directory / "meta.json").is_file() and cfg.data.corpus:
+        if cfg.data.corpus != "shakespeare":
+            raise ConfigError(f"data.corpus = {cfg.data.corpus!r}: only 'shakespeare' is embedded; run `superpose prepare` for other data")
+        if runtime.is_main:
+            print(f"preparing the embedded Shakespeare corpus in {directory} ...", file=sys.stderr)
+            data_mod.prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
+        barrier()
+    return data_mod.TokenData(directory)
+
+
+def check_resume_config(saved: dict, cfg: Config) -> None:
+    """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
+    current = cfg.to_dict()
+    changed = [
+        f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in RESUME_SAFE_KEYS and saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise ConfigError(
+            "resuming with a config that changes the run (" + "; ".join(changed) + "); "
+            "restore the saved config or pass --allow-config-change"
+        )
+
+
+def train(cfg: Config, resume: str = "never", allow_config_change: bool = False) -> dict:
+    """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics."""
+    runtime = init_runtime(cfg.train.device)
+    run_dir = Path(cfg.train.out_dir)
+    data = ensure_data(cfg, runtime)
+    checkpoints = checkpoint_dirs(run_dir)
+    if resume == "never" and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
+    resume_from = {"never": None, "auto": checkpoints[-1] if checkpoints else None}.get(resume, Path(resume))
+    if resume_from is not None and not (Path(resume_from) / "state.pt").is_file():
+        raise CheckpointError(f"{resume_from} is not a complete checkpoint")
+    if cfg.train.batch_size % runtime.world:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
+
+    torch.manual_seed(cfg.train.seed)
+    lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation)
+    model = parallelize(TSTModel(lm).to(runtime.device), runtime, cfg.distributed.strategy,
+                        cfg.distributed.param_dtype, cfg.distributed.reduce_dtype)
+    optimizer = make_optimizer(model, cfg, runtime.device)
+    stages = build_stages(cfg.tst, cfg.train.steps)
+    for stage in stages:
+        width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
+        if max(s.size for s in data.splits["train"]) < width:
+            raise data_mod.DataError(f"a {stage.name} window of {width} tokens is longer than the training data")
+    loader = data_mod.WindowLoader(data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world)
+    val_windows = data_mod.validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens)
+    val_bpt = data.bytes_per_token("val")
+
+    start_step, elapsed = 0, 0.0
+    if resume_from is not None:
+        state = load_checkpoint(Path(resume_from), model, optimizer)
+        if not allow_config_change:
+            check_resume_config(state["config"], cfg)
+        start_step, elapsed = state["step"], state["elapsed"]
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, start_step if resume_from else None)
+    params = count_parameters(lm)
+    positions = cfg.train.batch_size * cfg.data.seq_len
+    step_flops = flops_per_step(lm, cfg.data.seq_len, positions)
+    if start_step == 0:
+        log.write({"kind": "start", "step": 0, "parameters": params["total"], "active_matmul_parameters": params["active_matmul"],
+                   "flops_per_step": step_flops, "positions_per_step": positions, "world_size": runtime.world,
+                   "stages": [vars(s) for s in stages]})
+
+    def trainer_state(step: int) -> dict:
+        return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
+                "config": cfg.to_dict()}
+
+    def validate(step: int) -> dict:
+        loss = evaluate(model, val_windows, cfg, runtime)
+        record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": data_mod.bits_per_byte(loss, val_bpt),
+                  "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "flops": step * step_flops}
+        log.write(record)
+        return record
+
+    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
+               desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bad_steps, last_eval = 0, None
+    model.train()
+    if start_step == 0:
+        last_eval = validate(0)
+    for step in range(start_step, cfg.train.steps):
+        stage = stage_at(stages, step)
+        if step == 0 or stage != stage_at(stages, step - 1):
+            log.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size, "mode": stage.mode})
+            if runtime.is_main and step > 0:
+                bar.write(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
+        width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
+        start = time.perf_counter()
+        window = loader.batch(step, width)
+        lr = lr_at(step, cfg.optim, cfg.train.steps)
+        result = train_step(model, optimizer, window, stage, lr, cfg, runtime)
+        seconds = time.perf_counter() - start
+        elapsed += seconds
+        bad_steps = 0 if result.applied else bad_steps + 1
+        if bad_steps >= cfg.train.max_bad_steps:
+            log.close()
+            raise TrainingError(
+                f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                "lower optim.lr or check the data; the last good checkpoint is kept"
+            )
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps or not result.applied:
+            log.write({"kind": "train", "step": done, "stage": stage.name, "bag_size": stage.bag_size,
+                       "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
+                       "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
+                       "step_seconds": seconds, "elapsed": elapsed})
+        bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
+                        val=f"{last_eval['val_loss']:.3f}" if last_eval else "-", refresh=False)
+        bar.update(1)
+        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+            last_eval = validate(done)
+        if done == cfg.train.steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+            save_checkpoint(run_dir, done, model, optimizer, trainer_state(done), cfg.train.keep_checkpoints, runtime)
+    bar.close()
+    if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
+        last_eval = validate(cfg.train.steps)
+
+    info = {"steps": cfg.train.steps, "val_loss": last_eval["val_loss"], "val_bpb": last_eval["val_bpb"],
+            "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "stages": [vars(s) for s in stages]}
+    export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime)
+    log.write({"kind": "end", "step": cfg.train.steps, **info})
+    log.close()
+    return info
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run saved (``config.toml``)."""
+    import tomllib
+
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    return config_from_dict(tomllib.loads(path.read_text()))
