@@ -1,0 +1,108 @@
+"""TST inside the Hugging Face ``Trainer``: swap ``Trainer`` for ``TSTTrainer`` and feed wider windows.
+
+A pre-training script that groups its tokenised text into blocks of ``L + 1`` tokens groups them
+into blocks of ``window_tokens(L, tst)`` instead (``s*L + s`` for full TST) and constructs
+``TSTTrainer(..., tst=TSTConfig(bag_size=4, ratio=0.3), seq_len=L)``. Everything else of
+``Trainer`` (optimizer, LR schedule, gradient accumulation, DDP, logging, saving, resuming) is
+left as it is.
+
+Why this shape: ``Trainer`` pulls a fixed number of batches per optimizer step, so the data
+cannot change width with the stage. Every batch therefore holds phase-1 windows; the loss looks
+up the stage from ``state.global_step`` (the optimizer step, the same for every micro-batch of a
+gradient-accumulation step, and restored on resume) and
+
+- phase 1 splits each window into L bags (``split_window``) and scores the multi-hot loss;
+- phase 2 reads one ``L + 1``-token row of each window, the row rotating with the step so that
+  over many steps every part of the blocks is read, and scores next-token prediction.
+
+Both phases run the model on L positions per sample, so FLOPs per step are equal, as in the paper.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .config import Config, DataConfig, TSTConfig, validate
+from .method import embed_bags, multi_hot_cross_entropy, split_window, window_length
+from .schedule import Stage, build_stages, stage_at
+
+logger = logging.getLogger(__name__)
+
+NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", 0)  # evaluation is always next-token loss
+
+
+def window_tokens(seq_len: int, tst: TSTConfig) -> int:
+    """Tokens per dataset sample: the widest window any stage of the run reads."""
+    phase1 = window_length(seq_len, tst.bag_size, tst.mode) if tst.bag_size > 1 and tst.ratio > 0 else 0
+    return max(phase1, seq_len + 1)
+
+
+class TSTTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is the loss of the TST stage of the current optimizer step.
+
+    ``train_dataset`` items must hold ``input_ids`` of at least ``window_tokens(seq_len, tst)``
+    tokens; evaluation datasets need ``seq_len + 1``. The model is any HF causal LM that
+    accepts ``inputs_embeds``. Logs gain ``tst_bag_size`` (bag size of the last trained step).
+    """
+
+    def __init__(self, *args, tst: TSTConfig, seq_len: int, **kwargs):
+        validate(Config(tst=tst, data=DataConfig(seq_len=seq_len)))  # the same checks as `superpose train`
+        super().__init__(*args, **kwargs)
+        self.tst, self.seq_len = tst, seq_len
+        self.width = window_tokens(seq_len, tst)
+        # Our loss is a mean over the micro-batch; Trainer then divides by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        # Datasets hold token windows, not labels: evaluation asks compute_loss for the loss.
+        self.label_names, self.can_return_loss = [], True
+        self._stages: list[Stage] = []
+        self.last_stage: Stage | None = None
+
+    @property
+    def stages(self) -> list[Stage]:
+        """Phase 1 for the first round(r * max_steps) optimizer steps, then next-token prediction."""
+        if not self._stages or self._stages[-1].end_step != self.state.max_steps:
+            self._stages = build_stages(self.tst, self.state.max_steps)
+        return self._stages
+
+    def stage_window(self, input_ids: torch.Tensor, stage: Stage, step: int) -> torch.Tensor:
+        """The part of each sample ``[b, W]`` that ``stage`` reads at ``step``: ``[b, W_stage]``."""
+        need = window_length(self.seq_len, stage.bag_size, stage.mode)
+        if input_ids.shape[1] < need:
+            raise ValueError(
+                f"samples of {input_ids.shape[1]} tokens are too short for the {stage.name} stage "
+                f"(needs {need}); group the dataset into blocks of window_tokens(seq_len, tst) = {self.width}"
+            )
+        start = (step % (input_ids.shape[1] // need)) * need if stage.bag_size == 1 else 0
+        return input_ids[:, start : start + need]
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch=None):
+        step = self.state.global_step
+        stage = stage_at(self.stages, step) if model.training else NEXT_TOKEN
+        if model.training and stage != self.last_stage:
+            logger.info("step %d: TST stage -> %s (bag size %d)", step, stage.name, stage.bag_size)
+            self.last_stage = stage
+        window = self.stage_window(inputs["input_ids"], stage, step)  # [b, W_stage]
+        x, y = split_window(window, stage.bag_size, stage.mode)  # [b, L, k], [b, L, m]
+        lm = self.accelerator.unwrap_model(model)
+        embeds = embed_bags(lm.get_input_embeddings(), x)  # [b, L, d]
+        moe = hasattr(lm.config, "router_aux_loss_coef")
+        # Through the (possibly DDP-wrapped) model, so that gradient synchronisation sees the forward.
+        outputs = model(inputs_embeds=embeds, use_cache=False, **({"output_router_logits": True} if moe else {}))
+        loss = multi_hot_cross_entropy(outputs.logits, y, stage.weighting)
+        if moe and model.training and getattr(outputs, "aux_loss", None) is not None:
+            loss = loss + lm.config.router_aux_loss_coef * outputs.aux_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The model runs on L positions per sample in every stage (not on W tokens)."""
+        return super().floating_point_ops({"input_ids": inputs["input_ids"][:, : self.seq_len]})
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.last_stage is not None:
+            logs["tst_bag_size"] = self.last_stage.bag_size
+        super().log(logs, start_time)
