@@ -73,6 +73,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
+    wandb: bool = False  # also log to Weights & Biases (pip install 'superpose[wandb]')
+    wandb_project: str = "superpose"
+    wandb_mode: str = "online"  # online | offline (no account needed; upload later with `wandb sync`)
 
 
 @dataclass
@@ -100,6 +104,7 @@ CHOICES = {
     ("tst", "mode"): ("full", "input", "output"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("train", "wandb_mode"): ("online", "offline"),
     ("distributed", "strategy"): ("ddp", "fsdp"),
     ("distributed", "param_dtype"): ("fp32", "bf16"),
     ("distributed", "reduce_dtype"): ("fp32", "bf16"),

@@ -28,12 +28,13 @@ from .distributed import Runtime, all_reduce_sum, barrier, gradient_sync, init_r
 from .method import slot_weights, split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .schedule import Stage, build_stages, lr_at, stage_at
+from .tracking import open_trackers
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {
     "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
-    "distributed.strategy",
+    "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
 }
 
 
@@ -132,10 +133,10 @@ def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runt
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, ``kind`` = train | eval | stage | end."""
+    """``metrics.jsonl``: one JSON object per line, ``kind`` = train | eval | stage | end; mirrored to ``trackers``."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, trackers: list = ()):
+        self.path, self.enabled, self.trackers = path, enabled, trackers
         if enabled and resume_step is not None and path.exists():
             # Drop what a killed run logged after the checkpoint we resume from.
             lines = [l for l in path.read_text().splitlines() if l.strip()]
@@ -150,10 +151,14 @@ class MetricsLog:
         if self.handle:
             self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
+        for tracker in self.trackers:
+            tracker.write(record)
 
     def close(self) -> None:
         if self.handle:
             self.handle.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _before(record: dict, step: int) -> bool:
@@ -230,7 +235,8 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
-    log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, start_step if resume_from else None)
+    resume_step = start_step if resume_from else None
+    log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
     params = count_parameters(lm)
     positions = cfg.train.batch_size * cfg.data.seq_len
     step_flops = flops_per_step(lm, cfg.data.seq_len, positions)
