@@ -29,6 +29,7 @@ def cmd_prepare(args) -> None:
         val_fraction=args.val_fraction,
         seed=args.seed,
         progress=not args.quiet,
+        num_proc=args.num_proc,
     )
     splits = meta["splits"]
     print(
@@ -67,11 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
     p.add_argument("--out", required=True, help="output data directory")
-    p.add_argument("--input", action="append", help="file, directory or glob (.txt .md .jsonl .jsonl.gz); repeatable; default: embedded Shakespeare")
+    p.add_argument("--input", action="append", help="file, directory or glob (.txt .md .jsonl .jsonl.gz .parquet .arrow); repeatable; default: embedded Shakespeare")
     p.add_argument("--valid", action="append", help="held-out validation inputs (default: hold out --val-fraction of the documents)")
     p.add_argument("--tokenizer", help="tokenizer.json or vocab.json+merges.txt directory (default: train a byte-level BPE)")
     p.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE to train")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--text-field", "--text-column", default="text", help="JSONL field or Parquet/Arrow column holding the text")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -27,6 +27,7 @@ from tqdm import tqdm
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+TABLE_SUFFIXES = (".parquet", ".arrow")  # read with Hugging Face `datasets` (superpose.hf_datasets)
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB at uint16)
 
 
@@ -59,11 +60,11 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             if path.is_dir():
                 found = [p for p in sorted(path.rglob("*")) if p.is_file() and _supported(p)]
                 if not found:
-                    raise DataError(f"directory {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+                    raise DataError(f"directory {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES)} files")
                 files += found
             elif path.is_file():
                 if not _supported(path):
-                    raise DataError(f"{path}: unsupported file type; use .txt, .md, .jsonl or .jsonl.gz")
+                    raise DataError(f"{path}: unsupported file type; use .txt, .md, .jsonl, .jsonl.gz, .parquet or .arrow")
                 files.append(path)
             else:
                 raise DataError(f"input {item} does not exist")
@@ -71,7 +72,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _supported(path: Path) -> bool:
-    return path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+    return path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES)
 
 
 def read_documents(files: list[Path], text_field: str = "text") -> Iterator[Document]:
@@ -163,52 +164,51 @@ def prepare(
     val_fraction: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    num_proc: int = 1,
 ) -> dict:
     """Tokenise a corpus into ``out_dir``; returns the metadata written to ``meta.json``.
 
     ``inputs=None`` uses the embedded Shakespeare corpus. Without ``valid_inputs`` a seeded
     ``val_fraction`` of the documents (at least one) is held out, whole documents only.
+    Parquet/Arrow inputs, or ``num_proc > 1``, read and tokenise through Hugging Face
+    ``datasets`` (``num_proc`` processes); otherwise documents are read here and tokenised
+    by the tokenizer's own threads.
     """
     out = Path(out_dir)
     files = shakespeare_files() if inputs is None else expand_inputs(inputs)
+    valid_files = expand_inputs(valid_inputs) if valid_inputs else []
     if not files:
         raise DataError("no input files")
-    documents = [d for d in read_documents(files, text_field) if d.text.strip()]
-    if valid_inputs:
-        train_docs = documents
-        val_docs = [d for d in read_documents(expand_inputs(valid_inputs), text_field) if d.text.strip()]
+    if num_proc < 1:
+        raise DataError("num_proc must be >= 1")
+    if num_proc > 1 or any(p.name.endswith(TABLE_SUFFIXES) for p in files + valid_files):
+        from .hf_datasets import DatasetCorpus
+
+        out.mkdir(parents=True, exist_ok=True)  # holds the datasets cache while preparing
+        corpus = DatasetCorpus(files, valid_files, text_field, val_fraction, seed, num_proc, out, progress)
     else:
-        if len(documents) < 2:
-            raise DataError("need at least 2 documents to hold one out for validation (or pass --valid)")
-        order = np.random.default_rng(seed).permutation(len(documents))
-        n_val = max(1, round(val_fraction * len(documents)))
-        held = set(order[:n_val].tolist())
-        train_docs = [d for i, d in enumerate(documents) if i not in held]
-        val_docs = [d for i, d in enumerate(documents) if i in held]
-    if not train_docs or not val_docs:
-        raise DataError("the train and validation splits must both hold text")
-
-    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer((d.text for d in train_docs), vocab_size)
-    eos = eos_id(tok)
-    vocab = tok.get_vocab_size()
-    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+        corpus = DocumentCorpus(files, valid_files, text_field, val_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
-    tmp_tok = out / "tokenizer.json.tmp"
-    tok.save(str(tmp_tok))
-    os.replace(tmp_tok, out / "tokenizer.json")
-
-    splits = {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        splits[split] = _write_split(out, split, docs, tok, eos, dtype, progress)
+    try:
+        tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(corpus.texts("train"), vocab_size)
+        eos = eos_id(tok)
+        vocab = tok.get_vocab_size()
+        dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+        tmp_tok = out / "tokenizer.json.tmp"
+        tok.save(str(tmp_tok))
+        os.replace(tmp_tok, out / "tokenizer.json")
+        splits = {split: write_shards(out, split, corpus.encode(split, tok, eos, progress), dtype) for split in ("train", "val")}
+    finally:
+        corpus.close()
     meta = {
         "format": 1,
         "vocab_size": vocab,
         "eos_id": eos,
         "dtype": np.dtype(dtype).name,
         "tokenizer": "tokenizer.json",
-        "sources": [str(f) for f in files] + [str(f) for f in (expand_inputs(valid_inputs) if valid_inputs else [])],
+        "sources": [str(f) for f in files + valid_files],
         "splits": splits,
-        "non_utf8_documents_replaced": sum(d.replaced_bytes for d in train_docs + val_docs),
+        "non_utf8_documents_replaced": corpus.replaced,
     }
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
@@ -216,9 +216,51 @@ def prepare(
     return meta
 
 
-def _write_split(out: Path, split: str, docs: list[Document], tok: Tokenizer, eos: int, dtype, progress: bool) -> dict:
+def holdout(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and the held-out documents: a seeded ``val_fraction`` (at least one)."""
+    if count < 2:
+        raise DataError("need at least 2 documents to hold one out for validation (or pass --valid)")
+    order = np.random.default_rng(seed).permutation(count)
+    held = set(order[: max(1, round(val_fraction * count))].tolist())
+    return [i for i in range(count) if i not in held], sorted(held)
+
+
+class DocumentCorpus:
+    """The train and validation documents of plain files, read into memory."""
+
+    def __init__(self, files: list[Path], valid_files: list[Path], text_field: str, val_fraction: float, seed: int):
+        documents = [d for d in read_documents(files, text_field) if d.text.strip()]
+        if valid_files:
+            val_docs = [d for d in read_documents(valid_files, text_field) if d.text.strip()]
+            self.docs = {"train": documents, "val": val_docs}
+        else:
+            train_idx, val_idx = holdout(len(documents), val_fraction, seed)
+            self.docs = {"train": [documents[i] for i in train_idx], "val": [documents[i] for i in val_idx]}
+        if not self.docs["train"] or not self.docs["val"]:
+            raise DataError("the train and validation splits must both hold text")
+        self.replaced = sum(d.replaced_bytes for docs in self.docs.values() for d in docs)
+
+    def texts(self, split: str) -> Iterator[str]:
+        return (d.text for d in self.docs[split])
+
+    def encode(self, split: str, tok: Tokenizer, eos: int, progress: bool) -> Iterator[tuple[np.ndarray, int]]:
+        """(token ids with a closing EOS, UTF-8 bytes) of each document, in order."""
+        docs, batch = self.docs[split], 64
+        with tqdm(total=len(docs), desc=f"tokenising {split}", unit="doc", disable=not progress, file=sys.stderr) as bar:
+            for start in range(0, len(docs), batch):
+                chunk = docs[start : start + batch]
+                for doc, encoding in zip(chunk, tok.encode_batch([d.text for d in chunk])):
+                    yield np.asarray(encoding.ids + [eos], dtype=np.int64), len(doc.text.encode("utf-8"))
+                bar.update(len(chunk))
+
+    def close(self) -> None:
+        pass
+
+
+def write_shards(out: Path, split: str, documents: Iterator[tuple[np.ndarray, int]], dtype) -> dict:
+    """Concatenate tokenised documents into ``{split}-NNNNN.bin`` shards of at most SHARD_TOKENS."""
     shards, buffer, buffered = [], [], 0
-    total_tokens, total_bytes = 0, 0
+    total_tokens, total_bytes, count = 0, 0, 0
 
     def flush():
         nonlocal buffer, buffered
@@ -233,27 +275,23 @@ def _write_split(out: Path, split: str, docs: list[Document], tok: Tokenizer, eo
         shards.append({"file": name, "tokens": int(array.size)})
         buffer, buffered = [], 0
 
-    batch = 64
-    bar = tqdm(total=len(docs), desc=f"tokenising {split}", unit="doc", disable=not progress, file=sys.stderr)
-    for start in range(0, len(docs), batch):
-        chunk = docs[start : start + batch]
-        for doc, encoding in zip(chunk, tok.encode_batch([d.text for d in chunk])):
-            ids = np.asarray(encoding.ids + [eos], dtype=np.int64)
-            buffer.append(ids)
-            buffered += ids.size
-            total_tokens += ids.size
-            total_bytes += len(doc.text.encode("utf-8"))
-            if buffered >= SHARD_TOKENS:
-                flush()
-        bar.update(len(chunk))
-    bar.close()
+    for ids, n_bytes in documents:
+        buffer.append(ids)
+        buffered += ids.size
+        total_tokens += ids.size
+        total_bytes += n_bytes
+        count += 1
+        if buffered >= SHARD_TOKENS:
+            flush()
     if buffer:
         flush()
+    if not count:
+        raise DataError(f"the {split} split holds no text")
     return {
         "shards": shards,
         "tokens": total_tokens,
         "bytes": total_bytes,
-        "documents": len(docs),
+        "documents": count,
         "bytes_per_token": total_bytes / total_tokens,
     }
 
