@@ -61,6 +61,20 @@ def cmd_generate(args) -> None:
         print("---")
 
 
+def cmd_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .evaluation import evaluate, format_results
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
+    results = evaluate(args.model, tasks, args.eval_dir, args.text or [], args.text_field, args.limit,
+                       args.batch_size, args.device, args.max_length)
+    print(format_results(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superpose", description="Token Superposition Training for causal LMs")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -94,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="zero-shot multiple-choice accuracy and held-out loss with lm-evaluation-harness")
+    p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")
+    p.add_argument("--tasks", help="comma-separated {query, choices, gold} JSONL tasks: NAME (EVAL_DIR/NAME.jsonl) or a path")
+    p.add_argument("--eval-dir", help="directory holding NAME.jsonl for each task name")
+    p.add_argument("--text", action="append", help="held-out text (.txt .md .jsonl(.gz) .parquet .arrow) for loss, perplexity, bits/byte; repeatable")
+    p.add_argument("--text-field", default="text", help="JSONL field or table column holding the text")
+    p.add_argument("--limit", type=int, help="only the first N examples of each task (documents of --text)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-length", type=int, help="positions per window for --text (default: the run's data.seq_len)")
+    p.add_argument("--out", help="also write the results as JSON to this file")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
