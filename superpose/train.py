@@ -31,7 +31,7 @@ from .schedule import Stage, build_stages, lr_at, stage_at
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {
-    "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy",
 }
