@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from superpose.data import prepare, shakespeare_files
@@ -21,4 +23,4 @@ def tiny_overrides(data_dir, out_dir, **extra):
         "tst.bag_size": 4, "tst.ratio": 0.3,
     }
     values.update(extra)
-    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    return [f"--{k}={json.dumps(v)}" for k, v in values.items()]  # JSON scalars and lists are TOML literals

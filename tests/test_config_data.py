@@ -92,3 +92,27 @@ def test_validation_windows_cover_each_target_once(small_data):
     assert windows.shape[1] == 33
     assert (windows[1:, 0] == windows[:-1, -1]).all()  # stride L: window i+1 starts where i's targets end
     assert validation_windows(val, 32, 320).shape[0] == 10
+
+
+def test_research_levers_are_stages():
+    tst = TSTConfig(curriculum=[[4, 0.2], [2, 0.2]], blend_steps=4, rewarmup_steps=5, lr_scale=2.0)
+    stages = build_stages(tst, 100)
+    assert [(s.name, s.bag_size, s.start_step, s.end_step) for s in stages] == [
+        ("superposition-1", 4, 0, 20), ("superposition-2", 2, 20, 36), ("blend", 2, 36, 40), ("next-token", 1, 40, 100)]
+    blend = [stage_at(stages, t).bag_size for t in range(36, 40)]
+    assert blend.count(1) == 2 and blend[0] == 2  # half of the K blend steps are next-token, later ones more often
+    optim = OptimConfig(lr=1.0, warmup_steps=0, decay_fraction=0.0)
+    assert lr_at(10, optim, 100, stages[0]) == 2.0
+    assert [lr_at(t, optim, 100, stages[-1]) for t in (40, 44, 45)] == [0.2, 1.0, 1.0]
+    annealed = build_stages(TSTConfig(bag_size=4, ratio=0.5, mode="output", slot_weights=[1, 0.5, 0.25, 0.0],
+                                      anneal_to_ntp=True), 10)[0]
+    assert annealed.weights(0, 4).tolist() == pytest.approx([1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0])
+    assert annealed.weights(5, 4).tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert annealed.weights(3, 1).tolist() == [1.0]  # input mode scores one target slot
+
+
+@pytest.mark.parametrize("override", ["--tst.curriculum=[[1, 0.2]]", "--tst.curriculum=[[4, 0.6], [2, 0.6]]",
+                                      "--tst.slot_weights=[1.0, 0.5]", "--tst.lr_scale=0"])
+def test_bad_levers_are_rejected(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])

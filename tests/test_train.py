@@ -58,7 +58,7 @@ def test_s1_step_equals_plain_transformers_training(small_data):
             plain_grads = torch.autograd.grad(plain(input_ids=window, labels=window).loss, list(plain.parameters()))
             for a, b in zip(ours_grads, plain_grads):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-        result = train_step(model, opt_ours, window, stage, 1e-3, cfg, runtime)
+        result = train_step(model, opt_ours, window, stage, step, 1e-3, cfg, runtime)
         loss = plain(input_ids=window, labels=window).loss  # HF shifts labels; the last position is unscored
         loss.backward()
         opt_plain.step()
@@ -100,3 +100,16 @@ def test_export_loads_with_transformers_and_generates(small_data, tmp_path):
                          pad_token_id=tokenizer.eos_token_id)
     assert out.shape[1] > ids.shape[1]
     assert tokenizer.decode(out[0]).startswith("ROMEO:")
+
+
+def test_research_levers_train_end_to_end(small_data, tmp_path):
+    """Curriculum 4 -> 2, a blend into next-token steps, optimizer reset and LR re-warmup."""
+    run = tmp_path / "levers"
+    train(load_config(None, tiny_overrides(small_data, run, **{
+        "train.steps": 30, "tst.curriculum": [[4, 0.2], [2, 0.2]], "tst.blend_steps": 4,
+        "tst.reset_optimizer": True, "tst.rewarmup_steps": 3, "tst.mode": "output"})))
+    bags = {r["step"]: r["bag_size"] for r in records(run, "train")}
+    assert [bags[t] for t in (1, 6, 7, 8)] == [4, 4, 2, 2] and bags[30] == 1  # record t = step t-1
+    assert sorted(set(bags[t] for t in range(9, 13))) == [1, 2]  # the blend mixes both kinds of step
+    evals = records(run, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
