@@ -42,6 +42,14 @@ class TSTConfig:
     ratio: float = 0.3  # r: fraction of steps in phase 1 (0 = baseline)
     weighting: str = "uniform"  # uniform | power | exp | first
     mode: str = "full"  # full | input (bagged inputs only) | output (bag targets only)
+    # Research levers (docs/when-tst-pays.md); the defaults are the paper's method.
+    curriculum: list = field(default_factory=list)  # [[s, r], ...]: several phase-1 stages; replaces bag_size/ratio
+    slot_weights: list = field(default_factory=list)  # explicit slot weights (>= s floats); replaces weighting
+    anneal_to_ntp: bool = False  # slot weights move linearly to next-token-only over each phase-1 stage
+    blend_steps: int = 0  # smooth switch: the last K phase-1 steps turn gradually into next-token steps
+    lr_scale: float = 1.0  # LR multiplier during phase 1
+    reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
+    rewarmup_steps: int = 0  # linear LR re-warmup over the first next-token steps
 
 
 @dataclass
@@ -124,6 +132,9 @@ def _coerce(section: str, key: str, value, typ):
             return float(value)
     elif typ is str:
         if isinstance(value, str):
+            return value
+    elif typ is list:
+        if isinstance(value, list):
             return value
     else:  # pragma: no cover - every field above has one of these types
         raise TypeError(f"unsupported config type {typ} for {name}")
@@ -217,8 +228,29 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_levers(cfg.tst)
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
             f"train.micro_batch_size ({cfg.train.micro_batch_size})"
         )
+
+
+def _validate_levers(tst: TSTConfig) -> None:
+    for entry in tst.curriculum:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and entry[0] >= 2
+                and isinstance(entry[1], (int, float)) and 0 < entry[1] <= 1):
+            raise ConfigError(f"tst.curriculum entry {entry!r} must be [bag_size >= 2, ratio in (0, 1]]")
+    if sum(entry[1] for entry in tst.curriculum) > 1:
+        raise ConfigError("tst.curriculum ratios must sum to at most 1")
+    largest = max([tst.bag_size] + [entry[0] for entry in tst.curriculum])
+    if tst.slot_weights and (
+        len(tst.slot_weights) < largest
+        or not all(isinstance(w, (int, float)) and w >= 0 for w in tst.slot_weights)
+        or tst.slot_weights[0] <= 0
+    ):
+        raise ConfigError(f"tst.slot_weights must list >= {largest} non-negative numbers, the first positive")
+    if tst.blend_steps < 0 or tst.rewarmup_steps < 0:
+        raise ConfigError("tst.blend_steps and tst.rewarmup_steps must be >= 0")
+    if tst.lr_scale <= 0:
+        raise ConfigError("tst.lr_scale must be > 0")

@@ -1,13 +1,25 @@
-"""Training phases as data: a list of stages, each with its bag size, mode and end step.
+"""Training phases as data: a list of stages, each with its bag size, mode, weights and steps.
 
 The trainer asks ``stage_at(stages, step)`` once per step; there is no second training loop.
-The learning rate is one warmup-stable-decay schedule over the whole run, across stages.
+The learning rate is one warmup-stable-decay schedule over the whole run, across stages, times
+the stage's ``lr_scale`` and its optional re-warmup.
+
+The plain method is one superposition stage then next-token prediction. The research levers of
+``TSTConfig`` are variations of the same list: a bag-size curriculum (several superposition
+stages), slot weights annealed to next-token prediction within a stage, a smooth switch (a blend
+stage whose steps turn from bag steps into next-token steps), a phase-1 LR scale, and an LR
+re-warmup after the switch.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
+import torch
+
 from .config import OptimConfig, TSTConfig
+from .method import slot_weights
 
 
 @dataclass(frozen=True)
@@ -15,35 +27,78 @@ class Stage:
     name: str
     bag_size: int  # s (1 = next-token prediction)
     mode: str  # full | input | output (irrelevant when bag_size == 1)
-    weighting: str  # slot weighting of the multi-hot loss
+    weighting: str | tuple  # slot weighting of the multi-hot loss, a name or s floats
     end_step: int  # first step that no longer belongs to this stage
+    start_step: int = 0
+    lr_scale: float = 1.0  # multiplies the scheduled LR during this stage
+    rewarmup_steps: int = 0  # the stage's LR ramps up linearly over its first steps
+    anneal: bool = False  # slot weights move linearly to next-token-only over the stage
+    blend: bool = False  # steps turn from this stage's bags into next-token steps (smooth switch)
+
+    def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
+        """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
+        weighting = self.weighting[:slots] if isinstance(self.weighting, tuple) else self.weighting
+        base = slot_weights(weighting if slots == self.bag_size else "first", slots, device)
+        base = base / base.sum()
+        if self.anneal and slots > 1:
+            progress = (step - self.start_step) / max(1, self.end_step - self.start_step)
+            base = (1 - progress) * base + progress * slot_weights("first", slots, device)
+        return base
 
 
 def build_stages(tst: TSTConfig, steps: int) -> list[Stage]:
-    """Phase 1 (superposition) for steps ``[0, round(r*T))``, then phase 2 (recovery, NTP)."""
-    switch = round(tst.ratio * steps) if tst.bag_size > 1 else 0
-    stages = []
-    if switch > 0:
-        stages.append(Stage("superposition", tst.bag_size, tst.mode, tst.weighting, switch))
-    if switch < steps:
-        stages.append(Stage("next-token", 1, "full", "uniform", steps))
+    """Superposition stages for the first ``round(r*T)`` steps (one per curriculum entry), then
+    next-token prediction (phase 2) to the end."""
+    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
+    weighting = tuple(tst.slot_weights) if tst.slot_weights else tst.weighting
+    stages, start = [], 0
+    for index, (bag_size, ratio) in enumerate(plan):
+        end = min(steps, start + round(ratio * steps))
+        if bag_size > 1 and end > start:
+            name = "superposition" if len(plan) == 1 else f"superposition-{index + 1}"
+            stages.append(Stage(name, bag_size, tst.mode, weighting, end, start, tst.lr_scale, anneal=tst.anneal_to_ntp))
+            start = end
+    if tst.blend_steps and stages:
+        last = stages.pop()
+        cut = max(last.start_step, last.end_step - tst.blend_steps)
+        if cut > last.start_step:
+            stages.append(dataclasses.replace(last, end_step=cut))
+        stages.append(dataclasses.replace(last, name="blend", start_step=cut, blend=True))
+    if start < steps:
+        stages.append(Stage("next-token", 1, "full", "uniform", steps, start,
+                            rewarmup_steps=tst.rewarmup_steps if stages else 0))
     return stages
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage that trains ``step``. Inside a blend stage of K steps, the i-th step is a
+    next-token step with probability-like weight (i+1)/(K+1), realised deterministically: the
+    count of next-token steps so far tracks the running sum of those weights."""
     for stage in stages:
         if step < stage.end_step:
+            if stage.blend:
+                i, k = step - stage.start_step, stage.end_step - stage.start_step
+                cumulative = lambda n: math.floor(n * (n + 1) / (2 * (k + 1)))  # sum_{j<n} (j+1)/(K+1)
+                if cumulative(i + 1) > cumulative(i):
+                    return dataclasses.replace(stage, bag_size=1, mode="full", weighting="uniform", anneal=False)
             return stage
     raise IndexError(f"step {step} is past the last stage (ends at {stages[-1].end_step})")
 
 
-def lr_at(step: int, optim: OptimConfig, steps: int) -> float:
-    """Warmup-stable-decay: linear warmup, constant, linear decay over the last decay fraction."""
+def lr_at(step: int, optim: OptimConfig, steps: int, stage: Stage | None = None) -> float:
+    """Warmup-stable-decay: linear warmup, constant, linear decay over the last decay fraction;
+    times the stage's LR scale and re-warmup ramp."""
     if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    decay_steps = round(optim.decay_fraction * steps)
-    decay_start = steps - decay_steps
-    if step < decay_start or decay_steps == 0:
-        return optim.lr
-    progress = (step - decay_start + 1) / decay_steps  # reaches 1 at the last step
-    return optim.lr * (1.0 - progress * (1.0 - optim.min_lr_ratio))
+        lr = optim.lr * (step + 1) / optim.warmup_steps
+    else:
+        decay_steps = round(optim.decay_fraction * steps)
+        decay_start = steps - decay_steps
+        lr = optim.lr
+        if step >= decay_start and decay_steps:
+            progress = (step - decay_start + 1) / decay_steps  # reaches 1 at the last step
+            lr = optim.lr * (1.0 - progress * (1.0 - optim.min_lr_ratio))
+    if stage is not None:
+        lr *= stage.lr_scale
+        if stage.rewarmup_steps:
+            lr *= min(1.0, (step - stage.start_step + 1) / stage.rewarmup_steps)
+    return lr

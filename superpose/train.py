@@ -25,14 +25,14 @@ from . import data as data_mod
 from .checkpoint import CheckpointError, checkpoint_dirs, export_model, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .distributed import Runtime, all_reduce_sum, barrier, gradient_sync, init_runtime, parallelize
-from .method import slot_weights, split_window, window_length
+from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .schedule import Stage, build_stages, lr_at, stage_at
 from .tracking import open_trackers
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {
-    "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
 }
@@ -70,15 +70,17 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     window: torch.Tensor,
     stage: Stage,
+    step: int,
     lr: float,
     cfg: Config,
     runtime: Runtime,
 ) -> StepResult:
     """One optimizer step on this rank's windows ``[B_local, W]`` for any stage."""
     inputs, targets = split_window(window.to(runtime.device, non_blocking=True), stage.bag_size, stage.mode)
-    weights = slot_weights(stage.weighting, targets.shape[-1], device=runtime.device)  # [m]
-    # Every slot of our windows is a real token, so the global weight is known before the forward.
-    global_weight = weights.sum() * targets.shape[0] * targets.shape[1] * runtime.world
+    weights = stage.weights(step, targets.shape[-1], device=runtime.device)  # [m], sums to 1
+    # Every slot of our windows is a real token, so the global weight (= the number of
+    # positions of the global batch) is known before the forward.
+    global_weight = targets.shape[0] * targets.shape[1] * runtime.world
     micro = cfg.train.micro_batch_size or inputs.shape[0]
     chunks = list(zip(inputs.split(micro), targets.split(micro)))
     loss_total = torch.zeros((), device=runtime.device)
@@ -271,8 +273,10 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
         width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
         start = time.perf_counter()
         window = loader.batch(step, width)
-        lr = lr_at(step, cfg.optim, cfg.train.steps)
-        result = train_step(model, optimizer, window, stage, lr, cfg, runtime)
+        lr = lr_at(step, cfg.optim, cfg.train.steps, stage)
+        if cfg.tst.reset_optimizer and len(stages) > 1 and step == stages[-1].start_step:
+            optimizer.state.clear()  # lever: forget phase-1 moments at the switch
+        result = train_step(model, optimizer, window, stage, step, lr, cfg, runtime)
         seconds = time.perf_counter() - start
         elapsed += seconds
         bad_steps = 0 if result.applied else bad_steps + 1

@@ -1,0 +1,118 @@
+"""Config tree (TOML, overrides, validation), schedule, data preparation and the window loader."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from superpose.config import ConfigError, load_config
+from superpose.config import OptimConfig, TSTConfig
+from superpose.data import TokenData, WindowLoader, prepare, validation_windows
+from superpose.schedule import build_stages, lr_at, stage_at
+
+GPT2 = "/work/shared/data/tokenizers/gpt2"
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[tst]\nbag_size = 6\nratio = 0.25\n[optim]\nlr = 1\n')
+    cfg = load_config(path, ["--tst.ratio=0.4", "--train.out_dir=runs/x", "--optim.weight-decay=0"])
+    assert (cfg.tst.bag_size, cfg.tst.ratio, cfg.optim.lr, cfg.optim.weight_decay) == (6, 0.4, 1.0, 0.0)
+    assert cfg.train.out_dir == "runs/x" and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--tst.bagsize=4", "unknown config key tst.bagsize"),
+    ("--nope.x=1", "unknown config section [nope]"),
+    ("--tst.bag_size=4.5", "tst.bag_size must be int"),
+    ("--tst.bag_size=0", "tst.bag_size must be an integer >= 1"),
+    ("--tst.ratio=1.5", "tst.ratio must be in [0, 1]"),
+    ("--tst.weighting=linear", "tst.weighting = 'linear' is not one of"),
+    ("--train.progress=3", "train.progress must be bool"),
+    ("--train.batch_size=10", "must be a multiple of train.micro_batch_size"),
+])
+def test_bad_config_is_rejected_with_the_key(override, message):
+    extra = ["--train.micro_batch_size=4"] if "batch_size=10" in override else []
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, [override, *extra])
+
+
+def test_stages_and_wsd_schedule():
+    stages = build_stages(TSTConfig(bag_size=6, ratio=0.3), 100)
+    assert [(s.bag_size, s.end_step) for s in stages] == [(6, 30), (1, 100)]
+    assert stage_at(stages, 29).bag_size == 6 and stage_at(stages, 30).bag_size == 1
+    assert [s.bag_size for s in build_stages(TSTConfig(bag_size=1, ratio=0.3), 10)] == [1]
+    assert [s.bag_size for s in build_stages(TSTConfig(ratio=0.0), 10)] == [1]
+    assert [s.bag_size for s in build_stages(TSTConfig(ratio=1.0), 10)] == [4]
+    optim = OptimConfig(lr=1.0, warmup_steps=10, decay_fraction=0.1, min_lr_ratio=0.0)
+    lrs = [lr_at(t, optim, 100) for t in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[89] == 1.0
+    assert lrs[90] == pytest.approx(0.9) and lrs[99] == pytest.approx(0.0)
+
+
+def test_prepare_jsonl_and_text_with_an_existing_tokenizer(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with gzip.open(src / "a.jsonl.gz", "wt") as handle:
+        for i in range(6):
+            handle.write(json.dumps({"text": f"Document number {i}. " * 20, "title": str(i)}) + "\n")
+    (src / "b.txt").write_text("A plain text file with one document.\n" * 10)
+    meta = prepare(tmp_path / "out", inputs=[str(src)], tokenizer=GPT2, val_fraction=0.3, progress=False)
+    data = TokenData(tmp_path / "out")
+    assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16" and data.eos_id == 50256
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 7
+    train_tokens = np.concatenate([np.asarray(s) for s in data.splits["train"]])
+    assert (train_tokens == 50256).sum() == meta["splits"]["train"]["documents"]  # one EOS per document
+    assert data.tokens("train") == meta["splits"]["train"]["tokens"]
+    text = data.tokenizer().decode(train_tokens[: int(np.argmax(train_tokens == 50256))].tolist())
+    assert text.startswith(("Document number", "A plain text"))
+
+
+def test_window_loader_is_seeded_per_step_and_ranks_partition_the_batch(small_data):
+    shards = TokenData(small_data).splits["train"]
+    whole = WindowLoader(shards, 8, seed=3).batch(5, 17)
+    assert whole.shape == (8, 17)
+    halves = [WindowLoader(shards, 8, seed=3, rank=r, world=2).batch(5, 17) for r in range(2)]
+    assert (np.concatenate(halves) == whole.numpy()).all()
+    loader = WindowLoader(shards, 8, seed=3)
+    first = loader.batch(0, 17)
+    assert loader.state_dict() == {"tokens_seen": 8 * 17}
+    other = WindowLoader(shards, 8, seed=3)
+    other.load_state_dict(loader.state_dict())
+    assert (other.batch(1, 17) == loader.batch(1, 17)).all() and not (loader.batch(2, 17) == first).all()
+    flat = np.concatenate([np.asarray(s) for s in shards])
+    row = whole[0].numpy()
+    starts = np.flatnonzero(flat[: flat.size - 16] == row[0])
+    assert any((flat[s : s + 17] == row).all() for s in starts)  # a window is contiguous text
+
+
+def test_validation_windows_cover_each_target_once(small_data):
+    val = TokenData(small_data).splits["val"]
+    windows = validation_windows(val, 32, 0)
+    assert windows.shape[1] == 33
+    assert (windows[1:, 0] == windows[:-1, -1]).all()  # stride L: window i+1 starts where i's targets end
+    assert validation_windows(val, 32, 320).shape[0] == 10
+
+
+def test_research_levers_are_stages():
+    tst = TSTConfig(curriculum=[[4, 0.2], [2, 0.2]], blend_steps=4, rewarmup_steps=5, lr_scale=2.0)
+    stages = build_stages(tst, 100)
+    assert [(s.name, s.bag_size, s.start_step, s.end_step) for s in stages] == [
+        ("superposition-1", 4, 0, 20), ("superposition-2", 2, 20, 36), ("blend", 2, 36, 40), ("next-token", 1, 40, 100)]
+    blend = [stage_at(stages, t).bag_size for t in range(36, 40)]
+    assert blend.count(1) == 2 and blend[0] == 2  # half of the K blend steps are next-token, later ones more often
+    optim = OptimConfig(lr=1.0, warmup_steps=0, decay_fraction=0.0)
+    assert lr_at(10, optim, 100, stages[0]) == 2.0
+    assert [lr_at(t, optim, 100, stages[-1]) for t in (40, 44, 45)] == [0.2, 1.0, 1.0]
+    annealed = build_stages(TSTConfig(bag_size=4, ratio=0.5, mode="output", slot_weights=[1, 0.5, 0.25, 0.0],
+                                      anneal_to_ntp=True), 10)[0]
+    assert annealed.weights(0, 4).tolist() == pytest.approx([1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0])
+    assert annealed.weights(5, 4).tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert annealed.weights(3, 1).tolist() == [1.0]  # input mode scores one target slot
+
+
+@pytest.mark.parametrize("override", ["--tst.curriculum=[[1, 0.2]]", "--tst.curriculum=[[4, 0.6], [2, 0.6]]",
+                                      "--tst.slot_weights=[1.0, 0.5]", "--tst.lr_scale=0"])
+def test_bad_levers_are_rejected(override):
+    with pytest.raises(ConfigError):
+        load_config(None, [override])
