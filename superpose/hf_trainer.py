@@ -37,8 +37,9 @@ NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", 0)  # evaluation is alway
 
 def window_tokens(seq_len: int, tst: TSTConfig) -> int:
     """Tokens per dataset sample: the widest window any stage of the run reads."""
-    phase1 = window_length(seq_len, tst.bag_size, tst.mode) if tst.bag_size > 1 and tst.ratio > 0 else 0
-    return max(phase1, seq_len + 1)
+    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
+    widths = [window_length(seq_len, s, tst.mode) for s, ratio in plan if s > 1 and ratio > 0]
+    return max(widths + [seq_len + 1])
 
 
 class TSTTrainer(Trainer):
@@ -47,10 +48,15 @@ class TSTTrainer(Trainer):
     ``train_dataset`` items must hold ``input_ids`` of at least ``window_tokens(seq_len, tst)``
     tokens; evaluation datasets need ``seq_len + 1``. The model is any HF causal LM that
     accepts ``inputs_embeds``. Logs gain ``tst_bag_size`` (bag size of the last trained step).
+    Stage levers that only change the loss or the data (curriculum, slot weights, annealing,
+    blend) work as in ``superpose train``; the LR/optimizer levers belong to Trainer's arguments.
     """
 
     def __init__(self, *args, tst: TSTConfig, seq_len: int, **kwargs):
         validate(Config(tst=tst, data=DataConfig(seq_len=seq_len)))  # the same checks as `superpose train`
+        if tst.lr_scale != 1.0 or tst.rewarmup_steps or tst.reset_optimizer:
+            raise ValueError("tst.lr_scale, tst.rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
+                             "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
         super().__init__(*args, **kwargs)
         self.tst, self.seq_len = tst, seq_len
         self.width = window_tokens(seq_len, tst)
@@ -93,7 +99,7 @@ class TSTTrainer(Trainer):
         moe = hasattr(lm.config, "router_aux_loss_coef")
         # Through the (possibly DDP-wrapped) model, so that gradient synchronisation sees the forward.
         outputs = model(inputs_embeds=embeds, use_cache=False, **({"output_router_logits": True} if moe else {}))
-        loss = multi_hot_cross_entropy(outputs.logits, y, stage.weighting)
+        loss = multi_hot_cross_entropy(outputs.logits, y, stage.weights(step, y.shape[-1], device=y.device))
         if moe and model.training and getattr(outputs, "aux_loss", None) is not None:
             loss = loss + lm.config.router_aux_loss_coef * outputs.aux_loss
         return (loss, outputs) if return_outputs else loss

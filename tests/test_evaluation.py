@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("lm_eval")
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import tiny_overrides
 from superpose.cli import main
 from superpose.config import load_config
-from superpose.data import prepare, shakespeare_files
 from superpose.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,15 +20,12 @@ LIMIT = 8
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(small_data, tmp_path_factory):
     """A run of a few steps, exported to RUN/model like any superpose run."""
-    root = tmp_path_factory.mktemp("eval")
-    prepare(root / "data", inputs=[str(p) for p in shakespeare_files()[:2]], vocab_size=300, progress=False)
-    cfg = load_config(None, [f"--data.dir={root / 'data'}", "--data.seq_len=32", "--train.steps=4", "--train.batch_size=4",
-                             f"--train.out_dir={root / 'run'}", "--train.progress=false", "--train.eval_tokens=256",
-                             "--train.tensorboard=false", "--train.device=cpu"])
-    train(cfg)
-    return root / "run"
+    out = tmp_path_factory.mktemp("eval") / "run"
+    train(load_config(None, tiny_overrides(small_data, out, **{"train.steps": 4, "train.eval_tokens": 256,
+                                                              "train.tensorboard": False, "train.device": "cpu"})))
+    return out
 
 
 def loaded(run_dir):

@@ -66,6 +66,17 @@ def test_stage_switches_at_the_optimizer_step_with_gradient_accumulation(tmp_pat
     assert logged == {1: S, 2: S, 3: S, 4: 1, 5: 1, 6: 1}
 
 
+def test_curriculum_and_blend_stages_follow_the_schedule(tmp_path):
+    tst = TSTConfig(curriculum=[[8, 0.25], [4, 0.25]], blend_steps=2)
+    assert window_tokens(L, tst) == 8 * L + 8
+    trainer = make_trainer(tmp_path, steps=8, tst=tst, cls=Recorder)
+    trainer.train()
+    # s=8 for 2 steps, s=4 for 2 steps turning into next-token steps (blend), then next-token.
+    assert [bag for _, bag in trainer.calls] == [8, 8, 4, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="Trainer owns"):
+        make_trainer(tmp_path, steps=8, tst=TSTConfig(lr_scale=2.0))
+
+
 def test_stage_losses_match_naive_references(tmp_path):
     tst = TSTConfig(bag_size=S, ratio=0.5)
     trainer = make_trainer(tmp_path, steps=10, tst=tst)
