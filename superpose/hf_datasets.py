@@ -35,7 +35,7 @@ class DatasetCorpus:
 
         self.num_proc, self.progress, self.replaced = num_proc, progress, 0  # datasets rejects bad UTF-8
         self.cache = tempfile.mkdtemp(prefix=".datasets-cache-", dir=out)
-        self._bars = datasets.are_progress_bars_disabled()
+        self._bars_were_off = datasets.are_progress_bars_disabled()
         (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
         try:
             documents = self._load(files, text_field)
@@ -105,5 +105,5 @@ class DatasetCorpus:
     def close(self) -> None:
         import datasets
 
-        (datasets.disable_progress_bars if self._bars else datasets.enable_progress_bars)()
+        (datasets.disable_progress_bars if self._bars_were_off else datasets.enable_progress_bars)()
         shutil.rmtree(self.cache, ignore_errors=True)
