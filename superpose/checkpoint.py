@@ -76,7 +76,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     """Restore model and optimizer in place (any strategy) and return the trainer state."""
     try:
-        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+        # mmap: the ranks of one node share the file's pages instead of each holding a copy
+        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a damaged file can fail in many ways inside the unpickler
         raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
@@ -97,6 +98,8 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
     full = get_model_state_dict(model, options=_GATHER)
     if runtime.is_main:
         weights = {name.removeprefix("lm."): tensor for name, tensor in full.items()}
+        for alias, name in tied_names(lm).items():  # gathered copies of one tied weight: share it again,
+            weights[alias] = weights[name]  # so save_pretrained stores it once, as a single process does
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,6 +117,18 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for every parameter registered under more than one name (tied weights)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 def _fsync_dir(path: Path) -> None:

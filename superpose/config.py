@@ -90,8 +90,8 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     strategy: str = "ddp"  # ddp | fsdp (used when launched with torchrun and WORLD_SIZE > 1)
-    param_dtype: str = "fp32"  # fsdp mixed precision: dtype of gathered parameters (fp32 | bf16)
-    reduce_dtype: str = "fp32"  # fsdp mixed precision: dtype of gradient reduction
+    param_dtype: str = "fp32"  # fsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
+    reduce_dtype: str = "fp32"  # fsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
 
 
 @dataclass
@@ -224,6 +224,8 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
+        (cfg.distributed.strategy == "fsdp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
+         "distributed.param_dtype/reduce_dtype apply to strategy fsdp only; DDP keeps fp32 (use train.precision=bf16)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -64,7 +64,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: str, reduce_dtype: str) -> nn.Module:
     """DDP, or FSDP2 with every transformer block sharded on its own and the rest (embeddings,
     head, final norm: tied weights included) in the root group. Both average gradients over
-    ranks, so the trainer scales each rank's loss by the world size (see ``train.train_step``)."""
+    ranks, so the trainer scales each rank's loss by the world size (see ``train.train_step``).
+
+    Every parameter gets a gradient in every step (MoE experts are fused 3-D tensors in
+    transformers >= 5), so DDP runs without ``find_unused_parameters`` and the FSDP2
+    reduce-scatters of all ranks carry the same tensors. Mixed precision applies to FSDP only."""
     if runtime.world == 1:
         return model
     if strategy == "ddp":

@@ -8,13 +8,14 @@ with soft-capping, are not covered: the presets are Llama and Qwen3-MoE.)
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
 
+from .distributed import all_reduce_sum
 from .method import embed_bags, multi_hot_cross_entropy_sum
 
 
@@ -126,9 +127,24 @@ class TSTModel(nn.Module):
 
 
 def router_balance_loss(lm: nn.Module, out) -> torch.Tensor:
-    """The MoE load-balancing loss exactly as the model's own CausalLM forward computes it."""
-    module = sys.modules[type(lm).__module__]
-    return module.load_balancing_loss_func(out.router_logits, lm.config.num_experts, lm.config.num_experts_per_tok, None)
+    """The MoE load-balancing loss of the model's own CausalLM forward, over the *global* batch.
+
+    ``E * sum_e f_e * P_e`` over all layers' rows, where f_e is the share of top-k assignments
+    that go to expert e (no gradient) and P_e the mean router probability of e. f is summed over
+    all ranks and P is this rank's mean: since every rank holds as many rows, the ranks' average
+    (what DDP/FSDP take of the gradients, and what the trainer logs) is exactly the loss of the
+    global batch, so the world size does not change the run. On one process it equals
+    ``load_balancing_loss_func`` of transformers (global-batch balancing: Qiu et al. 2025,
+    arXiv 2501.11873).
+    """
+    experts, top_k = lm.config.num_experts, lm.config.num_experts_per_tok
+    probs = torch.cat(out.router_logits).float().softmax(dim=-1)  # [layers*N, E]
+    chosen = probs.topk(top_k, dim=-1).indices  # [layers*N, k]
+    counts = F.one_hot(chosen, experts).sum(dim=(0, 1)).float()  # [E]
+    rows = torch.tensor([probs.shape[0]], dtype=torch.float32, device=probs.device)
+    totals = all_reduce_sum(torch.cat([counts, rows]))  # [E + 1], summed over ranks
+    fraction = totals[:experts] / totals[experts]  # [E]
+    return experts * (fraction * probs.mean(dim=0)).sum()
 
 
 def count_parameters(lm: nn.Module) -> dict:

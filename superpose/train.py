@@ -197,8 +197,9 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
         )
 
 
-def train(cfg: Config, resume: str = "never", allow_config_change: bool = False) -> dict:
-    """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics."""
+def train(cfg: Config, resume: str = "never", allow_config_change: bool = False) -> dict | None:
+    """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics
+    (on rank 0; None on the other ranks, which write nothing)."""
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     data = ensure_data(cfg, runtime)
@@ -210,6 +211,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
         raise CheckpointError(f"{resume_from} is not a complete checkpoint")
     if cfg.train.batch_size % runtime.world:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
+    barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation)
@@ -308,7 +310,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
     export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime)
     log.write({"kind": "end", "step": cfg.train.steps, **info})
     log.close()
-    return info
+    return info if runtime.is_main else None
 
 
 def load_run_config(run_dir: Path) -> Config:
