@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -66,18 +67,19 @@ def assert_same(a: Path, b: Path, step_range, loss_tolerance: float = TOLERANCE)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_data) -> dict[str, Path]:
-    """The uninterrupted runs: one process, 2-rank DDP, 2-rank FSDP with 2 micro-batches per rank."""
+    """The uninterrupted runs, launched side by side (most of a launch is imports): one process,
+    2-rank DDP, 2-rank FSDP with 2 micro-batches per rank, and 2-rank FSDP of the MoE preset."""
     root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for name, ranks, overrides in [
-        ("single", 1, []),
-        ("ddp", 2, ["--distributed.strategy=ddp"]),
-        ("fsdp", 2, ["--distributed.strategy=fsdp", "--train.micro_batch_size=1"]),
-    ]:
-        stdout = launch(root / name, small_data, ranks, *overrides)
-        assert stdout.count("done:") == 1, stdout  # only rank 0 reports
-        out[name] = root / name
-    return out
+    plan = {
+        "single": (1, []),
+        "ddp": (2, ["--distributed.strategy=ddp"]),
+        "fsdp": (2, ["--distributed.strategy=fsdp", "--train.micro_batch_size=1"]),
+        "moe": (2, ["--model.preset=qwen3-moe-tiny", "--distributed.strategy=fsdp", "--train.checkpoint_every=0"]),
+    }
+    with ThreadPoolExecutor(len(plan)) as pool:
+        stdout = dict(zip(plan, pool.map(lambda name: launch(root / name, small_data, plan[name][0], *plan[name][1]), plan)))
+    assert all(text.count("done:") == 1 for text in stdout.values()), stdout  # only rank 0 reports
+    return {name: root / name for name in plan}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -109,21 +111,20 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, small_data, tmp_path, 
     assert_same(runs[strategy], resumed, range(4, 9))
 
 
-def test_moe_trains_under_fsdp(small_data, tmp_path):
-    launch(tmp_path / "moe", small_data, 2, "--model.preset=qwen3-moe-tiny", "--distributed.strategy=fsdp",
-           "--train.checkpoint_every=0")
-    moe = steps(tmp_path / "moe")
+def test_moe_trains_under_fsdp(runs):
+    moe = steps(runs["moe"])
     assert sorted(moe) == list(range(1, 9)) and moe[8]["loss"] < moe[1]["loss"] - 0.5
-    assert (tmp_path / "moe" / "model" / "model.safetensors").is_file()
+    assert (runs["moe"] / "model" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_moe_two_ranks_equal_one_process(small_data, tmp_path):
+def test_moe_two_ranks_equal_one_process(runs, small_data, tmp_path):
     """The load-balancing loss is taken over the global batch, so an MoE run does not depend on the world size."""
     moe = ["--model.preset=qwen3-moe-tiny", "--train.checkpoint_every=0"]
     launch(tmp_path / "single", small_data, 1, *moe)
     launch(tmp_path / "ddp", small_data, 2, *moe, "--distributed.strategy=ddp")
     assert_same(tmp_path / "single", tmp_path / "ddp", range(1, 9))
+    assert_same(tmp_path / "single", runs["moe"], range(1, 9))
 
 
 @pytest.mark.slow
