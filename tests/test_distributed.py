@@ -90,6 +90,7 @@ def test_two_ranks_equal_one_process(runs, strategy):
     assert single[8]["loss"] < single[1]["loss"] - 0.5  # it trains, through the switch to next-token prediction
     records = [json.loads(line) for line in (runs[strategy] / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in records if r["kind"] == "start"] == [2]
+    assert len(list((runs[strategy] / "tensorboard").glob("events.*"))) == 1  # rank 0's only
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
