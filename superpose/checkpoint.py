@@ -59,7 +59,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             with open(tmp / STATE_FILE, "wb") as handle:
-                torch.save(state, handle)
+                _save(state, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             shutil.rmtree(final, ignore_errors=True)
@@ -67,10 +67,41 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
             _fsync_dir(root)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write checkpoint {final} ({err.strerror or err}); earlier checkpoints are intact") from None
+            raise CheckpointError(
+                f"could not write checkpoint {final} ({err.strerror or err}); earlier checkpoints are intact: "
+                "free disk space (or lower train.keep_checkpoints) and resume with --resume auto"
+            ) from None
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+class _Sink:
+    """The checkpoint file as torch.save sees it: remembers the OSError (disk full, quota) that
+    torch.save's writer would otherwise turn into a RuntimeError without an errno."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _save(state: dict, handle) -> None:
+    sink = _Sink(handle)
+    try:
+        torch.save(state, sink)
+    except RuntimeError:
+        if sink.error is None:
+            raise
+        raise sink.error from None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
@@ -79,9 +110,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
         # mmap: the ranks of one node share the file's pages instead of each holding a copy
         state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a damaged file can fail in many ways inside the unpickler
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err})") from None
-    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({err}); delete it to resume from the one before, "
+            "or pass --resume with an older checkpoint directory"
+        ) from None
+    try:
+        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); it was written for another model config") from None
     return state["trainer"]
 
 
@@ -102,16 +140,24 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
             weights[alias] = weights[name]  # so save_pretrained stores it once, as a single process does
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        old = out_dir.with_name(f".old-{out_dir.name}")
+        for leftover in (tmp, old):  # from an export that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
         lm.config.eos_token_id = lm.config.bos_token_id = eos_id
         if lm.generation_config is not None:
             lm.generation_config.eos_token_id = lm.generation_config.bos_token_id = eos_id
             lm.generation_config.pad_token_id = eos_id
-        lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
-        fast.save_pretrained(tmp)
-        (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
-        old = out_dir.with_name(f".old-{out_dir.name}")
+        try:
+            lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+            fast.save_pretrained(tmp)
+            (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not export the model to {out_dir} ({err.strerror or err}); the checkpoints are intact: "
+                "free disk space and run again with --resume auto"
+            ) from None
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

@@ -13,7 +13,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .model import ModelError
     from .train import TrainingError
 
-    return ConfigError, DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError, PermissionError
+    # OSError: a full disk, a missing file, no permission; the message names the path.
+    return ConfigError, DataError, ModelError, CheckpointError, TrainingError, OSError
 
 
 def cmd_prepare(args) -> None:
@@ -37,6 +38,8 @@ def cmd_prepare(args) -> None:
         f"({splits['train']['documents']} docs), val {splits['val']['tokens']:,} tokens "
         f"({splits['val']['documents']} docs), {splits['train']['bytes_per_token']:.2f} bytes/token"
     )
+    if meta["non_utf8_documents_replaced"]:
+        print(f"note: {meta['non_utf8_documents_replaced']} documents held bytes that are not UTF-8; they were replaced with U+FFFD")
 
 
 def cmd_train(args) -> None:
@@ -136,5 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if args.debug or not isinstance(err, _user_errors()):
             raise
-        print(f"superpose: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).splitlines())  # one line, whatever the library said
+        print(f"superpose: error: {message}", file=sys.stderr)
         sys.exit(2)

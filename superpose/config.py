@@ -7,6 +7,7 @@ overrides. Unknown sections or keys and values of the wrong type are rejected wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,8 @@ def _coerce(section: str, key: str, value, typ):
             return value
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             return float(value)
     elif typ is str:
         if isinstance(value, str):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+
+from .files import atomic_write_text, writable_dir
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -77,28 +80,38 @@ def _supported(path: Path) -> bool:
 
 def read_documents(files: list[Path], text_field: str = "text") -> Iterator[Document]:
     """One document per text file, one per JSONL line. Bytes that are not UTF-8 are replaced
-    with U+FFFD (a corpus with a few bad bytes should not be lost); the count is reported."""
+    with U+FFFD (a corpus with a few bad bytes should not be lost); the count is reported.
+    A file without any text is an error: it is almost always a wrong path or a failed export."""
     for path in files:
-        if path.name.endswith(JSONL_SUFFIXES):
-            opener = gzip.open if path.name.endswith(".gz") else open
-            try:
-                with opener(path, "rb") as handle:
-                    for number, raw in enumerate(handle, 1):
-                        if not raw.strip():
-                            continue
-                        text, replaced = _decode(raw)
-                        try:
-                            record = json.loads(text)
-                        except json.JSONDecodeError:
-                            raise DataError(f"{path}:{number}: line is not valid JSON") from None
-                        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                            raise DataError(f"{path}:{number}: no string field {text_field!r} (set --text-field)")
-                        yield Document(record[text_field], f"{path}:{number}", replaced)
-            except (OSError, EOFError) as err:
-                raise DataError(f"{path}: cannot read ({err})") from None
-        else:
-            text, replaced = _decode(path.read_bytes())
-            yield Document(text, str(path), replaced)
+        found = False
+        for doc in _read_file(path, text_field):
+            found = found or bool(doc.text.strip())
+            yield doc
+        if not found:
+            raise DataError(f"input {path} holds no text; remove it from the inputs or fix the file")
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[Document]:
+    if not path.name.endswith(JSONL_SUFFIXES):
+        text, replaced = _decode(path.read_bytes())
+        yield Document(text, str(path), replaced)
+        return
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                text, replaced = _decode(raw)
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{number}: line is not valid JSON (one JSON object per line expected)") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise DataError(f"{path}:{number}: no string field {text_field!r} (set --text-field)")
+                yield Document(record[text_field], f"{path}:{number}", replaced)
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: cannot read ({err}); the file is damaged") from None
 
 
 def _decode(raw: bytes) -> tuple[str, bool]:
@@ -174,9 +187,16 @@ def prepare(
     ``datasets`` (``num_proc`` processes); otherwise documents are read here and tokenised
     by the tokenizer's own threads.
     """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"the validation fraction must be in (0, 1), got {val_fraction}")
+    if tokenizer is None and vocab_size <= 256:
+        raise DataError(f"vocab size {vocab_size} is too small: a byte-level BPE needs more than 256 tokens")
     out = Path(out_dir)
+    if (out / "meta.json").exists():
+        raise DataError(f"{out} already holds prepared data; choose another output directory or delete it first")
     files = shakespeare_files() if inputs is None else expand_inputs(inputs)
     valid_files = expand_inputs(valid_inputs) if valid_inputs else []
+    writable_dir(out, "output directory")
     if not files:
         raise DataError("no input files")
     if num_proc < 1:
@@ -184,11 +204,9 @@ def prepare(
     if num_proc > 1 or any(p.name.endswith(TABLE_SUFFIXES) for p in files + valid_files):
         from .hf_datasets import DatasetCorpus
 
-        out.mkdir(parents=True, exist_ok=True)  # holds the datasets cache while preparing
         corpus = DatasetCorpus(files, valid_files, text_field, val_fraction, seed, num_proc, out, progress)
     else:
         corpus = DocumentCorpus(files, valid_files, text_field, val_fraction, seed)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(corpus.texts("train"), vocab_size)
         eos = eos_id(tok)
@@ -210,9 +228,7 @@ def prepare(
         "splits": splits,
         "non_utf8_documents_replaced": corpus.replaced,
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "meta.json")  # meta.json last: its presence marks a complete directory
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # last: marks a complete directory
     return meta
 
 
@@ -313,17 +329,33 @@ class TokenData:
             self.eos_id = int(self.meta["eos_id"])
             dtype = np.dtype(self.meta["dtype"])
             self.splits = {
-                split: [self._open(shard, dtype) for shard in info["shards"]]
-                for split, info in self.meta["splits"].items()
+                split: [self._open(shard, dtype) for shard in self.meta["splits"][split]["shards"]]
+                for split in ("train", "val")
             }
+        except DataError:
+            raise
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-            raise DataError(f"{meta_path} is malformed ({err}); prepare the directory again") from None
+            raise DataError(f"{meta_path} is malformed ({err!r}); prepare the directory again") from None
+        for split, shards in self.splits.items():
+            if not shards:
+                raise DataError(f"{meta_path} lists no {split} shards; prepare the directory again")
+        tok = self.tokenizer()
+        if (tok.get_vocab_size(), tok.token_to_id(EOS)) != (self.vocab_size, self.eos_id):
+            raise DataError(
+                f"{self.dir / self.meta['tokenizer']} has {tok.get_vocab_size()} tokens ({EOS} = {tok.token_to_id(EOS)}) but "
+                f"the shards were written with {self.vocab_size} ({EOS} = {self.eos_id}): the tokenizer does not "
+                "belong to this data; prepare the directory again"
+            )
 
     def _open(self, shard: dict, dtype) -> np.ndarray:
         path = self.dir / shard["file"]
         expected = int(shard["tokens"]) * dtype.itemsize
-        if not path.is_file() or path.stat().st_size != expected:
-            raise DataError(f"shard {path} is missing or truncated (expected {expected} bytes); prepare again")
+        found = path.stat().st_size if path.is_file() else None
+        if found != expected:
+            state = "missing" if found is None else f"{found} bytes, expected {expected}"
+            raise DataError(f"shard {path} is missing, truncated or too long ({state}); prepare the directory again")
+        if expected == 0:
+            raise DataError(f"shard {path} is empty; prepare the directory again")
         return np.memmap(path, dtype=dtype, mode="r")
 
     def tokenizer(self) -> Tokenizer:
@@ -344,10 +376,11 @@ class WindowLoader:
     the number of data tokens served so far (the batch itself needs only the step).
     """
 
-    def __init__(self, shards: list[np.ndarray], global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, shards: list[np.ndarray], global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 vocab_size: int | None = None):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world}")
-        self.shards, self.global_batch, self.seed = shards, global_batch, seed
+        self.shards, self.global_batch, self.seed, self.vocab_size = shards, global_batch, seed, vocab_size
         self.rank, self.world = rank, world
         self.tokens_seen = 0
 
@@ -366,9 +399,10 @@ class WindowLoader:
         bounds = np.cumsum(starts_per_shard)
         shard_ids = np.searchsorted(bounds, flat, side="right")
         offsets = flat - (bounds[shard_ids] - starts_per_shard[shard_ids])
-        rows = [np.asarray(self.shards[i][o : o + width], dtype=np.int64) for i, o in zip(shard_ids, offsets)]
+        rows = np.stack([np.asarray(self.shards[i][o : o + width], dtype=np.int64) for i, o in zip(shard_ids, offsets)])
+        check_token_ids(rows, [(self.shards[i], o) for i, o in zip(shard_ids, offsets)], self.vocab_size)
         self.tokens_seen += self.global_batch * width
-        return torch.from_numpy(np.stack(rows))
+        return torch.from_numpy(rows)
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen}
@@ -377,7 +411,7 @@ class WindowLoader:
         self.tokens_seen = int(state["tokens_seen"])
 
 
-def validation_windows(shards: list[np.ndarray], seq_len: int, max_tokens: int) -> torch.Tensor:
+def validation_windows(shards: list[np.ndarray], seq_len: int, max_tokens: int, vocab_size: int | None = None) -> torch.Tensor:
     """Fixed held-out windows ``[n, L+1]`` with stride L (each target token scored once), spread
     evenly over the split; at most ``max_tokens`` target tokens (0 = all)."""
     windows = []
@@ -388,8 +422,25 @@ def validation_windows(shards: list[np.ndarray], seq_len: int, max_tokens: int) 
         raise DataError(f"the validation split is shorter than one window of {seq_len + 1} tokens")
     keep = len(windows) if max_tokens == 0 else max(1, min(len(windows), max_tokens // seq_len))
     picks = np.linspace(0, len(windows) - 1, keep).round().astype(int)
-    rows = [np.asarray(windows[i][0][windows[i][1] : windows[i][1] + seq_len + 1], dtype=np.int64) for i in picks]
-    return torch.from_numpy(np.stack(rows))
+    rows = np.stack([np.asarray(windows[i][0][windows[i][1] : windows[i][1] + seq_len + 1], dtype=np.int64) for i in picks])
+    check_token_ids(rows, [windows[i] for i in picks], vocab_size)
+    return torch.from_numpy(rows)
+
+
+def check_token_ids(rows: np.ndarray, origins: list[tuple[np.ndarray, int]], vocab_size: int | None) -> None:
+    """Refuse windows ``[n, W]`` holding an id at or above the vocabulary size (a corrupt shard,
+    or shards from another tokenizer) before an embedding lookup indexes out of range.
+    ``origins[i]`` is the (shard, offset) row i was read from. Costs one max over the batch."""
+    if vocab_size is None or rows.size == 0 or int(rows.max()) < vocab_size:
+        return
+    row = int(np.argmax((rows >= vocab_size).any(axis=1)))
+    col = int(np.argmax(rows[row] >= vocab_size))
+    shard, offset = origins[row]
+    raise DataError(
+        f"{getattr(shard, 'filename', None) or 'a shard'}: token id {int(rows[row, col])} at position {offset + col} is not "
+        f"below the vocabulary size {vocab_size}; the shard is corrupt or was written with another tokenizer: "
+        "prepare the data again"
+    )
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -30,6 +32,8 @@ def init_runtime(device: str = "auto") -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but PyTorch sees no CUDA device; use train.device = 'auto' or 'cpu'")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as data_mod
-from .checkpoint import CheckpointError, checkpoint_dirs, export_model, load_checkpoint, save_checkpoint
+from .checkpoint import STATE_FILE, CheckpointError, checkpoint_dirs, export_model, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .distributed import Runtime, all_reduce_sum, barrier, gradient_sync, init_runtime, parallelize
+from .files import atomic_write_text, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .schedule import Stage, build_stages, lr_at, stage_at
@@ -138,15 +138,14 @@ class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, ``kind`` = train | eval | stage | end; mirrored to ``trackers``."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None, trackers: list = ()):
+        """``resume_step=None`` starts the log afresh (a killed run without a checkpoint starts over)."""
         self.path, self.enabled, self.trackers = path, enabled, trackers
         if enabled and resume_step is not None and path.exists():
-            # Drop what a killed run logged after the checkpoint we resume from.
-            lines = [l for l in path.read_text().splitlines() if l.strip()]
-            keep = [l for l in lines if _before(json.loads(l), resume_step)]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in keep))
-            os.replace(tmp, path)
-        self.handle = open(path, "a") if enabled else None
+            # Drop what a killed run logged after the checkpoint we resume from, and a last line
+            # that the kill cut short.
+            keep = [line for line in path.read_text().splitlines() if _before(_parse(line), resume_step)]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        self.handle = open(path, "a" if resume_step is not None else "w") if enabled else None
 
     def write(self, record: dict) -> None:
         """Append one record and flush, so a killed run loses at most the line being written."""
@@ -163,9 +162,18 @@ class MetricsLog:
             tracker.close()
 
 
-def _before(record: dict, step: int) -> bool:
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _before(record: dict | None, step: int) -> bool:
     """Was this record logged before the checkpoint of ``step`` was written?"""
-    return record["step"] < step or (record["step"] == step and record["kind"] in ("start", "train", "eval"))
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return False
+    return record["step"] < step or (record["step"] == step and record.get("kind") in ("start", "train", "eval"))
 
 
 def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
@@ -185,7 +193,7 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
     """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
     current = cfg.to_dict()
     changed = [
-        f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+        f"{section}.{key}: {saved.get(section, {}).get(key, '(unset)')!r} -> {value!r}"
         for section, values in current.items()
         for key, value in values.items()
         if f"{section}.{key}" not in RESUME_SAFE_KEYS and saved.get(section, {}).get(key) != value
@@ -202,13 +210,17 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
     (on rank 0; None on the other ranks, which write nothing)."""
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
-    data = ensure_data(cfg, runtime)
-    checkpoints = checkpoint_dirs(run_dir)
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
+    if resume not in ("never", "auto") and not (Path(resume) / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"--resume {resume}: expected never, auto, or a complete checkpoint directory "
+            f"(one holding {STATE_FILE}, e.g. {run_dir / 'checkpoints' / 'step-00000100'})"
+        )
+    writable_dir(run_dir, "train.out_dir")
+    data = ensure_data(cfg, runtime)
+    checkpoints = checkpoint_dirs(run_dir)
     resume_from = {"never": None, "auto": checkpoints[-1] if checkpoints else None}.get(resume, Path(resume))
-    if resume_from is not None and not (Path(resume_from) / "state.pt").is_file():
-        raise CheckpointError(f"{resume_from} is not a complete checkpoint")
     if cfg.train.batch_size % runtime.world:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
     barrier()  # every rank has checked the run directory before rank 0 writes into it
@@ -223,22 +235,23 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
         width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
         if max(s.size for s in data.splits["train"]) < width:
             raise data_mod.DataError(f"a {stage.name} window of {width} tokens is longer than the training data")
-    loader = data_mod.WindowLoader(data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world)
-    val_windows = data_mod.validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens)
+    loader = data_mod.WindowLoader(data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world,
+                                   vocab_size=data.vocab_size)
+    val_windows = data_mod.validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
-    start_step, elapsed = 0, 0.0
+    start_step, elapsed, last_eval = 0, 0.0, None
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
         if not allow_config_change:
             check_resume_config(state["config"], cfg)
-        start_step, elapsed = state["step"], state["elapsed"]
+        start_step, elapsed, last_eval = state["step"], state["elapsed"], state.get("last_eval")
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
 
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+        atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg.to_dict()))
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
     params = count_parameters(lm)
@@ -251,7 +264,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
 
     def trainer_state(step: int) -> dict:
         return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
-                "config": cfg.to_dict()}
+                "config": cfg.to_dict(), "last_eval": last_eval}
 
     def validate(step: int) -> dict:
         loss = evaluate(model, val_windows, cfg, runtime)
@@ -262,7 +275,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
 
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
                desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-    bad_steps, last_eval = 0, None
+    bad_steps = 0
     model.train()
     if start_step == 0:
         last_eval = validate(0)
@@ -282,24 +295,29 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
         seconds = time.perf_counter() - start
         elapsed += seconds
         bad_steps = 0 if result.applied else bad_steps + 1
-        if bad_steps >= cfg.train.max_bad_steps:
-            log.close()
-            raise TrainingError(
-                f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                "lower optim.lr or check the data; the last good checkpoint is kept"
-            )
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps or not result.applied:
             log.write({"kind": "train", "step": done, "stage": stage.name, "bag_size": stage.bag_size,
                        "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                        "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
                        "step_seconds": seconds, "elapsed": elapsed})
+        if bad_steps >= cfg.train.max_bad_steps:
+            log.close()
+            bar.close()
+            kept = checkpoint_dirs(run_dir)
+            raise TrainingError(
+                f"steps {done - bad_steps + 1}-{done} had a non-finite loss or gradient and were skipped "
+                f"(train.max_bad_steps = {cfg.train.max_bad_steps}); "
+                + (f"the newest checkpoint, {kept[-1]}, predates them" if kept else "no checkpoint was written yet")
+                + "; lower optim.lr or check the data, then resume with --resume auto --allow-config-change"
+            )
         bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
                         val=f"{last_eval['val_loss']:.3f}" if last_eval else "-", refresh=False)
         bar.update(1)
         if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
             last_eval = validate(done)
-        if done == cfg.train.steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+        # No periodic checkpoint inside a run of skipped steps: the last K stay ones from good steps.
+        if done == cfg.train.steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not bad_steps):
             save_checkpoint(run_dir, done, model, optimizer, trainer_state(done), cfg.train.keep_checkpoints, runtime)
     bar.close()
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint

@@ -1,0 +1,441 @@
+"""Every bad input gets one clear line on stderr, exit status 2, no traceback, and no damage.
+
+Each test calls the real command line (``superpose.cli.main``) in this process, checks the
+exit status and that stderr is exactly one ``superpose: error: ...`` line naming the problem,
+and, where files existed before, that they are byte-for-byte unchanged afterwards.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import resource
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from superpose.cli import main
+from superpose.evalfiles import load_multiple_choice
+from superpose.data import DataError
+
+EVAL_DIR = Path("/work/shared/data/eval")
+GPT2_DIR = Path("/work/shared/data/tokenizers/gpt2")
+
+
+def fails(argv: list[str], capsys, *fragments: str) -> str:
+    """Run the CLI, expect a one-line user error holding every fragment; return that line."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("superpose: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(*roots: Path) -> dict:
+    """Content hash of every file below ``roots`` (to prove that nothing was touched)."""
+    files = {}
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in paths:
+            files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", f"--data.dir={data}", '--data.corpus=""', "--data.seq_len=16", "--train.batch_size=2",
+            "--train.steps=4", "--train.eval_tokens=64", "--train.progress=false", "--train.device=cpu",
+            f"--train.out_dir={out}", *extra]
+
+
+@pytest.fixture
+def data_copy(small_data, tmp_path):
+    """A private copy of the prepared corpus that a test may damage."""
+    return Path(shutil.copytree(small_data, tmp_path / "data"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_data, tmp_path_factory):
+    """A completed 4-step TST run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    main(train_args(small_data, out, "--train.checkpoint_every=2", "--tst.ratio=0.5"))
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def resume_args(run: Path, *extra) -> list:
+    """Train again in ``run`` with its saved config (a copied run resumes where it lies)."""
+    return ["train", run / "config.toml", f"--train.out_dir={run}", *extra]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_bag_size_below_one(small_data, tmp_path, capsys):
+    fails(train_args(small_data, tmp_path / "run", "--tst.bag_size=0"), capsys, "tst.bag_size", ">= 1")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["2.5", "four", "true"])
+def test_bag_size_not_an_integer(small_data, tmp_path, capsys, value):
+    fails(train_args(small_data, tmp_path / "run", f"--tst.bag_size={value}"), capsys, "tst.bag_size must be int")
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_ratio_outside_unit_interval(small_data, tmp_path, capsys, value):
+    fails(train_args(small_data, tmp_path / "run", f"--tst.ratio={value}"), capsys, "tst.ratio must be in [0, 1]")
+
+
+def test_unknown_config_key_in_file(small_data, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nstep = 10\n")
+    fails(["train", config, f"--train.out_dir={tmp_path / 'run'}"], capsys, "unknown config key train.step", "known: out_dir")
+
+
+def test_unknown_config_section(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[optimizer]\nlr = 0.1\n")
+    fails(["train", config], capsys, "unknown config section [optimizer]")
+
+
+def test_unknown_config_key_on_command_line(small_data, tmp_path, capsys):
+    fails(train_args(small_data, tmp_path / "run", "--tst.bagsize=4"), capsys, "unknown config key tst.bagsize")
+
+
+def test_wrong_value_type_in_file(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nsteps = "ten"\n')
+    fails(["train", config], capsys, "train.steps must be int", "'ten'")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_number(small_data, tmp_path, capsys, value):
+    fails(train_args(small_data, tmp_path / "run", f"--optim.lr={value}"), capsys, "optim.lr must be a finite number")
+
+
+def test_config_file_not_toml(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[train\nsteps = 3\n")
+    fails(["train", config], capsys, "is not valid TOML")
+
+
+def test_config_file_missing(tmp_path, capsys):
+    fails(["train", tmp_path / "nope.toml"], capsys, "nope.toml does not exist")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(small_data, tmp_path, capsys):
+    fails(train_args(small_data, tmp_path / "run", "--train.device=cuda"), capsys, "no CUDA device")
+
+
+# ---------------------------------------------------------------------------- data and model
+
+
+def test_phase1_window_longer_than_data(small_data, tmp_path, capsys):
+    tokens = json.loads((small_data / "meta.json").read_text())["splits"]["train"]["tokens"]
+    bag = tokens // 16 + 1  # s*L + s tokens per phase-1 window > the whole training split
+    fails(train_args(small_data, tmp_path / "run", f"--tst.bag_size={bag}"), capsys,
+          f"superposition window of {bag * 17} tokens is longer than the training data")
+
+
+def test_seq_len_above_max_positions(small_data, tmp_path, capsys):
+    fails(train_args(small_data, tmp_path / "run", "--data.seq_len=4096"), capsys,
+          "data.seq_len = 4096 exceeds the model's max_position_embeddings = 2048")
+
+
+def test_token_id_at_or_above_vocab_in_shard(data_copy, tmp_path, capsys):
+    shard = data_copy / "train-00000.bin"
+    tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
+    tokens[:] = 512  # the vocabulary has 512 tokens: 0..511
+    tokens.flush()
+    del tokens
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "train-00000.bin: token id 512", "vocabulary size 512")
+
+
+def test_token_id_out_of_range_in_validation_shard(data_copy, tmp_path, capsys):
+    tokens = np.memmap(data_copy / "val-00000.bin", dtype=np.uint16, mode="r+")
+    tokens[100] = 60000
+    tokens.flush()
+    del tokens
+    fails(train_args(data_copy, tmp_path / "run", "--train.eval_tokens=0"), capsys, "val-00000.bin: token id 60000 at position 100")
+
+
+def test_model_vocab_smaller_than_tokenizer(small_data, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "model"
+    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=64).save_pretrained(model_dir)
+    fails(train_args(small_data, tmp_path / "run", f"--model.preset={model_dir}"), capsys,
+          "the tokenizer has 512 tokens but the model's vocabulary has 100")
+
+
+@pytest.mark.skipif(not GPT2_DIR.is_dir(), reason="needs the shared GPT-2 tokenizer")
+def test_tokenizer_not_matching_shards(data_copy, tmp_path, capsys):
+    from superpose.data import load_tokenizer
+
+    load_tokenizer(GPT2_DIR).save(str(data_copy / "tokenizer.json"))
+    before = snapshot(data_copy)
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "has 50257 tokens", "written with 512", "does not belong to this data")
+    assert snapshot(data_copy) == before
+
+
+def test_tokenizer_missing(data_copy, tmp_path, capsys):
+    (data_copy / "tokenizer.json").unlink()
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "tokenizer", "not found")
+
+
+def test_empty_shard(data_copy, tmp_path, capsys):
+    (data_copy / "train-00000.bin").write_bytes(b"")
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "train-00000.bin is missing, truncated or too long (0 bytes")
+
+
+def test_truncated_shard(data_copy, tmp_path, capsys):
+    shard = data_copy / "val-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:1001])
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "val-00000.bin is missing, truncated or too long (1001 bytes")
+
+
+def test_missing_shard(data_copy, tmp_path, capsys):
+    (data_copy / "train-00000.bin").unlink()
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "train-00000.bin is missing")
+
+
+def test_split_without_shards(data_copy, tmp_path, capsys):
+    meta = json.loads((data_copy / "meta.json").read_text())
+    meta["splits"]["val"]["shards"] = []
+    (data_copy / "meta.json").write_text(json.dumps(meta))
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "lists no val shards")
+
+
+def test_corrupt_meta(data_copy, tmp_path, capsys):
+    (data_copy / "meta.json").write_text('{"format": 1, "vocab_')
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "meta.json is malformed")
+
+
+def test_data_dir_not_prepared(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    fails(train_args(tmp_path / "empty", tmp_path / "run"), capsys, "is not a prepared data directory", "superpose prepare")
+
+
+def test_unknown_model_preset(small_data, tmp_path, capsys):
+    fails(train_args(small_data, tmp_path / "run", "--model.preset=llama-9000"), capsys, "is neither a preset")
+
+
+# ---------------------------------------------------------------------------- prepare inputs
+
+
+def prepare_args(out: Path, *inputs: Path, extra: tuple = ()) -> list:
+    return ["prepare", "--out", out, "--quiet", "--vocab-size", "300", *[x for i in inputs for x in ("--input", i)], *extra]
+
+
+def two_docs(tmp_path: Path) -> list[Path]:
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for i, path in enumerate(files):
+        path.write_text(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 20)
+    return files
+
+
+def test_missing_input_file(tmp_path, capsys):
+    fails(prepare_args(tmp_path / "out", tmp_path / "missing.txt"), capsys, "input", "missing.txt does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,content", [("empty.txt", b""), ("blank.md", b" \n\n\t"), ("empty.jsonl", b"\n")])
+def test_empty_input_file(tmp_path, capsys, name, content):
+    (tmp_path / name).write_bytes(content)
+    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), tmp_path / name), capsys, f"{name} holds no text")
+
+
+def test_jsonl_line_not_json(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken\n')
+    fails(prepare_args(tmp_path / "out", path), capsys, "c.jsonl:2: line is not valid JSON")
+
+
+@pytest.mark.parametrize("line", ['{"body": "no text field"}', '{"text": 42}', '["text"]'])
+def test_jsonl_line_without_text_field(tmp_path, capsys, line):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    fails(prepare_args(tmp_path / "out", path), capsys, "c.jsonl:2: no string field 'text'", "--text-field")
+
+
+def test_corrupt_gzip(tmp_path, capsys):
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a document"}\n' * 200)[:60])
+    fails(prepare_args(tmp_path / "out", path), capsys, "c.jsonl.gz: cannot read", "damaged")
+
+
+def test_unsupported_input_type(tmp_path, capsys):
+    path = tmp_path / "book.pdf"
+    path.write_bytes(b"%PDF-1.4")
+    fails(prepare_args(tmp_path / "out", path), capsys, "book.pdf: unsupported file type")
+
+
+def test_non_utf8_text_is_replaced_and_counted(tmp_path, capsys):
+    """Decision: bytes that are not UTF-8 are replaced with U+FFFD (not refused), and counted."""
+    files = two_docs(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade. ".encode("latin-1") * 20)
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok \xff\xfe bytes"}\n{"text": "clean line"}\n')
+    main([str(a) for a in prepare_args(tmp_path / "out", *files, tmp_path / "latin1.txt", tmp_path / "c.jsonl")])
+    assert "2 documents held bytes that are not UTF-8; they were replaced with U+FFFD" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["non_utf8_documents_replaced"] == 2
+    from superpose.data import TokenData
+
+    data = TokenData(tmp_path / "out")
+    text = "".join(data.tokenizer().decode([int(t) for t in s]) for split in ("train", "val") for s in data.splits[split])
+    assert "Caf\ufffd cr\ufffdme" in text and "ok \ufffd\ufffd bytes" in text
+
+
+def test_prepare_refuses_existing_data_dir(small_data, tmp_path, capsys):
+    out = Path(shutil.copytree(small_data, tmp_path / "data"))
+    before = snapshot(out)
+    fails(prepare_args(out, *two_docs(tmp_path)), capsys, "already holds prepared data")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("extra,fragment", [(("--val-fraction", "1.5"), "validation fraction must be in (0, 1)"),
+                                            (("--vocab-size", "100"), "vocab size 100 is too small")])
+def test_prepare_bad_option(tmp_path, capsys, extra, fragment):
+    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), extra=extra), capsys, fragment)
+
+
+def test_tokenizer_without_end_of_document_token(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path / "tok.json"
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(path))
+    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), extra=("--tokenizer", path)), capsys, "has no <|endoftext|> token")
+
+
+def test_prepare_output_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    fails(prepare_args(blocker / "out", *two_docs(tmp_path)), capsys, "is not a writable directory")
+    assert blocker.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------- output and disk
+
+
+def test_output_dir_not_writable(small_data, tmp_path, capsys):
+    """A path below a regular file cannot be created, even by root (chmod would not stop root)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    fails(train_args(small_data, blocker / "run"), capsys, "train.out_dir", "is not a writable directory")
+    assert blocker.read_text() == "keep me"
+
+
+def test_disk_full_while_writing_checkpoint(run_copy, capsys):
+    """RLIMIT_FSIZE makes the kernel refuse writes past 2 MB (EFBIG), as a full disk would
+    (Python ignores SIGXFSZ). Resuming from step 2 rewrites checkpoint 4 (~14 MB), which fails."""
+    checkpoints = run_copy / "checkpoints"
+    before = snapshot(checkpoints)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
+    try:
+        fails(resume_args(run_copy, "--resume", checkpoints / "step-00000002"), capsys,
+              "could not write checkpoint", "step-00000004", "File too large", "earlier checkpoints are intact")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert snapshot(checkpoints) == before
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def test_existing_run_without_resume(run_copy, capsys):
+    before = snapshot(run_copy)
+    fails(resume_args(run_copy), capsys, "already holds a run", "--resume auto")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_with_changed_config(run_copy, capsys):
+    before = snapshot(run_copy)
+    fails(resume_args(run_copy, "--resume", "auto", "--optim.lr=0.01"), capsys,
+          "changes the run", "optim.lr: 0.003 -> 0.01", "--allow-config-change")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_value_not_a_checkpoint(run_copy, capsys):
+    before = snapshot(run_copy)
+    fails(resume_args(run_copy, "--resume", "autp"), capsys, "--resume autp: expected never, auto")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_corrupt_checkpoint(run_copy, capsys):
+    state = run_copy / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[: 4096])
+    before = snapshot(run_copy)
+    fails(resume_args(run_copy, "--resume", "auto"), capsys, "step-00000004 cannot be read", "delete it")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_checkpoint_of_another_model(run_copy, capsys):
+    before = snapshot(run_copy)
+    fails(resume_args(run_copy, "--resume", "auto", "--allow-config-change", "--model.preset=qwen3-moe-tiny"),
+          capsys, "does not fit this model")
+    assert snapshot(run_copy) == before
+
+
+# ---------------------------------------------------------------------------- eval files
+
+
+def write_eval(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD = '{"query": "Q?", "choices": ["a", "b"], "gold": 1}'
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("{not json", "eval.jsonl:2: line is not valid JSON"),
+    ('["query", "choices", "gold"]', "eval.jsonl:2: line is a JSON list, not an object"),
+    ('{"query": "Q?", "choices": ["a", "b"]}', "eval.jsonl:2: missing field(s) gold"),
+    ('{"question": "Q?", "answers": ["a", "b"], "label": 0}', "missing field(s) query, choices, gold"),
+    ('{"query": 3, "choices": ["a", "b"], "gold": 0}', "'query' must be a string"),
+    ('{"query": "Q?", "choices": "a b", "gold": 0}', "'choices' must be a list of at least 2 strings"),
+    ('{"query": "Q?", "choices": ["a"], "gold": 0}', "'choices' must be a list of at least 2 strings"),
+    ('{"query": "Q?", "choices": ["a", 2], "gold": 0}', "'choices' must be a list of at least 2 strings"),
+    ('{"query": "Q?", "choices": ["a", "b"], "gold": 2}', "'gold' must be an integer index into the 2 choices, got 2"),
+    ('{"query": "Q?", "choices": ["a", "b"], "gold": "1"}', "'gold' must be an integer index"),
+    ('{"query": "Q?", "choices": ["a", "b"], "gold": true}', "'gold' must be an integer index"),
+])
+def test_eval_file_wrong_schema(tmp_path, line, fragment):
+    with pytest.raises(DataError, match=None) as exc:
+        load_multiple_choice(write_eval(tmp_path, GOOD, line))
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "does not exist"), (b"\n \n", "holds no examples"),
+                                              (b'{"query": "\xff"}', "is not UTF-8")])
+def test_eval_file_missing_empty_or_not_text(tmp_path, content, fragment):
+    path = tmp_path / "eval.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as exc:
+        load_multiple_choice(path)
+    assert fragment in str(exc.value)
+
+
+def test_eval_file_valid(tmp_path):
+    assert load_multiple_choice(write_eval(tmp_path, GOOD, "", GOOD)) == [{"query": "Q?", "choices": ["a", "b"], "gold": 1}] * 2
+    if (EVAL_DIR / "arc_easy.jsonl").is_file():
+        examples = load_multiple_choice(EVAL_DIR / "arc_easy.jsonl")
+        assert len(examples) > 1000 and all(0 <= e["gold"] < len(e["choices"]) for e in examples)
