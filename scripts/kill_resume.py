@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,8 +100,6 @@ def child(kill: str, argv: list[str]) -> None:
         def torch_save_half(obj, handle, *args, **kwargs):
             if not armed:
                 return torch_save(obj, handle, *args, **kwargs)
-            import io
-
             buffer = io.BytesIO()
             torch_save(obj, buffer, *args, **kwargs)
             handle.write(buffer.getvalue()[: buffer.tell() // 2])
@@ -116,35 +116,45 @@ def child(kill: str, argv: list[str]) -> None:
 
 
 def position(point: str) -> float:
-    """Where in the run a kill point lies, to order a trial's kills."""
+    """Where in the run a kill point lies: step K and ext:K at K, checkpoint K just after, final last."""
     kind, _, arg = point.partition(":")
-    return {"step": 0.0, "ext": 0.0, "ckpt": 0.5}.get(kind, 0.0) + (int(arg) if arg else STEPS + 0.75)
+    return STEPS + 0.75 if kind == "final" else int(arg) + (0.5 if kind == "ckpt" else 0.0)
 
 
-def random_plan(rng: random.Random, count: int) -> list[str]:
-    candidates = [f"step:{k}" for k in range(1, STEPS + 1)] + [f"ext:{k}" for k in range(1, STEPS + 1)]
-    candidates += [f"ckpt:{k}" for k in range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)] + ["final"]
-    plan = sorted(rng.sample(candidates, count), key=position)
-    # ext:K must lie after the kill before it, or the log of the killed process would trigger it at once.
+def ordered(points: set[str]) -> list[str]:
+    """Kill points in run order, each strictly after the one before (ext:K after a kill at K would
+    fire at once on the killed process's log lines)."""
+    plan = sorted(points, key=lambda p: (position(p), p))
     return [p for i, p in enumerate(plan) if i == 0 or position(p) > position(plan[i - 1])]
 
 
-def run_segment(config: Path, run_dir: Path, kill: str, env: dict, log: Path) -> int:
-    """One process of a trial; returns its exit status (-9 = killed)."""
+def random_points(rng: random.Random, count: int) -> set[str]:
+    candidates = [f"step:{k}" for k in range(1, STEPS + 1)] + [f"ext:{k}" for k in range(1, STEPS + 1)]
+    candidates += [f"ckpt:{k}" for k in range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)] + ["final"]
+    return set(rng.sample(candidates, count))
+
+
+def launch(config: Path, run_dir: Path, kill: str, env: dict) -> subprocess.Popen:
+    """Start one process of a run (``superpose train --resume auto``), output appended to RUN.log."""
     argv = ["train", str(config), f"--train.out_dir={run_dir}", "--resume", "auto"]
     inner = "none" if kill.startswith("ext:") else kill
-    with open(log, "a") as out:
+    with open(run_dir.with_suffix(".log"), "a") as out:
         out.write(f"=== {kill}\n")
         out.flush()
-        proc = subprocess.Popen([sys.executable, __file__, "--child", inner, *argv], env=env, cwd=ROOT, stdout=out, stderr=out)
-        if kill.startswith("ext:"):
-            target = int(kill.partition(":")[2])
-            while proc.poll() is None:
-                if logged_step(run_dir / "metrics.jsonl") >= target:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-                time.sleep(0.005)
-        return proc.wait()
+        return subprocess.Popen([sys.executable, __file__, "--child", inner, *argv], env=env, cwd=ROOT, stdout=out, stderr=out)
+
+
+def run_segment(config: Path, run_dir: Path, kill: str, env: dict) -> int:
+    """One process of a trial; returns its exit status (-9 = killed)."""
+    proc = launch(config, run_dir, kill, env)
+    if kill.startswith("ext:"):
+        target = int(kill.partition(":")[2])
+        while proc.poll() is None:
+            if logged_step(run_dir / "metrics.jsonl") >= target:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    return proc.wait()
 
 
 def logged_step(path: Path) -> int:
@@ -221,8 +231,6 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
 
-    import shutil
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -230,27 +238,23 @@ def main() -> int:
     config = work / "config.toml"
     config.write_text(CONFIG.replace('corpus = ""', f'dir = "{data}"\ncorpus = ""'))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    log = work / "processes.log"
     say = (lambda text: print(text, file=sys.stderr)) if args.verbose else (lambda text: None)
     problems = []
 
     reference = work / "reference"
-    if run_segment(config, reference, "none", env, log) != 0:
-        print(f"the reference run failed; see {log}", file=sys.stderr)
-        return 1
+    reference_proc = launch(config, reference, "none", env)  # alongside trial 0: each process uses one thread
     fixed = args.plan.split(",") if args.plan else [f"step:{SWITCH}", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}"]
     rng = random.Random(args.seed)
     kills = mismatches = 0
     for trial in range(args.trials):
-        plan = sorted(set(fixed if trial == 0 else []) | set(random_plan(rng, args.kills)), key=position)
-        plan = [p for i, p in enumerate(plan) if i == 0 or position(p) > position(plan[i - 1])]
+        plan = ordered(set(fixed if trial == 0 else []) | random_points(rng, args.kills))
         run_dir = work / f"trial-{trial:02d}"
         say(f"trial {trial}: {', '.join(plan) or 'no kills'}")
         for point in plan:
             if point != "final" and newest_checkpoint(run_dir) >= int(point.partition(":")[2]):
                 say(f"  {point}: skipped, an external kill came late and the run is already past it")
                 continue
-            status = run_segment(config, run_dir, point, env, log)
+            status = run_segment(config, run_dir, point, env)
             if status == -signal.SIGKILL:
                 kills += 1
                 tmp = run_dir / "checkpoints" / f".tmp-step-{int(point[5:]):08d}" if point.startswith("ckpt:") else None
@@ -258,14 +262,19 @@ def main() -> int:
                     problems.append(f"trial {trial}: {point} left no partial {tmp}")
             elif not point.startswith("ext:"):  # an external kill may come too late; an in-process one may not
                 problems.append(f"trial {trial}: {point} was not reached (exit status {status})")
-        if run_segment(config, run_dir, "none", env, log) != 0:
+        if run_segment(config, run_dir, "none", env) != 0:
             problems.append(f"trial {trial}: the final resume failed")
             continue
+        if list((run_dir / "checkpoints").glob(".tmp-*")):
+            problems.append(f"trial {trial}: a partial checkpoint directory was left behind")
+        if reference_proc.wait() != 0:
+            print(f"the reference run failed; see {reference.with_suffix('.log')}", file=sys.stderr)
+            return 1
         mismatches += compare(reference, run_dir, say)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
-        print(f"process output: {log}", file=sys.stderr)
+        print(f"process output: {work}/*.log", file=sys.stderr)
     print(f"trials={args.trials} kills={kills} mismatches={mismatches}")
     return 0 if mismatches == 0 and not problems else 1
 

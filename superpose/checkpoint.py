@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -56,7 +57,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
         tmp = root / f".tmp-step-{step:08d}"
         try:
             root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in root.glob(".tmp-step-*"):  # left by a process killed while writing
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
             with open(tmp / STATE_FILE, "wb") as handle:
                 _save(state, handle)
@@ -66,14 +68,19 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
             os.replace(tmp, final)
             _fsync_dir(root)
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"could not write checkpoint {final} ({err.strerror or err}); earlier checkpoints are intact: "
-                "free disk space (or lower train.keep_checkpoints) and resume with --resume auto"
-            ) from None
+            raise _write_failed(tmp, f"checkpoint {final}", err, "earlier checkpoints are intact") from None
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def _write_failed(tmp: Path, what: str, err: Exception, intact: str) -> CheckpointError:
+    """Remove the partial ``tmp`` and say what to do; a full disk is the usual cause."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointError(
+        f"could not write {what} ({getattr(err, 'strerror', None) or err}); {intact}: free disk space "
+        "(or lower train.keep_checkpoints) and resume with --resume auto"
+    )
 
 
 class _Sink:
@@ -152,12 +159,8 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
             fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
             fast.save_pretrained(tmp)
             (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"could not export the model to {out_dir} ({err.strerror or err}); the checkpoints are intact: "
-                "free disk space and run again with --resume auto"
-            ) from None
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+            raise _write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact") from None
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

@@ -250,7 +250,6 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
         torch.set_rng_state(state["rng"])
 
     if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg.to_dict()))
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
