@@ -86,6 +86,13 @@ def resume_args(run: Path, *extra) -> list:
 # ---------------------------------------------------------------------------- config
 
 
+def test_debug_shows_the_traceback(small_data, tmp_path):
+    from superpose.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tst.bag_size"):
+        main(["--debug", *train_args(small_data, tmp_path / "run", "--tst.bag_size=0")])
+
+
 def test_bag_size_below_one(small_data, tmp_path, capsys):
     fails(train_args(small_data, tmp_path / "run", "--tst.bag_size=0"), capsys, "tst.bag_size", ">= 1")
     assert not (tmp_path / "run").exists()
