@@ -53,6 +53,10 @@ def snapshot(*roots: Path) -> dict:
     return files
 
 
+def vocab_size(data: Path) -> int:
+    return json.loads((data / "meta.json").read_text())["vocab_size"]
+
+
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", f"--data.dir={data}", '--data.corpus=""', "--data.seq_len=16", "--train.batch_size=2",
             "--train.steps=4", "--train.eval_tokens=64", "--train.progress=false", "--train.device=cpu",
@@ -167,11 +171,12 @@ def test_seq_len_above_max_positions(small_data, tmp_path, capsys):
 
 def test_token_id_at_or_above_vocab_in_shard(data_copy, tmp_path, capsys):
     shard = data_copy / "train-00000.bin"
+    vocab = vocab_size(data_copy)
     tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
-    tokens[:] = 512  # the vocabulary has 512 tokens: 0..511
+    tokens[:] = vocab  # one past the last id
     tokens.flush()
     del tokens
-    fails(train_args(data_copy, tmp_path / "run"), capsys, "train-00000.bin: token id 512", "vocabulary size 512")
+    fails(train_args(data_copy, tmp_path / "run"), capsys, f"train-00000.bin: token id {vocab}", f"vocabulary size {vocab}")
 
 
 def test_token_id_out_of_range_in_validation_shard(data_copy, tmp_path, capsys):
@@ -189,7 +194,7 @@ def test_model_vocab_smaller_than_tokenizer(small_data, tmp_path, capsys):
     LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=64).save_pretrained(model_dir)
     fails(train_args(small_data, tmp_path / "run", f"--model.preset={model_dir}"), capsys,
-          "the tokenizer has 512 tokens but the model's vocabulary has 100")
+          f"the tokenizer has {vocab_size(small_data)} tokens but the model's vocabulary has 100")
 
 
 @pytest.mark.skipif(not GPT2_DIR.is_dir(), reason="needs the shared GPT-2 tokenizer")
@@ -198,7 +203,8 @@ def test_tokenizer_not_matching_shards(data_copy, tmp_path, capsys):
 
     load_tokenizer(GPT2_DIR).save(str(data_copy / "tokenizer.json"))
     before = snapshot(data_copy)
-    fails(train_args(data_copy, tmp_path / "run"), capsys, "has 50257 tokens", "written with 512", "does not belong to this data")
+    fails(train_args(data_copy, tmp_path / "run"), capsys, "has 50257 tokens", f"written with {vocab_size(data_copy)}",
+          "does not belong to this data")
     assert snapshot(data_copy) == before
 
 

@@ -69,17 +69,17 @@ def test_non_finite_step_is_not_applied():
         return [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters() if p in optimizer.state]
 
     before = params()
-    result = train_step(model, optimizer, poisoned, stage, 1e-3, cfg, runtime)
+    result = train_step(model, optimizer, poisoned, stage, 0, 1e-3, cfg, runtime)
     assert not result.applied and not torch.isfinite(torch.tensor(result.loss))
     assert all(torch.equal(before[n].nan_to_num(), p.detach().nan_to_num()) for n, p in model.named_parameters())
     assert not optimizer.state  # AdamW never stepped
 
-    result = train_step(model, optimizer, clean, stage, 1e-3, cfg, runtime)
+    result = train_step(model, optimizer, clean, stage, 0, 1e-3, cfg, runtime)
     assert result.applied and torch.isfinite(torch.tensor(result.loss))
     applied, state = params(), moments()
     assert any(not torch.equal(before[n].nan_to_num(), applied[n].nan_to_num()) for n in before)
 
-    result = train_step(model, optimizer, poisoned, stage, 1e-3, cfg, runtime)
+    result = train_step(model, optimizer, poisoned, stage, 0, 1e-3, cfg, runtime)
     assert not result.applied
     assert all(torch.equal(applied[n].nan_to_num(), p.detach().nan_to_num()) for n, p in model.named_parameters())
     assert all(torch.equal(a[k], b[k]) for a, b in zip(state, moments()) for k in a)
