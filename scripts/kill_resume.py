@@ -59,6 +59,7 @@ log_every = 1
 checkpoint_every = {CHECKPOINT_EVERY}
 keep_checkpoints = 2
 progress = false
+tensorboard = false
 """
 COMPARED = {"train": ("stage", "bag_size", "loss", "lr", "grad_norm", "applied", "tokens_seen"),
             "eval": ("val_loss", "val_bpb", "tokens_seen"), "stage": ("stage", "bag_size", "mode"),

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from superpose.cli import main
-from superpose.evalfiles import load_multiple_choice
 from superpose.data import DataError
+from superpose.evaluation import check_multiple_choice
 
 EVAL_DIR = Path("/work/shared/data/eval")
 GPT2_DIR = Path("/work/shared/data/tokenizers/gpt2")
@@ -60,7 +60,7 @@ def vocab_size(data: Path) -> int:
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", f"--data.dir={data}", '--data.corpus=""', "--data.seq_len=16", "--train.batch_size=2",
             "--train.steps=4", "--train.eval_tokens=64", "--train.progress=false", "--train.device=cpu",
-            f"--train.out_dir={out}", *extra]
+            "--train.tensorboard=false", f"--train.out_dir={out}", *extra]
 
 
 @pytest.fixture
@@ -423,6 +423,8 @@ def test_resume_checkpoint_of_another_model(run_copy, capsys):
 
 
 # ---------------------------------------------------------------------------- eval files
+# `superpose eval` checks every {"query", "choices", "gold"} file with check_multiple_choice before it
+# loads a model; its command-line path is tested in test_evaluation.py.
 
 
 def write_eval(tmp_path: Path, *lines: str) -> Path:
@@ -436,37 +438,36 @@ GOOD = '{"query": "Q?", "choices": ["a", "b"], "gold": 1}'
 
 @pytest.mark.parametrize("line,fragment", [
     ("{not json", "eval.jsonl:2: line is not valid JSON"),
-    ('["query", "choices", "gold"]', "eval.jsonl:2: line is a JSON list, not an object"),
-    ('{"query": "Q?", "choices": ["a", "b"]}', "eval.jsonl:2: missing field(s) gold"),
-    ('{"question": "Q?", "answers": ["a", "b"], "label": 0}', "missing field(s) query, choices, gold"),
-    ('{"query": 3, "choices": ["a", "b"], "gold": 0}', "'query' must be a string"),
+    ('["query", "choices", "gold"]', "eval.jsonl:2: needs a string field 'query'"),
+    ('{"question": "Q?", "answers": ["a", "b"], "label": 0}', "eval.jsonl:2: needs a string field 'query'"),
+    ('{"query": 3, "choices": ["a", "b"], "gold": 0}', "needs a string field 'query'"),
+    ('{"query": "Q?", "gold": 0}', "'choices' must be a list of at least 2 strings"),
     ('{"query": "Q?", "choices": "a b", "gold": 0}', "'choices' must be a list of at least 2 strings"),
     ('{"query": "Q?", "choices": ["a"], "gold": 0}', "'choices' must be a list of at least 2 strings"),
     ('{"query": "Q?", "choices": ["a", 2], "gold": 0}', "'choices' must be a list of at least 2 strings"),
-    ('{"query": "Q?", "choices": ["a", "b"], "gold": 2}', "'gold' must be an integer index into the 2 choices, got 2"),
-    ('{"query": "Q?", "choices": ["a", "b"], "gold": "1"}', "'gold' must be an integer index"),
-    ('{"query": "Q?", "choices": ["a", "b"], "gold": true}', "'gold' must be an integer index"),
+    ('{"query": "Q?", "choices": ["a", "b"]}', "'gold' must be the index of the correct choice (0..1)"),
+    ('{"query": "Q?", "choices": ["a", "b"], "gold": 2}', "'gold' must be the index of the correct choice (0..1)"),
+    ('{"query": "Q?", "choices": ["a", "b"], "gold": "1"}', "'gold' must be the index"),
+    ('{"query": "Q?", "choices": ["a", "b"], "gold": true}', "'gold' must be the index"),
 ])
 def test_eval_file_wrong_schema(tmp_path, line, fragment):
     with pytest.raises(DataError) as exc:
-        load_multiple_choice(write_eval(tmp_path, GOOD, line))
+        check_multiple_choice(write_eval(tmp_path, GOOD, line))
     assert fragment in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("content,fragment", [(None, "does not exist"), (b"\n \n", "holds no examples"),
-                                              (b'{"query": "\xff"}', "is not UTF-8")])
+@pytest.mark.parametrize("content,fragment", [(None, "No such file"), (b"\n \n", "no examples"),
+                                              (b'{"query": "\xff"}', "can't decode")])
 def test_eval_file_missing_empty_or_not_text(tmp_path, content, fragment):
     path = tmp_path / "eval.jsonl"
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(DataError) as exc:
-        load_multiple_choice(path)
+        check_multiple_choice(path)
     assert fragment in str(exc.value)
 
 
 def test_eval_file_valid(tmp_path):
-    assert load_multiple_choice(write_eval(tmp_path, GOOD, "", GOOD)) == [{"query": "Q?", "choices": ["a", "b"], "gold": 1}] * 2
+    assert check_multiple_choice(write_eval(tmp_path, GOOD, "", GOOD)) == 2
     if (EVAL_DIR / "arc_easy.jsonl").is_file():
-        examples = load_multiple_choice(EVAL_DIR / "arc_easy.jsonl")
-        assert len(examples) > 1000 and all(0 <= e["gold"] < len(e["choices"]) for e in examples)
-
+        assert check_multiple_choice(EVAL_DIR / "arc_easy.jsonl") > 1000

@@ -28,7 +28,8 @@ def records(run: Path, kind: str) -> list[dict]:
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", f"--data.dir={data}", '--data.corpus=""', "--data.seq_len=16", "--train.batch_size=2",
             "--train.steps=6", "--train.eval_tokens=64", "--train.eval_every=3", "--train.log_every=1",
-            "--train.progress=false", "--train.device=cpu", "--tst.ratio=0.5", f"--train.out_dir={out}", *extra]
+            "--train.progress=false", "--train.device=cpu", "--train.tensorboard=false", "--tst.ratio=0.5",
+            f"--train.out_dir={out}", *extra]
 
 
 def test_kill_resume_short_form(small_data, tmp_path):
