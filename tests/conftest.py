@@ -24,3 +24,15 @@ def tiny_overrides(data_dir, out_dir, **extra):
     }
     values.update(extra)
     return [f"--{k}={json.dumps(v)}" for k, v in values.items()]  # JSON scalars and lists are TOML literals
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a busy 2-core machine a second thread mostly waits
+    for a descheduled peer and makes a 1-second test take 30."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

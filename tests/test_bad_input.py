@@ -22,6 +22,7 @@ from superpose.cli import main
 from superpose.data import DataError
 from superpose.evaluation import check_multiple_choice
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL_DIR = Path("/work/shared/data/eval")
 GPT2_DIR = Path("/work/shared/data/tokenizers/gpt2")
 PROGRESS_BAR = re.compile(r"^\S.*: +\d+%\|.*\d+/\d+ \[")
