@@ -1,11 +1,12 @@
-"""Fast multi-hot cross-entropy: one logsumexp per position, the gradient in one pass, and a
-chunked head+loss that never holds the full logits.
+"""Fast multi-hot cross-entropy: one normalisation per position for the whole bag, the gradient
+in one pass, and a chunked head+loss that never holds the full logits.
 
 The paper scores a bag with a loop of s ``F.cross_entropy`` calls; each call normalises the same
 logits again and keeps its own ``[N, V]`` log-probabilities for the backward. Here the forward
-keeps only the logsumexp ``[N]`` and the backward writes ``softmax(z) * sum_j w_j - sum_j w_j
-onehot(y_j)`` straight into the gradient buffer. Work runs over row blocks of the logits so that
-the fp32 temporaries stay small (in cache on CPU) instead of being fresh ``[N, V]`` buffers.
+takes one fp32 log-softmax per row, keeps only the s log-probabilities it needs, and the
+backward writes ``softmax(z) * sum_j w_j - sum_j w_j onehot(y_j)`` straight into the gradient
+buffer. Both run over blocks of rows, so their fp32 temporaries are small (in cache on CPU)
+instead of fresh ``[N, V]`` buffers: the only ``[N, V]`` allocation is the gradient itself.
 
 Shapes: N positions, V vocabulary, m target slots, d model width. ``targets`` here are already
 safe indices (ignored slots point at 0) and ``slot_w`` ``[N, m]`` fp32 is 0 on ignored slots.
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 
 def _block_rows(logits: torch.Tensor) -> int:
-    """Rows per block: ~4 MiB of fp32 temporaries on CPU (cache-sized), ~256 MiB on GPUs."""
-    elements = 1 << (26 if logits.device.type == "cuda" else 20)
+    """Rows per block: ~1 MiB of fp32 temporaries on CPU (they stay in cache), ~256 MiB on GPUs."""
+    elements = 1 << (26 if logits.device.type == "cuda" else 18)
     return max(1, elements // max(1, logits.shape[-1]))
 
 
@@ -26,39 +27,34 @@ def _blocks(n: int, rows: int):
     return ((start, min(start + rows, n)) for start in range(0, n, rows))
 
 
-def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 logsumexp of each row ``[N, V] -> [N]`` without an ``[N, V]`` fp32 temporary."""
-    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+def picked_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 ``log_softmax(z)[y]`` ``[N, m]`` for logits ``[N, V]``: one normalisation per row,
+    computed a block of rows at a time so no ``[N, V]`` log-probabilities are ever stored."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     for a, b in _blocks(logits.shape[0], _block_rows(logits)):
-        torch.logsumexp(logits[a:b].float(), dim=-1, out=out[a:b])
+        out[a:b] = F.log_softmax(logits[a:b], dim=-1, dtype=torch.float32).gather(1, targets[a:b])
     return out
 
 
-def mce_grad_(out: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
-              slot_w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def mce_grad_(out: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor,
+              scale: torch.Tensor) -> torch.Tensor:
     """Write ``scale * (softmax(z) * sum_j w_j - sum_j w_j onehot(y_j))`` into ``out`` ``[N, V]``.
 
-    ``out`` may be ``logits`` itself (the chunked path recomputes logits and overwrites them).
-    Duplicate targets add up (scatter_add), so a token that occurs twice gets twice the weight.
+    Computed in fp32 a block of rows at a time and rounded once into ``out``, which may be
+    ``logits`` itself (the chunked path overwrites its recomputed logits). Duplicate targets add
+    up (scatter_add), so a token that occurs twice in a bag gets twice the weight.
     """
-    row_scale = slot_w.sum(dim=1) * scale  # [N]
+    row_scale = slot_w.sum(dim=1, keepdim=True) * scale  # [N, 1]
     slot_scale = slot_w * scale  # [N, m]
-    direct = out.dtype == torch.float32
-    rows = _block_rows(logits)
-    tmp = None if direct else torch.empty(min(rows, logits.shape[0]), logits.shape[1], device=logits.device)
-    for a, b in _blocks(logits.shape[0], rows):
-        g = out[a:b] if direct else tmp[: b - a]  # [r, V] fp32
-        torch.sub(logits[a:b], lse[a:b, None], out=g)
-        g.exp_().mul_(row_scale[a:b, None])
-        g.scatter_add_(1, targets[a:b], -slot_scale[a:b])
-        if not direct:
-            out[a:b].copy_(g)
+    for a, b in _blocks(logits.shape[0], _block_rows(logits)):
+        g = torch.softmax(logits[a:b], dim=-1, dtype=torch.float32)  # [r, V]
+        g.mul_(row_scale[a:b]).scatter_add_(1, targets[a:b], -slot_scale[a:b])
+        out[a:b].copy_(g)
     return out
 
 
-def _weighted_nll_sum(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
-    picked = logits.gather(1, targets).float()  # [N, m]
-    return (slot_w * (lse[:, None] - picked)).sum()
+def _weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
+    return -(slot_w * picked_log_probs(logits, targets)).sum()
 
 
 class MultiHotCrossEntropy(torch.autograd.Function):
@@ -66,15 +62,14 @@ class MultiHotCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
-        lse = logsumexp_rows(logits)  # [N]
-        ctx.save_for_backward(logits, lse, targets, slot_w)
-        return _weighted_nll_sum(logits, lse, targets, slot_w)
+        ctx.save_for_backward(logits, targets, slot_w)
+        return _weighted_nll_sum(logits, targets, slot_w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, lse, targets, slot_w = ctx.saved_tensors
+        logits, targets, slot_w = ctx.saved_tensors
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        return mce_grad_(out, logits, lse, targets, slot_w, grad), None, None
+        return mce_grad_(out, logits, targets, slot_w, grad), None, None
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -90,20 +85,18 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w, b = _cast(hidden, weight, bias, dtype)
             n = h.shape[0]
-            lse = torch.empty(n, dtype=torch.float32, device=h.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=h.device)  # [C, V]
             for a, c in _blocks(n, chunk):
                 z = _logits_into(buf[: c - a], h[a:c], w, b)
-                lse[a:c] = logsumexp_rows(z)
-                total += _weighted_nll_sum(z, lse[a:c], targets[a:c], slot_w[a:c])
-        ctx.save_for_backward(hidden, weight, bias, targets, slot_w, lse)
+                total += _weighted_nll_sum(z, targets[a:c], slot_w[a:c])
+        ctx.save_for_backward(hidden, weight, bias, targets, slot_w)
         ctx.chunk, ctx.dtype = chunk, dtype
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden, weight, bias, targets, slot_w, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, slot_w = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             h, w, b = _cast(hidden, weight, bias, dtype)
@@ -114,7 +107,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=h.device)  # [C, V]
             for a, c in _blocks(n, chunk):
                 g = _logits_into(buf[: c - a], h[a:c], w, b)
-                mce_grad_(g, g, lse[a:c], targets[a:c], slot_w[a:c], grad)  # dL/dz, in place
+                mce_grad_(g, g, targets[a:c], slot_w[a:c], grad)  # dL/dz, in place
                 torch.matmul(g, w, out=grad_h[a:c])
                 if dtype == torch.float32:
                     grad_w.addmm_(g.t(), h[a:c])
