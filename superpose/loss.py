@@ -148,7 +148,7 @@ def slot_table(targets: torch.Tensor, weights: torch.Tensor | None, ignore_index
 def chunked_head_mce_sum(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
                          weights: torch.Tensor | None, chunk: int,
                          ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mce_sum(head(hidden), targets, weights)`` without the full logits: hidden ``[..., d]``."""
+    """``multi_hot_cross_entropy_sum(head(hidden), ...)`` without the full logits: hidden ``[..., d]``."""
     y, slot_w = slot_table(targets, weights, ignore_index)
     h = hidden.reshape(-1, hidden.shape[-1])  # [N, d]
     device = h.device.type

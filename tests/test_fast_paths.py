@@ -187,3 +187,28 @@ def test_config_keys():
     assert load_config().model.attn_implementation == "sdpa"
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         load_config(overrides=["--model.loss_chunk_size=-1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_compiled_model_equals_eager(chunk):
+    """``train.compile``: ``TSTModel.compile()`` (in place) gives the eager loss and gradients in both
+    phases and keeps the parameter names. Slow on CPU: inductor compiles C++ (minutes)."""
+    lm = tiny_lm()
+
+    def run(model, bag_size):
+        inputs = torch.randint(300, (2, 12, bag_size), generator=torch.Generator().manual_seed(bag_size))
+        lm.zero_grad(set_to_none=True)
+        loss_sum, weight = model(inputs, bag_targets((2, 12, bag_size), 300), slot_weights("uniform", bag_size))
+        (loss_sum / weight).backward()
+        return loss_sum.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    eager = TSTModel(lm, loss_chunk_size=chunk)
+    compiled = TSTModel(lm, loss_chunk_size=chunk)
+    compiled.compile()
+    for bag_size in (4, 1):
+        (loss, grads), (ref_loss, ref_grads) = run(compiled, bag_size), run(eager, bag_size)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
