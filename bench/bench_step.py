@@ -80,7 +80,7 @@ class StepCase:
     def ours(self, bag_size: int):
         stage = Stage("superposition" if bag_size > 1 else "next-token", bag_size, "full", "uniform", 1)
         window = self.window(window_length(self.seq_len, bag_size, "full"))
-        return lambda: train_step(self.model, self.optimizer, window, stage, 1e-4, self.cfg, self.runtime)
+        return lambda: train_step(self.model, self.optimizer, window, stage, 0, 1e-4, self.cfg, self.runtime)
 
     def plain(self):
         """What a user writes without superpose: HF loss, AdamW with the same hyper-parameters."""

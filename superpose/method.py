@@ -86,8 +86,8 @@ def multi_hot_cross_entropy_sum(
 
     logits ``[..., V]``, targets ``[..., m]`` int64, weights ``[m]`` fp32 (default uniform).
     Returns two fp32 scalars so that a trainer can divide by a *global* weight (all ranks, all
-    micro-batches). Slots equal to ``ignore_index`` carry no weight. The logsumexp is computed
-    once per position in fp32 and the gradient in one pass (``superpose.loss``).
+    micro-batches). Slots equal to ``ignore_index`` carry no weight. Each position is normalised
+    once in fp32 for all its slots and the gradient is written in one pass (``superpose.loss``).
     """
     y, slot_w = slot_table(targets, weights, ignore_index)  # [N, m], [N, m]
     z = logits.reshape(-1, logits.shape[-1])  # [N, V]
