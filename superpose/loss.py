@@ -46,10 +46,13 @@ def mce_grad_(out: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, sl
     """
     row_scale = slot_w.sum(dim=1, keepdim=True) * scale  # [N, 1]
     slot_scale = slot_w * scale  # [N, m]
+    direct = out.dtype == torch.float32  # else: an fp32 block, rounded once into out
     for a, b in _blocks(logits.shape[0], _block_rows(logits)):
-        g = torch.softmax(logits[a:b], dim=-1, dtype=torch.float32)  # [r, V]
-        g.mul_(row_scale[a:b]).scatter_add_(1, targets[a:b], -slot_scale[a:b])
-        out[a:b].copy_(g)
+        p = torch.softmax(logits[a:b], dim=-1, dtype=torch.float32)  # [r, V]
+        g = torch.mul(p, row_scale[a:b], out=out[a:b] if direct else p)
+        g.scatter_add_(1, targets[a:b], -slot_scale[a:b])
+        if not direct:
+            out[a:b].copy_(g)
     return out
 
 
