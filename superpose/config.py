@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # a name from superpose.model.PRESETS, or a local HF model/config directory
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | any attention the transformers model supports
+    loss_chunk_size: int = 0  # > 0: head + loss run this many positions at a time (no full logits)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
+    compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
     eval_every: int = 100
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
     log_every: int = 10
@@ -210,6 +212,7 @@ def validate(cfg: Config) -> None:
         (cfg.tst.bag_size >= 1, "tst.bag_size must be an integer >= 1 (1 = plain next-token baseline)"),
         (0.0 <= cfg.tst.ratio <= 1.0, "tst.ratio must be in [0, 1] (the fraction of steps in phase 1)"),
         (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
+        (cfg.model.loss_chunk_size >= 0, "model.loss_chunk_size must be >= 0 (0 = the full logits at once)"),
         (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),

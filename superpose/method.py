@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loss import MultiHotCrossEntropy, slot_table
+
 WEIGHTINGS = ("uniform", "power", "exp", "first")
 MODES = ("full", "input", "output")
 
@@ -44,13 +46,26 @@ def embed_bags(embedding: nn.Module | torch.Tensor, bags: torch.Tensor) -> torch
 
     Accumulates in fp32 and casts back to the embedding dtype. With k = 1 it is a plain lookup,
     so a next-token batch costs exactly what it costs without TST. ``embedding`` may be any
-    module mapping ids to vectors (``model.get_input_embeddings()``) or a weight ``[V, d]``.
+    module mapping ids to vectors (``model.get_input_embeddings()``) or a weight ``[V, d]``. A
+    plain fp32 ``nn.Embedding`` or weight takes one ``F.embedding_bag`` (gather and mean in one
+    kernel, no ``[B, L, k, d]`` intermediate); other modules get their own lookup, then the mean.
     """
-    lookup = (lambda ids: F.embedding(ids, embedding)) if isinstance(embedding, torch.Tensor) else embedding
+    weight = _plain_weight(embedding)
     if bags.shape[-1] == 1:
-        return lookup(bags[..., 0])
-    vectors = lookup(bags)  # [B, L, k, d]
+        return F.embedding(bags[..., 0], weight) if weight is not None else embedding(bags[..., 0])
+    if weight is not None and weight.dtype == torch.float32:
+        flat = F.embedding_bag(bags.reshape(-1, bags.shape[-1]), weight, mode="mean")  # [B*L, d]
+        return flat.view(*bags.shape[:-1], weight.shape[1])
+    vectors = F.embedding(bags, weight) if weight is not None else embedding(bags)  # [B, L, k, d]
     return vectors.float().mean(dim=-2).to(vectors.dtype)
+
+
+def _plain_weight(embedding: nn.Module | torch.Tensor) -> torch.Tensor | None:
+    """The weight of a tensor or of an exact ``nn.Embedding`` without lookup options, else None."""
+    if isinstance(embedding, torch.Tensor):
+        return embedding
+    plain = type(embedding) is nn.Embedding and embedding.padding_idx is None and embedding.max_norm is None
+    return embedding.weight if plain and not (embedding.scale_grad_by_freq or embedding.sparse) else None
 
 
 def bag_embeddings(embedding: nn.Module | torch.Tensor, tokens: torch.Tensor, bag_size: int) -> torch.Tensor:
@@ -71,18 +86,12 @@ def multi_hot_cross_entropy_sum(
 
     logits ``[..., V]``, targets ``[..., m]`` int64, weights ``[m]`` fp32 (default uniform).
     Returns two fp32 scalars so that a trainer can divide by a *global* weight (all ranks, all
-    micro-batches). Slots equal to ``ignore_index`` carry no weight.
+    micro-batches). Slots equal to ``ignore_index`` carry no weight. Each position is normalised
+    once in fp32 for all its slots and the gradient is written in one pass (``superpose.loss``).
     """
-    vocab, slots = logits.shape[-1], targets.shape[-1]
-    z = logits.reshape(-1, vocab)  # [N, V]
-    y = targets.reshape(-1, slots)  # [N, m]
-    if weights is None:
-        weights = torch.ones(slots, dtype=torch.float32, device=z.device)
-    valid = y != ignore_index
-    w = weights.to(z.device)[None, :] * valid  # [N, m]
-    lse = torch.logsumexp(z.float(), dim=-1)  # [N]
-    picked = z.gather(1, torch.where(valid, y, 0)).float()  # [N, m]
-    return (w * (lse[:, None] - picked)).sum(), w.sum()
+    y, slot_w = slot_table(targets, weights, ignore_index)  # [N, m], [N, m]
+    z = logits.reshape(-1, logits.shape[-1])  # [N, V]
+    return MultiHotCrossEntropy.apply(z, y, slot_w), slot_w.sum()
 
 
 def multi_hot_cross_entropy(

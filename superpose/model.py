@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
 
 from .distributed import all_reduce_sum
+from .loss import chunked_head_mce_sum
 from .method import embed_bags, multi_hot_cross_entropy_sum
 
 
@@ -109,18 +110,26 @@ class TSTModel(nn.Module):
     ``forward`` returns the un-normalised loss sum and its weight (see
     ``multi_hot_cross_entropy_sum``), so that the trainer divides by the global weight of the
     whole step. Wrapping the LM in this module lets DDP/FSDP see one forward per micro-batch.
+    With ``loss_chunk_size`` > 0 the head and the loss run that many positions at a time
+    (``superpose.loss.ChunkedHeadCrossEntropy``), so the full ``[B*L, V]`` logits never exist.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, loss_chunk_size: int = 0):
         super().__init__()
         self.lm = lm
+        self.loss_chunk_size = loss_chunk_size
+        if loss_chunk_size and not isinstance(lm.get_output_embeddings(), nn.Linear):
+            raise ModelError("model.loss_chunk_size needs an nn.Linear output head; set it to 0 for this model")
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
         x = embed_bags(self.lm.get_input_embeddings(), inputs)  # [B, L, d]
         moe = hasattr(self.lm.config, "router_aux_loss_coef")
         out = self.lm.base_model(inputs_embeds=x, use_cache=False, **({"output_router_logits": True} if moe else {}))
-        logits = self.lm.get_output_embeddings()(out.last_hidden_state)  # [B, L, V]
-        loss_sum, weight = multi_hot_cross_entropy_sum(logits, targets, weights)
+        head, hidden = self.lm.get_output_embeddings(), out.last_hidden_state  # [B, L, d]
+        if self.loss_chunk_size:
+            loss_sum, weight = chunked_head_mce_sum(hidden, head, targets, weights, self.loss_chunk_size)
+        else:
+            loss_sum, weight = multi_hot_cross_entropy_sum(head(hidden), targets, weights)  # logits [B, L, V]
         if moe and self.training:
             loss_sum = loss_sum + self.lm.config.router_aux_loss_coef * router_balance_loss(self.lm, out) * weight
         return loss_sum, weight

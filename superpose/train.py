@@ -35,6 +35,7 @@ RESUME_SAFE_KEYS = {
     "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
+    "train.compile", "model.loss_chunk_size",
 }
 
 
@@ -227,8 +228,10 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
 
     torch.manual_seed(cfg.train.seed)
     lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation)
-    model = parallelize(TSTModel(lm).to(runtime.device), runtime, cfg.distributed.strategy,
-                        cfg.distributed.param_dtype, cfg.distributed.reduce_dtype)
+    model = TSTModel(lm, cfg.model.loss_chunk_size).to(runtime.device)
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+    model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype, cfg.distributed.reduce_dtype)
     optimizer = make_optimizer(model, cfg, runtime.device)
     stages = build_stages(cfg.tst, cfg.train.steps)
     for stage in stages:

@@ -1,0 +1,160 @@
+"""Fast multi-hot cross-entropy: one normalisation per position for the whole bag, the gradient
+in one pass, and a chunked head+loss that never holds the full logits.
+
+The paper scores a bag with a loop of s ``F.cross_entropy`` calls; each call normalises the same
+logits again and keeps its own ``[N, V]`` log-probabilities for the backward. Here the forward
+takes one fp32 log-softmax per row, keeps only the s log-probabilities it needs, and the
+backward writes ``softmax(z) * sum_j w_j - sum_j w_j onehot(y_j)`` straight into the gradient
+buffer. Both run over blocks of rows, so their fp32 temporaries are small (in cache on CPU)
+instead of fresh ``[N, V]`` buffers: the only ``[N, V]`` allocation is the gradient itself.
+
+Shapes: N positions, V vocabulary, m target slots, d model width. ``targets`` here are already
+safe indices (ignored slots point at 0) and ``slot_w`` ``[N, m]`` fp32 is 0 on ignored slots.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _block_rows(logits: torch.Tensor) -> int:
+    """Rows per block: ~1 MiB of fp32 temporaries on CPU (they stay in cache), ~256 MiB on GPUs."""
+    elements = 1 << (26 if logits.device.type == "cuda" else 18)
+    return max(1, elements // max(1, logits.shape[-1]))
+
+
+def _blocks(n: int, rows: int):
+    return ((start, min(start + rows, n)) for start in range(0, n, rows))
+
+
+def picked_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 ``log_softmax(z)[y]`` ``[N, m]`` for logits ``[N, V]``: one normalisation per row,
+    computed a block of rows at a time so no ``[N, V]`` log-probabilities are ever stored."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for a, b in _blocks(logits.shape[0], _block_rows(logits)):
+        out[a:b] = F.log_softmax(logits[a:b], dim=-1, dtype=torch.float32).gather(1, targets[a:b])
+    return out
+
+
+def mce_grad_(out: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor,
+              scale: torch.Tensor) -> torch.Tensor:
+    """Write ``scale * (softmax(z) * sum_j w_j - sum_j w_j onehot(y_j))`` into ``out`` ``[N, V]``.
+
+    Computed in fp32 a block of rows at a time and rounded once into ``out``, which may be
+    ``logits`` itself (the chunked path overwrites its recomputed logits). Duplicate targets add
+    up (scatter_add), so a token that occurs twice in a bag gets twice the weight.
+    """
+    row_scale = slot_w.sum(dim=1, keepdim=True) * scale  # [N, 1]
+    slot_scale = slot_w * scale  # [N, m]
+    direct = out.dtype == torch.float32  # else: an fp32 block, rounded once into out
+    for a, b in _blocks(logits.shape[0], _block_rows(logits)):
+        p = torch.softmax(logits[a:b], dim=-1, dtype=torch.float32)  # [r, V]
+        g = torch.mul(p, row_scale[a:b], out=out[a:b] if direct else p)
+        g.scatter_add_(1, targets[a:b], -slot_scale[a:b])
+        if not direct:
+            out[a:b].copy_(g)
+    return out
+
+
+def _weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
+    return -(slot_w * picked_log_probs(logits, targets)).sum()
+
+
+class MultiHotCrossEntropy(torch.autograd.Function):
+    """``sum_{n,j} w_nj * (logsumexp(z_n) - z_n[y_nj])`` for logits ``[N, V]`` -> fp32 scalar."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets, slot_w)
+        return _weighted_nll_sum(logits, targets, slot_w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, slot_w = ctx.saved_tensors
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        return mce_grad_(out, logits, targets, slot_w, grad), None, None
+
+
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """The multi-hot loss of ``hidden @ weight.T + bias`` computed ``chunk`` positions at a time.
+
+    Only one ``[chunk, V]`` logits buffer exists at a time; the backward recomputes each chunk's
+    logits, turns them into the gradient in place and accumulates the head gradient in fp32.
+    ``dtype`` is the matmul dtype (the autocast dtype, or the parameters' dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, slot_w, chunk: int, dtype: torch.dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w, b = _cast(hidden, weight, bias, dtype)
+            n = h.shape[0]
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=h.device)  # [C, V]
+            for a, c in _blocks(n, chunk):
+                z = _logits_into(buf[: c - a], h[a:c], w, b)
+                total += _weighted_nll_sum(z, targets[a:c], slot_w[a:c])
+        ctx.save_for_backward(hidden, weight, bias, targets, slot_w)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, bias, targets, slot_w = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w, b = _cast(hidden, weight, bias, dtype)
+            n = h.shape[0]
+            grad_h = torch.empty_like(h)  # [N, d]
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # [V, d]
+            grad_b = None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+            buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=h.device)  # [C, V]
+            for a, c in _blocks(n, chunk):
+                g = _logits_into(buf[: c - a], h[a:c], w, b)
+                mce_grad_(g, g, targets[a:c], slot_w[a:c], grad)  # dL/dz, in place
+                torch.matmul(g, w, out=grad_h[a:c])
+                if dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h[a:c])
+                else:
+                    grad_w += g.t() @ h[a:c]
+                if grad_b is not None:
+                    grad_b += g.sum(dim=0, dtype=torch.float32)
+        return (
+            grad_h.to(hidden.dtype),
+            grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None,
+        )
+
+
+def _cast(hidden, weight, bias, dtype):
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``out[:] = h @ w.T (+ b)`` without allocating: ``[C, d] x [V, d] -> [C, V]``."""
+    if b is None:
+        return torch.matmul(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
+
+
+def slot_table(targets: torch.Tensor, weights: torch.Tensor | None, ignore_index: int):
+    """Flatten targets ``[..., m]`` to safe indices ``[N, m]`` and per-slot weights ``[N, m]`` fp32."""
+    slots = targets.shape[-1]
+    y = targets.reshape(-1, slots)  # [N, m]
+    if weights is None:
+        weights = torch.ones(slots, dtype=torch.float32, device=y.device)
+    valid = y != ignore_index
+    slot_w = weights.to(device=y.device, dtype=torch.float32)[None, :] * valid  # [N, m]
+    return torch.where(valid, y, 0), slot_w
+
+
+def chunked_head_mce_sum(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
+                         weights: torch.Tensor | None, chunk: int,
+                         ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """``multi_hot_cross_entropy_sum(head(hidden), ...)`` without the full logits: hidden ``[..., d]``."""
+    y, slot_w = slot_table(targets, weights, ignore_index)
+    h = hidden.reshape(-1, hidden.shape[-1])  # [N, d]
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    loss = ChunkedHeadCrossEntropy.apply(h, head.weight, head.bias, y, slot_w, chunk, dtype)
+    return loss, slot_w.sum()
