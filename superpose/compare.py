@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from .checkpoint import checkpoint_dirs
 from .config import Config, ConfigError, validate
+from .files import atomic_write_text
 from .report import config_differences, is_finished, load_run, summary_table, write_report
 from .train import config_changes, load_run_config, train
 
@@ -47,12 +49,7 @@ def run_arm(cfg: Config, label: str) -> None:
         return
     if checkpoint_dirs(run_dir):
         print(f"{label}: resuming from {checkpoint_dirs(run_dir)[-1]}", file=sys.stderr)
-        train(cfg, resume="auto", label=label)
-        return
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():  # killed before its first checkpoint: nothing to resume
-        metrics.unlink()
-    train(cfg, label=label)
+    train(cfg, resume="auto", label=label)  # without a checkpoint the arm starts afresh
 
 
 def run_arms(arms: list[tuple[str, Config]]) -> None:
@@ -144,10 +141,11 @@ def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[
     runs = [load_run(a.train.out_dir) for _, a in arms]
     summary = write_report(runs, Path(cfg.train.out_dir) / "report", paired=False)
     rows = sweep_rows(summary)
-    with open(root / "sweep.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(root / "sweep.csv", table.getvalue())
     plot_sweep(rows, root / "sweep.png")
     return rows, root
 

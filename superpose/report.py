@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError
+from .files import atomic_write_text, writable_dir
 from .train import RESUME_SAFE_KEYS, load_run_config
 
 FLOPS_FORMULA = (
@@ -551,12 +552,12 @@ PLOTS = {
 
 def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True) -> dict:
     """Write ``report.md``, ``summary.json``, the PNG plots and a copy of each run's metrics."""
-    out = Path(out_dir)
-    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out_dir, "report directory")
+    (out / "metrics").mkdir(exist_ok=True)
     for run in runs:
         shutil.copyfile(run.path / "metrics.jsonl", out / "metrics" / f"{run.name.replace('/', '-')}.jsonl")
     summary = summarize(runs, paired)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     plot_runs(runs, out)
     ref = runs[0]
     text = [
@@ -582,7 +583,7 @@ def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True) -> d
         "the gap to the reference's training loss at the same steps (same batches) is shown as well.",
         "- Metrics of every run are copied under `metrics/`; `summary.json` holds every number above.",
     ]
-    (out / "report.md").write_text("\n".join(text) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(text) + "\n")
     return summary
 
 

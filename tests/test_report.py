@@ -232,3 +232,22 @@ def test_load_run_tolerates_a_restart_a_repeated_final_eval_and_a_cut_off_line(c
     (tmp_path / "metrics.jsonl").write_text('{"kind": "tra\n' + "\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_run(tmp_path)
+
+
+def test_compare_resumes_a_killed_arm_from_its_checkpoint(compared, tmp_path, capsys):
+    import shutil
+
+    root, overrides, summary, _ = compared
+    cfg = load_config(None, [*overrides, f"--train.out_dir={tmp_path}", "--train.checkpoint_every=4"])
+    compare(cfg)
+    tst = tmp_path / "tst"
+    # Make the TST arm look killed after its step-4 checkpoint: no final checkpoint, no end record.
+    shutil.rmtree(tst / "checkpoints" / "step-00000008")
+    lines = (tst / "metrics.jsonl").read_text().splitlines()
+    (tst / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    capsys.readouterr()
+    again, _ = compare(cfg)
+    printed = capsys.readouterr().err
+    assert "[1/2] baseline: already finished" in printed and "resuming from" in printed and "step-00000004" in printed
+    assert again["runs"][1]["final_val_loss"] == pytest.approx(summary["runs"][1]["final_val_loss"], abs=1e-6)
+    assert [json.loads(l)["kind"] for l in (tst / "metrics.jsonl").read_text().splitlines()].count("end") == 1
