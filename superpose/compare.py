@@ -67,7 +67,7 @@ def run_arms(arms: list[tuple[str, Config]]) -> None:
             trained, spent = trained + 1, spent + time.perf_counter() - started
 
 
-def compare(cfg: Config) -> tuple[dict, Path]:
+def compare(cfg: Config) -> tuple[dict | None, Path]:
     """Baseline then TST into ``train.out_dir/{baseline,tst}``; the report goes to ``.../report``."""
     if cfg.tst.bag_size < 2 or cfg.tst.ratio <= 0:
         raise ConfigError("compare needs a TST config: tst.bag_size >= 2 and tst.ratio > 0 (the baseline is derived from it)")
