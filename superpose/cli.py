@@ -56,6 +56,46 @@ def cmd_train(args) -> None:
         print(f"done: val loss {info['val_loss']:.4f}, {info['val_bpb']:.4f} bits/byte; model in {cfg.train.out_dir}/model")
 
 
+def cmd_compare(args) -> None:
+    from .compare import compare, compare_runs, print_summary
+    from .config import ConfigError, load_config
+    from .distributed import shutdown
+
+    if args.runs:
+        if args.config or args.overrides:
+            raise ConfigError("--runs reports on existing runs; it takes no config or overrides")
+        summary, out = compare_runs(*args.runs, out=args.out)
+    else:
+        try:
+            summary, out = compare(load_config(args.config, args.overrides))
+        finally:
+            shutdown()
+    if summary is not None:
+        print_summary(summary, out)
+
+
+def cmd_sweep(args) -> None:
+    from .compare import parse_list, print_sweep, sweep
+    from .config import load_config
+    from .distributed import shutdown
+
+    cfg = load_config(args.config, args.overrides)
+    bag_sizes, ratios = parse_list(args.bag_sizes, int, "--bag-sizes"), parse_list(args.ratios, float, "--ratios")
+    try:
+        rows, root = sweep(cfg, bag_sizes, ratios)
+    finally:
+        shutdown()
+    if rows:
+        print_sweep(rows, root)
+
+
+def cmd_report(args) -> None:
+    from .compare import print_summary, report
+
+    summary, out = report(args.runs, out=args.out)
+    print_summary(summary, out)
+
+
 def cmd_generate(args) -> None:
     from .generate import generate
 
@@ -102,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changes the run")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("compare", help="train a baseline and TST at equal FLOPs and report on them",
+                       epilog="override any key: --section.key=value; the baseline is the config with tst.ratio = 0")
+    p.add_argument("config", nargs="?", help="TOML config of the TST arm (runs go to train.out_dir/{baseline,tst,report})")
+    p.add_argument("--runs", nargs=2, metavar=("BASELINE_DIR", "TST_DIR"), help="report on two existing comparable runs instead")
+    p.add_argument("--out", help="report directory for --runs (default: next to TST_DIR, named report)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="train a grid of (bag size, ratio) plus a baseline at the same budget",
+                       epilog="override any key: --section.key=value; finished grid points are not rerun")
+    p.add_argument("config", nargs="?", help="TOML config (runs go to train.out_dir/<arm>)")
+    p.add_argument("--bag-sizes", default="2,4,6,8", help="comma-separated bag sizes s (default 2,4,6,8)")
+    p.add_argument("--ratios", default="0.2,0.3,0.5", help="comma-separated phase-1 ratios r (default 0.2,0.3,0.5)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="regenerate the comparison report from existing run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs; the first baseline among them is the reference")
+    p.add_argument("--out", help="report directory (default: next to the first run, named report)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
     p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")
     p.add_argument("--prompt", default="")
@@ -131,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
-    if bad or (extra and args.command != "train"):
+    if bad or (extra and args.command not in ("train", "compare", "sweep")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     args.overrides = extra
     try:

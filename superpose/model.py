@@ -59,11 +59,13 @@ def _qwen3_moe(hidden, layers, heads, kv_heads, head_dim, experts, top_k, expert
     )
 
 
-# Shapes: tiny trains on 2 CPU cores; llama-270m / llama-600m are SmolLM2-135M / -360M with
+# Shapes: tiny trains on 2 CPU cores; small (d=256, 6 layers, ~10M parameters with an 8k vocabulary)
+# is the CPU benchmark model of configs/gutenberg.toml; llama-270m / llama-600m are SmolLM2-135M / -360M with
 # untied embeddings (270M / 600M with a Llama-3-sized vocabulary, as in the paper); llama-3b is
 # the SmolLM3-3B shape; qwen3-moe-10b-a1b has ~10B parameters with ~1B active per token.
 PRESETS: dict[str, dict] = {
     "tiny": _llama(128, 512, 4, 4, 4, 2048, 10000.0),
+    "small": _llama(256, 1024, 6, 4, 4, 2048, 10000.0),
     "llama-270m": _llama(576, 1536, 30, 9, 3, 8192, 100000.0),
     "llama-600m": _llama(960, 2560, 32, 15, 5, 8192, 100000.0),
     "llama-3b": _llama(2048, 11008, 36, 16, 4, 65536, 5000000.0),

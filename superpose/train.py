@@ -190,15 +190,19 @@ def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
     return data_mod.TokenData(directory)
 
 
-def check_resume_config(saved: dict, cfg: Config) -> None:
-    """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
-    current = cfg.to_dict()
-    changed = [
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config."""
+    return [
         f"{section}.{key}: {saved.get(section, {}).get(key, '(unset)')!r} -> {value!r}"
-        for section, values in current.items()
+        for section, values in cfg.to_dict().items()
         for key, value in values.items()
         if f"{section}.{key}" not in RESUME_SAFE_KEYS and saved.get(section, {}).get(key) != value
     ]
+
+
+def check_resume_config(saved: dict, cfg: Config) -> None:
+    """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
+    changed = config_changes(saved, cfg)
     if changed:
         raise ConfigError(
             "resuming with a config that changes the run (" + "; ".join(changed) + "); "
@@ -206,9 +210,10 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
         )
 
 
-def train(cfg: Config, resume: str = "never", allow_config_change: bool = False) -> dict | None:
+def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train") -> dict | None:
     """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics
-    (on rank 0; None on the other ranks, which write nothing)."""
+    (on rank 0; None on the other ranks, which write nothing). ``label`` names the run on the
+    progress bar (e.g. the arm of a comparison)."""
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
@@ -276,7 +281,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False)
         return record
 
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
-               desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+               desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
     bad_steps = 0
     model.train()
     if start_step == 0:

@@ -1,0 +1,208 @@
+"""Run the evidence: a baseline and a TST arm from one config, or a grid of (s, r) arms.
+
+Arms differ only in ``[tst]``: same seed (same initial weights), same optimizer and LR schedule,
+same steps and batch, so the same model FLOPs per step; ``WindowLoader`` draws each step's
+windows from (seed, step), so both arms read the same text wherever their window widths agree.
+Every arm is one ordinary run directory under ``train.out_dir``; a finished arm (its
+``metrics.jsonl`` has an ``end`` record) is not rerun, and a killed one resumes from its last
+checkpoint, so an interrupted comparison or sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import checkpoint_dirs
+from .config import Config, ConfigError, validate
+from .files import atomic_write_text
+from .report import config_differences, is_finished, load_run, summary_table, write_report
+from .train import config_changes, load_run_config, train
+
+
+def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float | None = None) -> Config:
+    """``cfg`` with its output in ``train.out_dir/name`` and, if given, another (s, r)."""
+    arm = copy.deepcopy(cfg)
+    arm.train.out_dir = str(Path(cfg.train.out_dir) / name)
+    if bag_size is not None:
+        arm.tst.bag_size = bag_size
+    if ratio is not None:
+        arm.tst.ratio = ratio
+    validate(arm)
+    return arm
+
+
+def run_arm(cfg: Config, label: str) -> None:
+    """Train one arm unless it already finished; resume it if a checkpoint exists."""
+    run_dir = Path(cfg.train.out_dir)
+    if (run_dir / "config.toml").is_file():
+        changes = config_changes(load_run_config(run_dir).to_dict(), cfg)
+        if changes:
+            raise ConfigError(f"{run_dir} holds a run with another config ({'; '.join(changes)}); "
+                              "choose another train.out_dir or remove that directory")
+    if is_finished(run_dir):
+        print(f"{label}: already finished in {run_dir}, not rerun", file=sys.stderr)
+        return
+    if checkpoint_dirs(run_dir):
+        print(f"{label}: resuming from {checkpoint_dirs(run_dir)[-1]}", file=sys.stderr)
+    train(cfg, resume="auto", label=label)  # without a checkpoint the arm starts afresh
+
+
+def run_arms(arms: list[tuple[str, Config]]) -> None:
+    """Train the arms in order; each progress bar says "[i/n] name", and between arms an ETA for the
+    rest is printed at the pace of the arms trained so far (arms differ little in cost)."""
+    trained, spent = 0, 0.0
+    for i, (name, cfg) in enumerate(arms):
+        label = f"[{i + 1}/{len(arms)}] {name}"
+        todo = sum(not is_finished(a.train.out_dir) for _, a in arms[i:])
+        if trained and todo:
+            print(f"{label}: about {spent / trained * todo / 60:.1f} min left for {todo} arm(s)", file=sys.stderr)
+        fresh, started = not is_finished(cfg.train.out_dir), time.perf_counter()
+        run_arm(cfg, label)
+        if fresh:
+            trained, spent = trained + 1, spent + time.perf_counter() - started
+
+
+def compare(cfg: Config) -> tuple[dict | None, Path]:
+    """Baseline then TST into ``train.out_dir/{baseline,tst}``; the report goes to ``.../report``."""
+    if cfg.tst.bag_size < 2 or cfg.tst.ratio <= 0:
+        raise ConfigError("compare needs a TST config: tst.bag_size >= 2 and tst.ratio > 0 (the baseline is derived from it)")
+    base, tst = arm_config(cfg, "baseline", ratio=0.0), arm_config(cfg, "tst")
+    run_arms([("baseline", base), (f"tst s={cfg.tst.bag_size} r={cfg.tst.ratio:g}", tst)])
+    out = Path(cfg.train.out_dir) / "report"
+    if not _is_main_process():
+        return None, out
+    return write_report([load_run(base.train.out_dir), load_run(tst.train.out_dir)], out), out
+
+
+def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path | None = None) -> tuple[dict, Path]:
+    """Report on two existing runs, after checking that they differ only in their [tst] section."""
+    base, tst = load_run(baseline_dir, "baseline"), load_run(tst_dir, "tst")
+    if not base.is_baseline:
+        raise ConfigError(f"{baseline_dir} is not a baseline run (it has a superposition stage)")
+    if tst.is_baseline:
+        raise ConfigError(f"{tst_dir} is not a TST run (it has no superposition stage)")
+    diffs = config_differences(base.config, tst.config)
+    if diffs:
+        raise ConfigError(f"the runs are not comparable, they differ in: {'; '.join(diffs)}")
+    out = Path(out) if out else Path(tst_dir).parent / "report"
+    return write_report([base, tst], out), out
+
+
+def report(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[dict, Path]:
+    """Report on any runs: the first baseline among them is the reference, the rest are compared to it."""
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # e.g. a/tst and b/tst
+        for run in runs:
+            run.name = f"{run.path.parent.name}/{run.path.name}"
+    baselines = [r for r in runs if r.is_baseline]
+    if not baselines:
+        raise ConfigError("none of the runs is a baseline (a run without a superposition stage) to compare against")
+    runs.remove(baselines[0])
+    out = Path(out) if out else Path(run_dirs[0]).parent / "report"
+    return write_report([baselines[0], *runs], out), out
+
+
+def _is_main_process() -> bool:
+    """Under torchrun every rank trains; only rank 0 writes the report."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+def parse_list(text: str, kind: type, name: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    return values
+
+
+def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[dict], Path]:
+    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget; write sweep.csv and sweep.png."""
+    if any(s < 2 for s in bag_sizes):
+        raise ConfigError("--bag-sizes must all be >= 2 (the baseline is run anyway)")
+    if any(not 0 < r < 1 for r in ratios):
+        raise ConfigError("--ratios must all be in (0, 1)")
+    arms = [("baseline", arm_config(cfg, "baseline", ratio=0.0))]
+    arms += [(f"s{s}-r{r:g}", arm_config(cfg, f"s{s}-r{r:g}", s, r)) for s in bag_sizes for r in ratios]
+    run_arms(arms)
+    root = Path(cfg.train.out_dir)
+    if not _is_main_process():
+        return [], root
+    runs = [load_run(a.train.out_dir) for _, a in arms]
+    summary = write_report(runs, Path(cfg.train.out_dir) / "report", paired=False)
+    rows = sweep_rows(summary)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(root / "sweep.csv", table.getvalue())
+    plot_sweep(rows, root / "sweep.png")
+    return rows, root
+
+
+def sweep_rows(summary: dict) -> list[dict]:
+    """One CSV row per run: its (s, r), final losses and the comparison with the baseline."""
+    comps = {c["run"]: c for c in summary["comparisons"]}
+    rows = []
+    for r in summary["runs"]:
+        c = comps.get(r["name"])
+        iso = c["iso_loss"] if c else {}
+        rows.append({
+            "run": r["name"], "bag_size": r["bag_size"], "ratio": r["ratio"], "steps": r["steps"],
+            "final_val_loss": round(r["final_val_loss"], 5), "final_val_bpb": round(r["final_val_bpb"], 5),
+            "diff_vs_baseline": round(c["equal_steps"]["difference"], 5) if c else 0.0,
+            "iso_loss_step_speedup": round(iso["step_ratio"], 4) if iso.get("reached") else "",
+            "tokens_seen": r["tokens_seen"], "elapsed_s": round(r["elapsed_s"], 2), "flops": r["flops"],
+        })
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Final validation loss vs bag size, one line per ratio, the baseline as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in rows if r["bag_size"] == 1)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for ratio in sorted({r["ratio"] for r in rows if r["bag_size"] > 1}):
+        points = sorted((r["bag_size"], r["final_val_loss"]) for r in rows if r["ratio"] == ratio and r["bag_size"] > 1)
+        ax.plot(*zip(*points), "o-", label=f"TST r = {ratio:g}")
+    ax.axhline(base["final_val_loss"], color="black", ls="--", label=f"baseline ({base['final_val_loss']:.3f})")
+    ax.set_xticks(sorted({r["bag_size"] for r in rows if r["bag_size"] > 1}))
+    ax.set_xlabel("bag size s")
+    ax.set_ylabel(f"final validation loss after {base['steps']} steps (nats)")
+    ax.set_title("TST sweep at equal FLOPs: final validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_summary(summary: dict, report_dir: Path) -> None:
+    print(summary_table(summary))
+    print(f"\nreport: {report_dir / 'report.md'}")
+
+
+def print_sweep(rows: list[dict], root: Path) -> None:
+    width = max(len(r["run"]) for r in rows)
+    print(f"{'run':<{width}}  final val loss  diff vs baseline  iso-loss speedup (steps)")
+    for r in rows:
+        if r["bag_size"] == 1:
+            speedup = "(reference)"
+        else:
+            speedup = f"{r['iso_loss_step_speedup']:.2f}x" if r["iso_loss_step_speedup"] != "" else "not reached"
+        print(f"{r['run']:<{width}}  {r['final_val_loss']:>14.4f}  {r['diff_vs_baseline']:>+16.4f}  {speedup:>24}")
+    print(f"\nsweep: {root / 'sweep.csv'}, {root / 'sweep.png'}; report: {root / 'report' / 'report.md'}")

@@ -1,0 +1,253 @@
+"""The evidence tools: iso-loss speedup and switch metrics on synthetic curves (known answers),
+then compare / sweep / report end to end on tiny real runs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+from superpose.compare import compare, compare_runs, report, sweep
+from superpose.config import ConfigError, load_config
+from superpose.report import (
+    Curve,
+    config_differences,
+    difference_at,
+    first_at_or_below,
+    iso_loss_speedup,
+    load_run,
+    switch_spike,
+    training_gap,
+    value_at,
+)
+
+
+def curve(steps, losses, seconds_per_step=1.0, tokens_per_step=100.0):
+    steps = np.array(steps, dtype=float)
+    return Curve(steps, np.array(losses, dtype=float), steps * seconds_per_step, steps * 1e9, steps * tokens_per_step)
+
+
+REFERENCE = curve([0, 100, 200, 300, 400], [9.0, 6.0, 5.0, 4.5, 4.2])
+
+
+# ---------------------------------------------------------------------------- synthetic curves
+
+
+def test_crossing_is_interpolated_between_validation_points():
+    # 4.6 at step 200, 4.0 at step 300: 4.2 is two thirds of the way.
+    assert first_at_or_below([0, 100, 200, 300], [9, 8, 4.6, 4.0], 4.2) == pytest.approx(200 + 100 * 0.4 / 0.6)
+
+
+def test_crossing_exact_hit_and_first_point_and_not_reached():
+    assert first_at_or_below([0, 100, 200], [9, 4.2, 4.0], 4.2) == 100.0
+    assert first_at_or_below([0, 100], [3.0, 2.0], 4.2) == 0.0
+    assert first_at_or_below([0, 100, 200], [9, 5, 4.3], 4.2) is None
+    # Only the first crossing counts, even if the curve comes back up and down again.
+    assert first_at_or_below([0, 1, 2, 3], [5, 3, 5, 3], 4.0) == pytest.approx(0.5)
+
+
+def test_iso_loss_speedup_reached_with_interpolation():
+    # Candidate steps cost twice the wall-clock of the reference's.
+    candidate = curve([0, 100, 200, 300, 400], [9.0, 8.0, 4.6, 4.0, 3.8], seconds_per_step=2.0)
+    result = iso_loss_speedup(REFERENCE, candidate)
+    crossing = 200 + 100 * 0.4 / 0.6
+    assert result["reached"] and result["target_val_loss"] == 4.2
+    assert result["step"] == pytest.approx(crossing)
+    assert result["step_ratio"] == pytest.approx(400 / crossing)  # 1.5x fewer steps
+    assert result["flops_ratio"] == pytest.approx(400 / crossing)
+    assert result["seconds"] == pytest.approx(2 * crossing)
+    assert result["seconds_ratio"] == pytest.approx(400 / (2 * crossing))  # 0.75x: slower in wall-clock
+
+
+def test_iso_loss_speedup_exact_hit_and_self():
+    candidate = curve([0, 100, 200, 300, 400], [9.0, 7.0, 5.0, 4.2, 4.0])
+    assert iso_loss_speedup(REFERENCE, candidate)["step_ratio"] == pytest.approx(400 / 300)
+    same = iso_loss_speedup(REFERENCE, REFERENCE)
+    assert same["step"] == 400 and same["step_ratio"] == 1.0 and same["seconds_ratio"] == 1.0
+
+
+def test_iso_loss_speedup_not_reached():
+    candidate = curve([0, 100, 200, 300, 400], [9.0, 8.0, 6.0, 5.0, 4.5])
+    result = iso_loss_speedup(REFERENCE, candidate)
+    assert result["target_val_loss"] == 4.2 and not result["reached"] and result["candidate_best_val_loss"] == 4.5
+    assert "step_ratio" not in result
+    # Read the other way: the reference was at 4.5 at step 300, so the candidate's 400 steps are worth 0.75x.
+    assert result["reference_step_at_candidate_final"] == 300 and result["equivalent_step_ratio"] == 0.75
+    slower = curve([0, 100, 200, 300, 400], [9.0, 8.0, 6.0, 5.0, 4.8], seconds_per_step=0.5)
+    result = iso_loss_speedup(REFERENCE, slower)  # the reference crosses 4.8 at step 240
+    assert result["equivalent_step_ratio"] == pytest.approx(0.6) and result["equivalent_seconds_ratio"] == pytest.approx(1.2)
+
+
+def test_difference_at_equal_tokens_interpolates_both_curves():
+    candidate = curve([0, 100, 200, 300, 400], [9.0, 8.0, 4.6, 4.0, 3.8], tokens_per_step=400.0)
+    # 40,000 tokens: the reference's end (4.2) and the candidate's step 100 (8.0).
+    result = difference_at(REFERENCE, candidate, "tokens", 40_000)
+    assert result["difference"] == pytest.approx(8.0 - 4.2)
+    # 30,000 tokens: reference at step 300 (4.5), candidate at step 75 (9 - 0.75 * 1.0 = 8.25).
+    assert difference_at(REFERENCE, candidate, "tokens", 30_000)["candidate_val_loss"] == pytest.approx(8.25)
+    assert value_at([0, 1], [0, 1], 2.0) is None
+    assert difference_at(REFERENCE, candidate, "tokens", 1e9)["difference"] is None
+
+
+def test_switch_spike_and_recovery():
+    steps = np.arange(1, 101, dtype=float)
+    losses = np.where(steps <= 30, 5.0, 7.0 - (steps - 31) * 0.1)  # 7.0 at step 31, 5.0 at step 51
+    result = switch_spike(steps, losses, switch=30)
+    assert result["pre_switch_loss"] == 5.0
+    assert result["spike"] == pytest.approx(2.0) and result["peak_step"] == 31
+    assert result["recovered"] and result["recovery_steps"] == 21
+
+
+def test_switch_spike_not_recovered_and_unmeasurable():
+    steps = np.arange(1, 41, dtype=float)
+    losses = np.concatenate([np.tile([4.0, 5.0, 6.0], 7)[:20], np.full(20, 6.5)])  # pre level: mean(6, 4, 5) = 5
+    result = switch_spike(steps, losses, switch=20)
+    assert result["pre_switch_loss"] == pytest.approx(5.0)
+    assert not result["recovered"] and result["recovery_steps"] is None and result["spike"] == pytest.approx(1.5)
+    assert switch_spike(steps, losses, switch=40) == {"measured": False}
+
+
+def test_training_gap_pairs_the_same_steps_after_the_switch():
+    steps = np.arange(1, 21, dtype=float)
+    candidate = np.where(steps <= 10, 9.0, np.where(steps <= 15, 5.0, 4.2))
+    reference_steps = steps[::2]  # logged every other step: only shared steps are paired
+    result = training_gap(reference_steps, np.full(10, 4.0), steps, candidate, switch=10, window=2)
+    assert result == {"gap_after_switch": pytest.approx(1.0), "gap_at_end": pytest.approx(0.2)}
+    assert training_gap(steps, candidate, steps, candidate, switch=20) == {}
+
+
+# ---------------------------------------------------------------------------- tiny real runs
+
+
+@pytest.fixture(scope="module")
+def tiny_config(small_data, tmp_path_factory):
+    """Overrides for two arms of 8 tiny steps (switch at step 4) on the shared small corpus."""
+    root = tmp_path_factory.mktemp("evidence")
+    overrides = tiny_overrides(small_data, root / "cmp", **{
+        "data.seq_len": 16, "train.steps": 8, "train.batch_size": 4, "train.eval_every": 2,
+        "train.eval_tokens": 512, "optim.warmup_steps": 2, "tst.bag_size": 2, "tst.ratio": 0.5,
+    })
+    return root, overrides
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_config):
+    root, overrides = tiny_config
+    summary, out = compare(load_config(None, overrides))
+    return root, overrides, summary, out
+
+
+def test_compare_writes_a_consistent_report(compared):
+    root, _, summary, out = compared
+    for name in ("report.md", "summary.json", "val_loss_vs_step.png", "val_loss_vs_seconds.png",
+                 "val_loss_vs_tokens.png", "train_loss_switch.png", "metrics/baseline.jsonl", "metrics/tst.jsonl"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "val_loss_vs_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["reference"] == "baseline"
+    ends = {arm: json.loads((root / "cmp" / arm / "metrics.jsonl").read_text().splitlines()[-1]) for arm in ("baseline", "tst")}
+    base, tst = summary["runs"]
+    assert (base["bag_size"], tst["bag_size"], tst["switch_step"]) == (1, 2, 4)
+    assert base["final_val_loss"] == ends["baseline"]["val_loss"] and tst["final_val_loss"] == ends["tst"]["val_loss"]
+    assert tst["tokens_seen"] == ends["tst"]["tokens_seen"] == 4 * 4 * (2 * 16 + 2) + 4 * 4 * 17
+    assert base["flops"] == tst["flops"]  # equal FLOPs per step, equal steps
+    comp = summary["comparisons"][0]
+    assert comp["equal_steps"]["difference"] == pytest.approx(tst["final_val_loss"] - base["final_val_loss"])
+    assert comp["config_differences"] == []
+    # The exported models, re-evaluated window by window, reproduce the trainer's final losses.
+    paired = comp["paired_final_eval"]
+    assert paired["reference_val_loss"] == pytest.approx(base["final_val_loss"], abs=1e-4)
+    assert paired["candidate_val_loss"] == pytest.approx(tst["final_val_loss"], abs=1e-4)
+    assert paired["windows"] == 512 // 16
+    assert comp["switch"]["measured"] and comp["switch"]["switch_step"] == 4
+    text = (out / "report.md").read_text()
+    assert "iso-loss speedup" in text and "![Training loss around the switch](train_loss_switch.png)" in text
+
+
+def test_compare_does_not_rerun_finished_arms_and_refuses_a_changed_config(compared):
+    root, overrides, _, _ = compared
+    metrics = root / "cmp" / "tst" / "metrics.jsonl"
+    before = metrics.read_text()
+    compare(load_config(None, overrides))
+    assert metrics.read_text() == before
+    with pytest.raises(ConfigError, match="another config"):
+        compare(load_config(None, [*overrides, "--optim.lr=0.001"]))
+
+
+def test_compare_runs_checks_the_runs_are_comparable(compared, tmp_path):
+    root, _, _, _ = compared
+    base, tst = root / "cmp" / "baseline", root / "cmp" / "tst"
+    summary, out = compare_runs(base, tst, out=tmp_path / "again")
+    assert (out / "report.md").is_file() and summary["comparisons"][0]["run"] == "tst"
+    with pytest.raises(ConfigError, match="not a baseline"):
+        compare_runs(tst, base)
+    other = load_run(base).config
+    other.train.seed, other.optim.lr = 1, 1e-3
+    diffs = config_differences(load_run(base).config, other)
+    assert diffs == ["optim.lr: 0.003 -> 0.001", "train.seed: 0 -> 1"]
+
+
+def test_sweep_reuses_the_baseline_and_writes_csv_and_plot(compared):
+    root, overrides, _, _ = compared
+    baseline_metrics = (root / "cmp" / "baseline" / "metrics.jsonl").read_text()
+    rows, out = sweep(load_config(None, overrides), [2], [0.25, 0.5])
+    assert (root / "cmp" / "baseline" / "metrics.jsonl").read_text() == baseline_metrics
+    with open(out / "sweep.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["run"], r["bag_size"], r["ratio"]) for r in table] == [
+        ("baseline", "1", "0.0"), ("s2-r0.25", "2", "0.25"), ("s2-r0.5", "2", "0.5")]
+    tst_end = json.loads((root / "cmp" / "tst" / "metrics.jsonl").read_text().splitlines()[-1])
+    same_as_tst = json.loads((root / "cmp" / "s2-r0.5" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert same_as_tst["val_loss"] == pytest.approx(tst_end["val_loss"], abs=1e-5)  # same config, same seed
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_command_picks_the_baseline_as_reference(compared, capsys):
+    from superpose.cli import main
+
+    root, _, _, _ = compared
+    out = root / "cli-report"
+    main(["report", str(root / "cmp" / "s2-r0.25"), str(root / "cmp" / "baseline"), str(root / "cmp" / "tst"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed and "iso-loss speedup" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference"] == "baseline" and [c["run"] for c in summary["comparisons"]] == ["s2-r0.25", "tst"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(root / "cmp" / "tst")])
+    assert exit_info.value.code == 2 and "none of the runs is a baseline" in capsys.readouterr().err
+
+
+def test_load_run_tolerates_a_restart_a_repeated_final_eval_and_a_cut_off_line(compared, tmp_path):
+    root, _, _, _ = compared
+    source = root / "cmp" / "baseline"
+    (tmp_path / "config.toml").write_text((source / "config.toml").read_text())
+    lines = (source / "metrics.jsonl").read_text().splitlines()
+    final_eval = [l for l in lines if '"kind": "eval"' in l][-1]
+    # A killed first attempt (restarted from scratch), then the full run, its final eval twice, a torn line.
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:3] + lines + [final_eval, '{"kind": "tra']) + "\n")
+    run = load_run(tmp_path)
+    assert run.curve.step.tolist() == [0, 2, 4, 6, 8]
+    assert run.ended and run.curve.final("loss") == load_run(source).curve.final("loss")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "tra\n' + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_run(tmp_path)
+
+
+def test_compare_resumes_a_killed_arm_from_its_checkpoint(compared, tmp_path, capsys):
+    import shutil
+
+    root, overrides, summary, _ = compared
+    cfg = load_config(None, [*overrides, f"--train.out_dir={tmp_path}", "--train.checkpoint_every=4"])
+    compare(cfg)
+    tst = tmp_path / "tst"
+    # Make the TST arm look killed after its step-4 checkpoint: no final checkpoint, no end record.
+    shutil.rmtree(tst / "checkpoints" / "step-00000008")
+    lines = (tst / "metrics.jsonl").read_text().splitlines()
+    (tst / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    capsys.readouterr()
+    again, _ = compare(cfg)
+    printed = capsys.readouterr().err
+    assert "[1/2] baseline: already finished" in printed and "resuming from" in printed and "step-00000004" in printed
+    assert again["runs"][1]["final_val_loss"] == pytest.approx(summary["runs"][1]["final_val_loss"], abs=1e-6)
+    assert [json.loads(l)["kind"] for l in (tst / "metrics.jsonl").read_text().splitlines()].count("end") == 1
