@@ -1,8 +1,14 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from superpose.data import prepare, shakespeare_files
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (DEVELOPERS.md), else the workplace's copy.
+SHARED_DATA = next((p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").is_dir()), Path("/work/shared/data"))
 
 
 @pytest.fixture(scope="session")

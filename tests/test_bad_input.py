@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from superpose.cli import main
 from superpose.data import DataError
 from superpose.evaluation import check_multiple_choice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-EVAL_DIR = Path("/work/shared/data/eval")
-GPT2_DIR = Path("/work/shared/data/tokenizers/gpt2")
+EVAL_DIR = SHARED_DATA / "eval"
+GPT2_DIR = SHARED_DATA / "tokenizers" / "gpt2"
 PROGRESS_BAR = re.compile(r"^\S.*: +\d+%\|.*\d+/\d+ \[")
 
 

@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from superpose.config import ConfigError, load_config
 from superpose.config import OptimConfig, TSTConfig
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
 from superpose.schedule import build_stages, lr_at, stage_at
 
-GPT2 = "/work/shared/data/tokenizers/gpt2"
+GPT2 = str(SHARED_DATA / "tokenizers" / "gpt2")
 
 
 def test_toml_then_overrides(tmp_path):

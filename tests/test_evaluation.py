@@ -9,13 +9,12 @@ import torch
 pytest.importorskip("lm_eval")
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_overrides
+from conftest import SHARED_DATA, tiny_overrides
 from superpose.cli import main
 from superpose.config import load_config
 from superpose.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-EVAL_DIR = next((p / "shared" / "data" / "eval" for p in ROOT.parents if (p / "shared" / "data" / "eval").is_dir()), None)
+EVAL_DIR = SHARED_DATA / "eval" if (SHARED_DATA / "eval").is_dir() else None
 LIMIT = 8
 
 
