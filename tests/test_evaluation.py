@@ -1,7 +1,6 @@
 """`superpose eval`: lm-evaluation-harness on local files, checked against naive log-likelihood loops."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
