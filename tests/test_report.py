@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from superpose.compare import compare, compare_runs, report, sweep
+from superpose.compare import compare, compare_runs, sweep
 from superpose.config import ConfigError, load_config
 from superpose.report import (
     Curve,
