@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -41,6 +42,12 @@ class TensorBoard:
     def __init__(self, log_dir: Path, cfg: Config, purge_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
+        # Readers replay event files in name order, and a name starts with the creation second:
+        # a writer opened in the same second as the previous one (a fast restart) could sort
+        # before it, so wait for the next second.
+        newest = max((int(p.name.split(".")[3]) for p in Path(log_dir).glob("events.out.tfevents.*")), default=0)
+        while int(time.time()) <= newest:
+            time.sleep(0.05)
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         if purge_step is None:
             self.writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
