@@ -191,13 +191,16 @@ def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config."""
-    return [
-        f"{section}.{key}: {saved.get(section, {}).get(key, '(unset)')!r} -> {value!r}"
-        for section, values in cfg.to_dict().items()
-        for key, value in values.items()
-        if f"{section}.{key}" not in RESUME_SAFE_KEYS and saved.get(section, {}).get(key) != value
-    ]
+    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
+    saved config lacks (a run saved before the key existed) counts as its default value."""
+    defaults = Config().to_dict()
+    changes = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            before = saved.get(section, {}).get(key, defaults[section][key])
+            if f"{section}.{key}" not in RESUME_SAFE_KEYS and before != value:
+                changes.append(f"{section}.{key}: {before!r} -> {value!r}")
+    return changes
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:

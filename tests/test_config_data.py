@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from superpose.config import ConfigError, load_config
+from superpose.config import Config, ConfigError, load_config
 from superpose.config import OptimConfig, TSTConfig
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
 from superpose.schedule import build_stages, lr_at, stage_at
+from superpose.train import config_changes
 
 GPT2 = str(SHARED_DATA / "tokenizers" / "gpt2")
 
@@ -36,6 +37,15 @@ def test_bad_config_is_rejected_with_the_key(override, message):
     extra = ["--train.micro_batch_size=4"] if "batch_size=10" in override else []
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [override, *extra])
+
+
+def test_resume_check_treats_keys_missing_from_an_older_run_as_defaults():
+    """A run saved before a config key existed resumes unless the key is set to a non-default."""
+    saved = Config().to_dict()
+    del saved["tst"]["blend_steps"], saved["tst"]["curriculum"]
+    assert config_changes(saved, Config()) == []
+    cfg = load_config(None, ["--tst.blend_steps=10"])
+    assert config_changes(saved, cfg) == ["tst.blend_steps: 0 -> 10"]
 
 
 def test_stages_and_wsd_schedule():
