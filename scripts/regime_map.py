@@ -1,19 +1,22 @@
-"""Where TST pays at small scale: a resumable grid of budgets x (s, r), then the levers.
+"""Where TST pays at small scale: a resumable grid of budgets x TST arms, seeds, and the levers.
 
-Every run is an ordinary ``superpose`` run directory under ``--root``; arms of one budget point
-differ only in ``[tst]`` (or, for the LR sweep, in ``optim.lr`` for both arms alike), so they
-share seed, data order, optimizer, LR schedule and evaluation. A finished run is skipped, so the
-script can be killed and started again. Runs go in priority order (the map first, then the levers),
-so a partial run still yields a usable map. ``--table`` only prints/plots what has finished.
+Every run is an ordinary ``superpose`` run directory under ``--root``; the runs of one budget point
+differ only in ``[tst]`` (or, for the LR sweep, in ``optim.lr`` for both arms alike), so they share
+seed, data order, optimizer, LR schedule and evaluation. The work is a list of jobs in priority
+order (the cheap point and its levers first, the longest budgets last); a finished run is skipped,
+so the script can be killed and started again, and ``--shard i/n`` lets n processes (one per core)
+split the list. ``--table`` only tabulates and plots what has finished.
 
-    python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime            # run + table
-    python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --table    # table only
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 1/2
+    python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --table
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,17 +26,31 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.config import load_config  # noqa: E402
 from superpose.report import is_finished  # noqa: E402
 
-# (preset, steps, batch): the map's budget points, cheapest first.
-# Run order (priority): the cheap point with its (s, r) arms, the levers there, then larger budgets.
-POINTS = [("tiny", 150, 16), ("tiny", 400, 16), ("tiny", 150, 64), ("small", 150, 16)]
-# (s, r) arms: all of them at the first point, the first one only at the others (time on 2 shared cores).
-ARMS = [(2, 0.2), (4, 0.2), (2, 0.3)]
-# Levers: name -> overrides on top of the reference TST arm s=4, r=0.3 ... see REF below.
-REF = {"tst.bag_size": 2, "tst.ratio": 0.2}
+# TST arms of the map (overrides of [tst]); the baseline is tst.ratio = 0.
+ARMS = {
+    "s2-r0.2": {"tst.bag_size": 2, "tst.ratio": 0.2},
+    "s4-r0.2": {"tst.bag_size": 4, "tst.ratio": 0.2},
+    "s2-r0.3": {"tst.bag_size": 2, "tst.ratio": 0.3},
+    "output-s2-r0.2": {"tst.mode": "output", "tst.bag_size": 2, "tst.ratio": 0.2},
+}
+FULL_ARMS = [name for name in ARMS if not name.startswith("output")]
+# Budget points (preset, steps, batch) -> the arms run there, in priority order.
+POINTS = [
+    (("tiny", 150, 16), list(ARMS)),
+    (("tiny", 400, 16), ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"]),
+    (("tiny", 150, 64), ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"]),
+    (("small", 150, 16), ["s4-r0.2", "s2-r0.2", "output-s2-r0.2"]),
+    (("tiny", 1000, 16), ["s4-r0.2", "output-s2-r0.2", "s2-r0.2"]),
+    (("small", 400, 16), ["s4-r0.2", "output-s2-r0.2", "s2-r0.2"]),
+    (("tiny", 2000, 16), ["s4-r0.2", "output-s2-r0.2"]),
+]
+SEEDS = [1, 2]  # extra seeds at the cheap point, for the noise level of a gap
+SEED_ARMS = ["s4-r0.2", "output-s2-r0.2"]
+# Levers at the cheap point: name -> overrides on top of the reference TST arm REF.
+REF = "s2-r0.2"
 LEVERS = {
     "output-s3-anneal": {"tst.mode": "output", "tst.bag_size": 3, "tst.slot_weights": [1.0, 0.5, 0.25],
                          "tst.anneal_to_ntp": True},
-    "output": {"tst.mode": "output"},
     "s3-r0.2": {"tst.bag_size": 3},
     "s2-r0.1": {"tst.ratio": 0.1},
     "curriculum-4-2": {"tst.curriculum": [[4, 0.15], [2, 0.15]]},
@@ -44,138 +61,162 @@ LEVERS = {
     "lr-scale0.5": {"tst.lr_scale": 0.5},
     "exp": {"tst.weighting": "exp"},
     "lr-scale2": {"tst.lr_scale": 2.0},
+    # combinations of the levers that helped most on their own
+    "output+lr-scale0.5": {"tst.mode": "output", "tst.lr_scale": 0.5},
+    "s4+lr-scale0.5+power+reset-opt": {"tst.bag_size": 4, "tst.lr_scale": 0.5, "tst.weighting": "power",
+                                       "tst.reset_optimizer": True},
 }
-FIRST_LEVERS = 6  # run before the larger budgets; the rest after them
-LRS = [1.5e-3, 6e-3]  # LR sweep: baseline and reference TST arm, both at each LR
-
-
-def base_overrides(args, preset: str, steps: int, batch: int) -> list[str]:
-    return [f"--model.preset={preset}", f"--data.dir={args.data}", "--data.corpus=", f"--data.seq_len={args.seq_len}",
-            f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_every={steps}",
-            f"--train.eval_tokens={args.eval_tokens}", f"--train.log_every={max(10, steps // 30)}",
-            "--train.checkpoint_every=0", "--train.keep_checkpoints=1", "--train.progress=false",
-            f"--optim.warmup_steps={min(50, steps // 10)}"]
+LRS = [1.5e-3, 6e-3]  # LR sweep: baseline and the reference arm, both at each LR (default 3e-3)
 
 
 def fmt(key: str, value) -> str:
     return f"--{key}={json.dumps(value) if isinstance(value, (list, bool)) else value}"
 
 
-def point_dir(args, preset, steps, batch) -> Path:
-    return Path(args.root) / f"{preset}-n{steps}-b{batch}"
+def point_dir(root: Path, preset: str, steps: int, batch: int, seed: int = 0) -> Path:
+    return root / f"{preset}-n{steps}-b{batch}" if seed == 0 else root / f"{preset}-n{steps}-b{batch}-seed{seed}"
 
 
-def run(args, out: Path, overrides: list[str]) -> None:
-    cfg = load_config(None, overrides + [f"--train.out_dir={out}"])
-    if not args.table:
-        run_arm(cfg, str(out))
+def base_overrides(args, preset: str, steps: int, batch: int, seed: int = 0) -> list[str]:
+    """Everything but [tst]: identical for every run of one point."""
+    return [f"--model.preset={preset}", f"--data.dir={args.data}", "--data.corpus=", f"--data.seq_len={args.seq_len}",
+            f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_every={steps}",
+            f"--train.eval_tokens={args.eval_tokens}", f"--train.log_every={max(10, steps // 30)}",
+            "--train.checkpoint_every=0", "--train.keep_checkpoints=1", "--train.progress=false",
+            "--train.tensorboard=false", f"--train.seed={seed}", f"--optim.warmup_steps={min(50, steps // 10)}"]
 
 
-def final(out: Path):
-    if not is_finished(out):
-        return None
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "eval":
-            last = rec
-    return last
+def jobs(args) -> list[tuple[Path, list[str]]]:
+    """Every run as (directory, overrides), in priority order."""
+    root, out = Path(args.root), []
 
+    def point(preset, steps, batch, arms, seed=0):
+        d, base = point_dir(root, preset, steps, batch, seed), base_overrides(args, preset, steps, batch, seed)
+        out.append((d / "baseline", base + ["--tst.ratio=0"]))
+        out.extend((d / arm, base + [fmt(k, v) for k, v in ARMS[arm].items()]) for arm in arms)
 
-def n_params(out: Path):
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        for key in ("params", "parameters", "n_params"):
-            if key in rec:
-                return rec[key]
-    return None
-
-
-def run_point(args, i: int) -> None:
-    preset, steps, batch = POINTS[i]
-    root = point_dir(args, preset, steps, batch)
-    base = base_overrides(args, preset, steps, batch)
-    run(args, root / "baseline", base + ["--tst.ratio=0"])
-    for s, r in ARMS if i == 0 else ARMS[:1]:
-        run(args, root / f"s{s}-r{r:g}", base + [f"--tst.bag_size={s}", f"--tst.ratio={r}"])
-
-
-def map_points(args):
-    rows = []
-    for preset, steps, batch in POINTS:
-        root = point_dir(args, preset, steps, batch)
-        b = final(root / "baseline")
-        arms = {f"s{s}-r{r:g}": final(root / f"s{s}-r{r:g}") for s, r in ARMS}
-        arms = {k: v for k, v in arms.items() if v}
-        if not b or not arms:
-            continue
-        best = min(arms, key=lambda k: arms[k]["val_loss"])
-        rows.append({"preset": preset, "steps": steps, "batch": batch, "tokens": b["tokens_seen"],
-                     "params": n_params(root / "baseline"), "baseline": round(b["val_loss"], 4),
-                     **{k: round(v["val_loss"] - b["val_loss"], 4) for k, v in arms.items()},
-                     "best": best, "best_gap": round(arms[best]["val_loss"] - b["val_loss"], 4)})
-    return rows
-
-
-def levers(args, rows, names, lr_sweep: bool):
-    cheap = [r for r in rows if (r["steps"], r["batch"]) == (POINTS[0][1], POINTS[0][2])]
-    if not cheap:
-        return []
-    hardest = max(cheap, key=lambda r: r["best_gap"])
-    preset, steps, batch = hardest["preset"], hardest["steps"], hardest["batch"]
-    root = point_dir(args, preset, steps, batch)
-    base = base_overrides(args, preset, steps, batch)
-    ref = [fmt(k, v) for k, v in REF.items()]
-    out = []
-    b = final(root / "baseline")
-    for name in names:
-        extra = LEVERS[name]
-        d = root / "levers" / name
-        run(args, d, base + ref + [fmt(k, v) for k, v in extra.items()])
-        f = final(d)
-        if f and b:
-            out.append({"point": root.name, "lever": name, "overrides": " ".join(fmt(k, v) for k, v in extra.items()),
-                        "val_loss": round(f["val_loss"], 4), "gap_vs_baseline": round(f["val_loss"] - b["val_loss"], 4)})
-    for lr in LRS if lr_sweep else []:
-        d = root / "levers" / f"lr{lr:g}"
-        run(args, d / "baseline", base + ["--tst.ratio=0", f"--optim.lr={lr}"])
-        run(args, d / "tst", base + ref + [f"--optim.lr={lr}"])
-        fb, ft = final(d / "baseline"), final(d / "tst")
-        if fb and ft:
-            out.append({"point": root.name, "lever": f"lr={lr:g} (both arms)", "overrides": f"--optim.lr={lr:g}",
-                        "val_loss": round(ft["val_loss"], 4), "gap_vs_baseline": round(ft["val_loss"] - fb["val_loss"], 4),
-                        "baseline_at_lr": round(fb["val_loss"], 4)})
+    (preset, steps, batch), arms = POINTS[0]
+    point(preset, steps, batch, arms)
+    cheap = point_dir(root, preset, steps, batch)
+    base, ref = base_overrides(args, preset, steps, batch), [fmt(k, v) for k, v in ARMS[REF].items()]
+    out.extend((cheap / "levers" / name, base + ref + [fmt(k, v) for k, v in extra.items()]) for name, extra in LEVERS.items())
+    for seed in SEEDS:
+        point(preset, steps, batch, SEED_ARMS, seed)
+    for lr in LRS:
+        out.append((cheap / "levers" / f"lr{lr:g}" / "baseline", base + ["--tst.ratio=0", f"--optim.lr={lr}"]))
+        out.append((cheap / "levers" / f"lr{lr:g}" / "tst", base + ref + [f"--optim.lr={lr}"]))
+    for (preset, steps, batch), arms in POINTS[1:]:
+        point(preset, steps, batch, arms)
     return out
 
 
-def write(rows, lever_rows, root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    for name, data in (("map.csv", rows), ("levers.csv", lever_rows)):
-        if data:
-            keys = sorted({k for r in data for k in r}, key=lambda k: list(data[0]).index(k) if k in data[0] else 99)
-            with open(root / name, "w", newline="") as h:
-                w = csv.DictWriter(h, fieldnames=keys)
-                w.writeheader()
-                w.writerows(data)
+def final(out: Path) -> dict | None:
+    """The last eval record of a finished run, with the run's parameter count."""
+    if not is_finished(out):
+        return None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in records if r.get("kind") == "eval"][-1]
+    params = next((r["parameters"] for r in records if "parameters" in r), None)
+    return {**last, "params": params}
+
+
+def map_rows(root: Path) -> list[dict]:
+    rows = []
+    for (preset, steps, batch), arms in POINTS:
+        d = point_dir(root, preset, steps, batch)
+        b = final(d / "baseline")
+        done = {arm: f for arm in arms if (f := final(d / arm))}
+        if not b or not done:
+            continue
+        gaps = {arm: round(f["val_loss"] - b["val_loss"], 4) for arm, f in done.items()}
+        full = {a: g for a, g in gaps.items() if a in FULL_ARMS}
+        row = {"preset": preset, "params": b["params"], "steps": steps, "batch": batch, "tokens": b["tokens_seen"],
+               "tokens_per_param": round(b["tokens_seen"] / b["params"], 4) if b["params"] else None,
+               "baseline": round(b["val_loss"], 4), **gaps}
+        if full:
+            row["best_full"] = min(full, key=full.get)
+            row["best_full_gap"] = full[row["best_full"]]
+        row["best"] = min(gaps, key=gaps.get)
+        row["best_gap"] = gaps[row["best"]]
+        rows.append(row)
+    return rows
+
+
+def seed_rows(root: Path) -> list[dict]:
+    """The gap of each seed arm per seed at the cheap point, with mean and sample s.d."""
+    (preset, steps, batch), _ = POINTS[0]
+    rows = []
+    for arm in SEED_ARMS:
+        gaps, baselines = [], []
+        for seed in [0] + SEEDS:
+            d = point_dir(root, preset, steps, batch, seed)
+            b, f = final(d / "baseline"), final(d / arm)
+            if b and f:
+                gaps.append(f["val_loss"] - b["val_loss"])
+                baselines.append(b["val_loss"])
+        if len(gaps) >= 2:
+            rows.append({"arm": arm, "seeds": len(gaps), "gaps": " ".join(f"{g:+.3f}" for g in gaps),
+                         "gap_mean": round(statistics.mean(gaps), 4), "gap_sd": round(statistics.stdev(gaps), 4),
+                         "baseline_sd": round(statistics.stdev(baselines), 4)})
+    return rows
+
+
+def lever_rows(root: Path) -> list[dict]:
+    (preset, steps, batch), _ = POINTS[0]
+    cheap = point_dir(root, preset, steps, batch)
+    b, ref = final(cheap / "baseline"), final(cheap / REF)
+    rows = []
+    if not (b and ref):
+        return rows
+    for name, extra in LEVERS.items():
+        if f := final(cheap / "levers" / name):
+            rows.append({"lever": name, "overrides": " ".join(fmt(k, v) for k, v in extra.items()),
+                         "val_loss": round(f["val_loss"], 4), "gap_vs_baseline": round(f["val_loss"] - b["val_loss"], 4),
+                         "effect_vs_ref": round(f["val_loss"] - ref["val_loss"], 4)})
+    for lr in LRS:
+        fb, ft = final(cheap / "levers" / f"lr{lr:g}" / "baseline"), final(cheap / "levers" / f"lr{lr:g}" / "tst")
+        if fb and ft:
+            rows.append({"lever": f"lr={lr:g} (both arms)", "overrides": f"--optim.lr={lr:g}",
+                         "val_loss": round(ft["val_loss"], 4), "gap_vs_baseline": round(ft["val_loss"] - fb["val_loss"], 4),
+                         "baseline_at_lr": round(fb["val_loss"], 4)})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
     if rows:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        for xkey, xlabel, fname in (("tpp", "training tokens per parameter", "map_tokens_per_param.png"),
-                                    ("steps", "optimizer steps", "map_steps.png")):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for r in rows:
-                x = r["tokens"] / r["params"] if xkey == "tpp" and r["params"] else r["steps"]
-                ax.scatter(x, r["best_gap"], marker="o" if r["preset"] == "tiny" else "s",
-                           c="C0" if r["batch"] == 16 else "C1")
-                ax.annotate(f"{r['preset']} B={r['batch']} {r['best']}", (x, r["best_gap"]), fontsize=7)
-            ax.axhline(0, color="k", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("best TST - baseline val loss (nats)")
-            ax.set_title("TST vs baseline at equal FLOPs (< 0: TST wins)")
-            fig.tight_layout()
-            fig.savefig(root / fname, dpi=120)
-            plt.close(fig)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as h:
+            writer = csv.DictWriter(h, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def plot(rows: list[dict], root: Path) -> None:
+    """Best full-TST gap and output-only gap against tokens per parameter and against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "map_tokens_per_param.png"),
+                                ("steps", "optimizer steps", "map_steps.png")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
+            for preset, marker in (("tiny", "o"), ("small", "s")):
+                pts = sorted((r[xkey], r[key], r["batch"]) for r in rows if r["preset"] == preset and r.get(key) is not None)
+                if pts:
+                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                               label=f"{series}, {preset}")
+                    for x, y, batch in pts:
+                        if batch != 16:
+                            ax.annotate(f"B={batch}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("TST - baseline final val loss (nats)")
+        ax.set_title("TST vs baseline at equal FLOPs (below 0: TST wins)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(root / fname, dpi=120)
+        plt.close(fig)
 
 
 def main():
@@ -184,26 +225,23 @@ def main():
     p.add_argument("--root", default="runs/regime")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at job i")
     p.add_argument("--table", action="store_true", help="do not train; tabulate finished runs only")
-    p.add_argument("--map-only", action="store_true", help="skip the levers")
     args = p.parse_args()
-    names = list(LEVERS)
-    run_point(args, 0)
-    if not args.map_only:
-        levers(args, map_points(args), names[:FIRST_LEVERS], lr_sweep=False)
-    for i in (1, 2):
-        run_point(args, i)
-    if not args.map_only:
-        levers(args, map_points(args), names, lr_sweep=False)
-    for i in range(3, len(POINTS)):
-        run_point(args, i)
-    rows = map_points(args)
-    lever_rows = [] if args.map_only else levers(args, rows, names, lr_sweep=True)
-    write(rows, lever_rows, Path(args.root))
-    for r in rows:
-        print(r)
-    for r in lever_rows:
-        print(r)
+    index, count = (int(x) for x in args.shard.split("/"))
+    root = Path(args.root)
+    if not args.table:
+        for k, (out, overrides) in enumerate(jobs(args)):
+            if k % count == index:
+                run_arm(load_config(None, overrides + [f"--train.out_dir={out}"]), str(out))
+    root.mkdir(parents=True, exist_ok=True)
+    tables = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root)}
+    for name, rows in tables.items():
+        write_csv(root / name, rows)
+        for row in rows:
+            print(name, row)
+    if tables["map.csv"]:
+        plot(tables["map.csv"], root)
 
 
 if __name__ == "__main__":
