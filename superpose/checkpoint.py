@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import Runtime, barrier
+from .model import hf_progress_bars
 
 STATE_FILE = "state.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -130,7 +131,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     return state["trainer"]
 
 
-def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict, runtime: Runtime) -> None:
+def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict, runtime: Runtime,
+                 progress: bool = True) -> None:
     """Write ``out_dir`` as an HF model directory: safetensors weights, config, tokenizer.
 
     Collective (the weights are gathered from every rank); rank 0 writes into a temporary
@@ -155,7 +157,8 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
             lm.generation_config.eos_token_id = lm.generation_config.bos_token_id = eos_id
             lm.generation_config.pad_token_id = eos_id
         try:
-            lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            with hf_progress_bars(progress):
+                lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
             fast.save_pretrained(tmp)
             (tmp / "superpose.json").write_text(json.dumps(info, indent=2))

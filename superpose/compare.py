@@ -193,7 +193,8 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
 
 def print_summary(summary: dict, report_dir: Path) -> None:
     print(summary_table(summary))
-    print(f"\nreport: {report_dir / 'report.md'}")
+    print(f"\nregime: {summary['regime']['text']}")
+    print(f"report: {report_dir / 'report.md'}")
 
 
 def print_sweep(rows: list[dict], root: Path) -> None:

@@ -8,16 +8,30 @@ with soft-capping, are not covered: the presets are Llama and Qwen3-MoE.)
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers.utils import logging as hf_logging
 
 from .distributed import all_reduce_sum
 from .loss import chunked_head_mce_sum
 from .method import embed_bags, multi_hot_cross_entropy_sum
+
+
+@contextlib.contextmanager
+def hf_progress_bars(show: bool):
+    """Turn transformers' own progress bars ("Loading weights", "Writing model shards") off inside
+    the block unless ``show``; the previous setting is restored after."""
+    before = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 class ModelError(ValueError):

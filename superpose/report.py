@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .files import atomic_write_text, writable_dir
+from .model import hf_progress_bars
 from .train import RESUME_SAFE_KEYS, load_run_config
 
 FLOPS_FORMULA = (
@@ -292,15 +293,9 @@ def window_losses(model_dir: Path, windows, batch: int = 16) -> np.ndarray:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of a report
-    try:
+    with hf_progress_bars(False):  # no "Loading weights" bar in the middle of a report
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     out = []
     with torch.no_grad():
         for rows in windows.split(batch):
@@ -381,6 +376,7 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
             entry["equal_data"]["candidate_stage"] = stage
         comparisons.append(entry)
     return {"reference": reference.name, "runs": rows, "comparisons": comparisons, "flops_formula": FLOPS_FORMULA,
+            "regime": regime(rows[0]["parameters"], rows[0]["steps"], rows[0]["tokens_seen"]),
             "wall_clock": "training seconds: the sum of step times, without validation and checkpoints"}
 
 
@@ -427,11 +423,10 @@ def summary_table(summary: dict) -> str:
     def iso(key):
         def cell(c):
             iso = c["iso_loss"]
-            if key == "seconds_ratio" and _load_differs(c):
-                return "n/a: machine load differed"
+            unreliable = key == "seconds_ratio" and _load_differs(c)
             if iso["reached"]:
-                return _ratio(iso.get(key))
-            equivalent = iso.get(key.replace("step_", "equivalent_step_").replace("seconds_", "equivalent_seconds_"))
+                return "n/a: machine load differed" if unreliable else _ratio(iso.get(key))
+            equivalent = None if unreliable else iso.get(key.replace("step_", "equivalent_step_").replace("seconds_", "equivalent_seconds_"))
             return "not reached" + (f" (equiv. {equivalent:.2f}x)" if equivalent is not None else "")
         return cell
 
@@ -540,6 +535,37 @@ def _prose(summary: dict) -> list[str]:
     return lines
 
 
+# Where TST's effect has been measured (docs/when-tst-pays.md). The paper's smallest gain: 270M
+# parameters, 20k steps of 2M tokens (~150 tokens per parameter). superpose's own CPU map: TST lost
+# to the baseline at equal FLOPs at every point tried, up to these budgets.
+PAPER_SMALLEST_GAIN = {"parameters": 270e6, "steps": 20_000, "tokens_per_parameter": 148.0}
+MAP_LOST_UP_TO = {"parameters": 10.6e6, "steps": 2000, "tokens_per_parameter": 0.66}
+
+
+def regime(parameters: int, steps: int, tokens: float) -> dict:
+    """Place a run (the baseline arm's parameters, steps and data tokens) against the budgets where
+    TST has been measured: ``lost`` (inside superpose's small-scale map, where it never paid),
+    ``paper`` (at or beyond the paper's smallest gain) or ``untested`` (in between)."""
+    point = {"parameters": parameters, "steps": steps, "tokens_per_parameter": tokens / parameters}
+    where = (f"{parameters / 1e6:.1f}M parameters, {steps} steps, "
+             f"{point['tokens_per_parameter']:.3g} training tokens per parameter")
+    if all(point[k] <= MAP_LOST_UP_TO[k] for k in point):
+        verdict, text = "lost", (
+            f"This run ({where}) lies within the budgets of superpose's small-scale map, where TST lost to the "
+            "baseline at equal FLOPs at every point tried (docs/when-tst-pays.md): TST is not expected to pay here.")
+    elif all(point[k] >= PAPER_SMALLEST_GAIN[k] for k in point):
+        verdict, text = "paper", (
+            f"This run ({where}) is at or beyond the scale of the paper's smallest measured gain (270M parameters, "
+            "20k steps of 2M tokens): TST is expected to pay.")
+    else:
+        verdict, text = "untested", (
+            f"This run ({where}) lies between superpose's small-scale map (TST lost at every point up to "
+            f"{MAP_LOST_UP_TO['parameters'] / 1e6:.1f}M parameters, {MAP_LOST_UP_TO['steps']} steps, "
+            f"{MAP_LOST_UP_TO['tokens_per_parameter']:g} tokens per parameter) and the paper's smallest gain (270M "
+            "parameters, 20k steps, ~150 tokens per parameter): no measurement says whether TST pays here; this comparison does.")
+    return {**point, "verdict": verdict, "text": text}
+
+
 WALL_CLOCK_TOLERANCE = 1.15  # mean next-token step times further apart than this flag a load difference
 
 PLOTS = {
@@ -567,6 +593,7 @@ def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True) -> d
         f"data `{ref.config.data.dir}`, seed {ref.config.train.seed}. Validation loss is next-token cross-entropy in "
         f"nats on the same held-out windows for every run. Differences are run minus reference: negative = better.\n",
         summary_table(summary) + "\n",
+        f"**Regime.** {summary['regime']['text']}\n",
         *_prose(summary),
         "## Plots\n",
         *(f"![{title}]({name})\n" for name, title in PLOTS.items()),

@@ -335,7 +335,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
 
     info = {"steps": cfg.train.steps, "val_loss": last_eval["val_loss"], "val_bpb": last_eval["val_bpb"],
             "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "stages": [vars(s) for s in stages]}
-    export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime)
+    export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime, cfg.train.progress)
     log.write({"kind": "end", "step": cfg.train.steps, **info})
     log.close()
     return info if runtime.is_main else None

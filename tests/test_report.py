@@ -2,6 +2,7 @@
 then compare / sweep / report end to end on tiny real runs."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -18,6 +19,8 @@ from superpose.report import (
     first_at_or_below,
     iso_loss_speedup,
     load_run,
+    regime,
+    summary_table,
     switch_spike,
     training_gap,
     value_at,
@@ -118,6 +121,14 @@ def test_training_gap_pairs_the_same_steps_after_the_switch():
     assert training_gap(steps, candidate, steps, candidate, switch=20) == {}
 
 
+def test_regime_places_a_run_against_the_measured_budgets():
+    assert regime(3_000_000, 150, 150_000)["verdict"] == "lost"  # inside the small-scale map
+    assert regime(270_000_000, 20_000, 40e9)["verdict"] == "paper"  # the paper's 270M run
+    between = regime(50_000_000, 5000, 1e9)
+    assert between["verdict"] == "untested" and between["tokens_per_parameter"] == 20.0
+    assert "no measurement says whether TST pays here" in between["text"]
+
+
 # ---------------------------------------------------------------------------- tiny real runs
 
 
@@ -163,6 +174,23 @@ def test_compare_writes_a_consistent_report(compared):
     assert comp["switch"]["measured"] and comp["switch"]["switch_step"] == 4
     text = (out / "report.md").read_text()
     assert "iso-loss speedup" in text and "![Training loss around the switch](train_loss_switch.png)" in text
+    assert summary["regime"]["verdict"] == "lost" and summary["regime"]["text"] in text
+
+
+def test_wall_clock_speedup_is_not_reported_when_the_load_differed(compared):
+    summary = copy.deepcopy(compared[2])
+    comp = summary["comparisons"][0]
+
+    def table() -> str:
+        return next(line for line in summary_table(summary).splitlines() if "iso-loss speedup: wall-clock" in line)
+
+    comp["step_time_ratio"] = 3.0
+    comp["iso_loss"] = {"reached": False, "equivalent_seconds_ratio": 2.5}
+    assert "not reached" in table() and "2.5" not in table()
+    comp["iso_loss"] = {"reached": True, "seconds_ratio": 2.5}
+    assert "n/a: machine load differed" in table()
+    comp["step_time_ratio"] = 1.0
+    assert "2.50x" in table()
 
 
 def test_compare_does_not_rerun_finished_arms_and_refuses_a_changed_config(compared):
