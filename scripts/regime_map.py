@@ -43,9 +43,11 @@ POINTS = [
     (("tiny", 1000, 16), ["s4-r0.2", "output-s2-r0.2", "s2-r0.2"]),
     (("small", 400, 16), ["s4-r0.2", "output-s2-r0.2", "s2-r0.2"]),
     (("tiny", 2000, 16), ["s4-r0.2", "output-s2-r0.2"]),
+    (("small", 1000, 16), ["s4-r0.2"]),
+    (("tiny", 4000, 16), ["s4-r0.2"]),
 ]
-SEEDS = [1, 2]  # extra seeds at the cheap point, for the noise level of a gap
-SEED_ARMS = ["s4-r0.2", "output-s2-r0.2"]
+SEEDS = [1, 2]  # extra seeds at the cheap point, for the noise level of gaps and lever effects
+SEED_ARMS = ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"]
 # Levers at the cheap point: name -> overrides on top of the reference TST arm REF.
 REF = "s2-r0.2"
 LEVERS = {
@@ -66,6 +68,8 @@ LEVERS = {
     "s4+lr-scale0.5+power+reset-opt": {"tst.bag_size": 4, "tst.lr_scale": 0.5, "tst.weighting": "power",
                                        "tst.reset_optimizer": True},
 }
+LEVER_ARMS = {"output": "output-s2-r0.2"}  # levers that are map arms: REF + {"tst.mode": "output"}
+SEED_LEVERS = ["output+lr-scale0.5", "lr-scale0.5", "power", "reset-opt"]  # the levers that helped at seed 0
 LRS = [1.5e-3, 6e-3]  # LR sweep: baseline and the reference arm, both at each LR (default 3e-3)
 
 
@@ -95,13 +99,19 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
         out.append((d / "baseline", base + ["--tst.ratio=0"]))
         out.extend((d / arm, base + [fmt(k, v) for k, v in ARMS[arm].items()]) for arm in arms)
 
+    def levers(preset, steps, batch, names, seed=0):
+        d, base = point_dir(root, preset, steps, batch, seed), base_overrides(args, preset, steps, batch, seed)
+        ref = [fmt(k, v) for k, v in ARMS[REF].items()]
+        out.extend((d / "levers" / name, base + ref + [fmt(k, v) for k, v in LEVERS[name].items()]) for name in names)
+
     (preset, steps, batch), arms = POINTS[0]
     point(preset, steps, batch, arms)
-    cheap = point_dir(root, preset, steps, batch)
-    base, ref = base_overrides(args, preset, steps, batch), [fmt(k, v) for k, v in ARMS[REF].items()]
-    out.extend((cheap / "levers" / name, base + ref + [fmt(k, v) for k, v in extra.items()]) for name, extra in LEVERS.items())
+    levers(preset, steps, batch, list(LEVERS))
     for seed in SEEDS:
         point(preset, steps, batch, SEED_ARMS, seed)
+        levers(preset, steps, batch, SEED_LEVERS, seed)
+    cheap = point_dir(root, preset, steps, batch)
+    base, ref = base_overrides(args, preset, steps, batch), [fmt(k, v) for k, v in ARMS[REF].items()]
     for lr in LRS:
         out.append((cheap / "levers" / f"lr{lr:g}" / "baseline", base + ["--tst.ratio=0", f"--optim.lr={lr}"]))
         out.append((cheap / "levers" / f"lr{lr:g}" / "tst", base + ref + [f"--optim.lr={lr}"]))
@@ -162,17 +172,31 @@ def seed_rows(root: Path) -> list[dict]:
 
 
 def lever_rows(root: Path) -> list[dict]:
+    """Each lever at the cheap point: its loss and gap at seed 0, and its effect against the
+    reference arm of the same seed, averaged over the seeds it ran with."""
     (preset, steps, batch), _ = POINTS[0]
     cheap = point_dir(root, preset, steps, batch)
     b, ref = final(cheap / "baseline"), final(cheap / REF)
     rows = []
     if not (b and ref):
         return rows
-    for name, extra in LEVERS.items():
-        if f := final(cheap / "levers" / name):
+    def lever_dir(d: Path, name: str) -> Path:
+        return d / LEVER_ARMS[name] if name in LEVER_ARMS else d / "levers" / name
+
+    arm_levers = {name: {k: v for k, v in ARMS[arm].items() if ARMS[REF].get(k) != v} for name, arm in LEVER_ARMS.items()}
+    for name, extra in {**arm_levers, **LEVERS}.items():
+        if f := final(lever_dir(cheap, name)):
+            effects = []
+            for seed in [0] + SEEDS:
+                d = point_dir(root, preset, steps, batch, seed)
+                r, lf = final(d / REF), final(lever_dir(d, name))
+                if r and lf:
+                    effects.append(lf["val_loss"] - r["val_loss"])
             rows.append({"lever": name, "overrides": " ".join(fmt(k, v) for k, v in extra.items()),
                          "val_loss": round(f["val_loss"], 4), "gap_vs_baseline": round(f["val_loss"] - b["val_loss"], 4),
-                         "effect_vs_ref": round(f["val_loss"] - ref["val_loss"], 4)})
+                         "effect_vs_ref": round(effects[0], 4), "seeds": len(effects),
+                         "effect_mean": round(statistics.mean(effects), 4),
+                         "effect_sd": round(statistics.stdev(effects), 4) if len(effects) > 1 else None})
     for lr in LRS:
         fb, ft = final(cheap / "levers" / f"lr{lr:g}" / "baseline"), final(cheap / "levers" / f"lr{lr:g}" / "tst")
         if fb and ft:
