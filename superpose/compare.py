@@ -21,6 +21,7 @@ from .checkpoint import checkpoint_dirs
 from .config import Config, ConfigError, validate
 from .files import atomic_write_text
 from .report import config_differences, is_finished, load_run, summary_table, write_report
+from .schedule import has_superposition
 from .train import config_changes, load_run_config, train
 
 
@@ -31,7 +32,7 @@ def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float
     if bag_size is not None:
         arm.tst.bag_size = bag_size
     if ratio is not None:
-        arm.tst.ratio = ratio
+        arm.tst.ratio, arm.tst.curriculum = ratio, []  # a curriculum would replace (s, r)
     validate(arm)
     return arm
 
@@ -69,8 +70,9 @@ def run_arms(arms: list[tuple[str, Config]]) -> None:
 
 def compare(cfg: Config) -> tuple[dict | None, Path]:
     """Baseline then TST into ``train.out_dir/{baseline,tst}``; the report goes to ``.../report``."""
-    if cfg.tst.bag_size < 2 or cfg.tst.ratio <= 0:
-        raise ConfigError("compare needs a TST config: tst.bag_size >= 2 and tst.ratio > 0 (the baseline is derived from it)")
+    if not has_superposition(cfg.tst, cfg.train.steps):
+        raise ConfigError("compare needs a TST config: tst.bag_size >= 2 and tst.ratio > 0, or a tst.curriculum "
+                          "(the baseline is derived from it)")
     base, tst = arm_config(cfg, "baseline", ratio=0.0), arm_config(cfg, "tst")
     run_arms([("baseline", base), (f"tst s={cfg.tst.bag_size} r={cfg.tst.ratio:g}", tst)])
     out = Path(cfg.train.out_dir) / "report"

@@ -78,22 +78,30 @@ class Run:
 
     @property
     def switch_step(self) -> int | None:
-        """First step of next-token training after a superposition stage; None for a baseline."""
+        """First step of next-token training after superposition; None for a baseline or a run
+        that never switches."""
         stages = self.start["stages"]
-        if len(stages) < 2 or stages[0]["bag_size"] == 1:
-            return None
-        return int(stages[0]["end_step"])
+        for before, stage in zip(stages, stages[1:]):
+            if stage["bag_size"] == 1 and before["bag_size"] > 1:
+                return int(before["end_step"])
+        return None
 
     @property
     def is_baseline(self) -> bool:
         return all(s["bag_size"] == 1 for s in self.start["stages"])
 
     @property
-    def label(self) -> str:
+    def method(self) -> str:
+        """"baseline", or the bag sizes of the superposition stages and the switch as a fraction r."""
         if self.is_baseline:
-            return self.name
-        tst = self.config.tst
-        return f"{self.name} (s={tst.bag_size}, r={tst.ratio:g})"
+            return "baseline"
+        sizes = [str(s["bag_size"]) for s in self.start["stages"] if s["bag_size"] > 1]
+        switch = self.switch_step if self.switch_step is not None else self.config.train.steps
+        return f"s={'->'.join(dict.fromkeys(sizes))}, r={switch / self.config.train.steps:g}"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.is_baseline else f"{self.name} ({self.method})"
 
     def at_step(self, key: str, step: float) -> float | None:
         """``elapsed`` or ``tokens_seen`` at a step, interpolated over every train and eval record."""
@@ -341,6 +349,7 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
             "name": run.name,
             "path": str(run.path),
             "finished": run.ended,
+            "method": run.method,
             "bag_size": run.config.tst.bag_size if not run.is_baseline else 1,
             "ratio": run.config.tst.ratio if not run.is_baseline else 0.0,
             "switch_step": run.switch_step,
@@ -450,7 +459,7 @@ def summary_table(summary: dict) -> str:
 
     table = [
         header,
-        line("TST (s, r)", [f"s={r['bag_size']}, r={r['ratio']:g}" if r["bag_size"] > 1 else "baseline" for r in rows]),
+        line("TST (s, r)", [r["method"] for r in rows]),
         line("steps", [str(r["steps"]) + ("" if r["finished"] else " (unfinished)") for r in rows]),
         line("final val loss (nats)", [_fmt(r["final_val_loss"]) for r in rows]),
         line("final val bits/byte", [_fmt(r["final_val_bpb"]) for r in rows]),

@@ -70,6 +70,11 @@ def build_stages(tst: TSTConfig, steps: int) -> list[Stage]:
     return stages
 
 
+def has_superposition(tst: TSTConfig, steps: int) -> bool:
+    """Does this [tst] section give a run of ``steps`` steps any superposition stage?"""
+    return any(stage.bag_size > 1 for stage in build_stages(tst, steps))
+
+
 def stage_at(stages: list[Stage], step: int) -> Stage:
     """The stage that trains ``step``. Inside a blend stage of K steps, the i-th step is a
     next-token step with probability-like weight (i+1)/(K+1), realised deterministically: the

@@ -27,7 +27,7 @@ from .distributed import Runtime, all_reduce_sum, barrier, gradient_sync, init_r
 from .files import atomic_write_text, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
-from .schedule import Stage, build_stages, lr_at, stage_at
+from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
@@ -192,15 +192,17 @@ def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
-    saved config lacks (a run saved before the key existed) counts as its default value."""
-    defaults = Config().to_dict()
-    changes = []
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            before = saved.get(section, {}).get(key, defaults[section][key])
-            if f"{section}.{key}" not in RESUME_SAFE_KEYS and before != value:
-                changes.append(f"{section}.{key}: {before!r} -> {value!r}")
-    return changes
+    saved config lacks (a run saved before the key existed) counts as its default value; between
+    two plain next-token runs (no superposition stage) the [tst] keys make no difference."""
+    before = config_from_dict(saved)
+    plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
+    old, new = before.to_dict(), cfg.to_dict()
+    return [
+        f"{section}.{key}: {old[section][key]!r} -> {value!r}"
+        for section, values in new.items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
+    ]
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:

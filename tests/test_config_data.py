@@ -39,13 +39,16 @@ def test_bad_config_is_rejected_with_the_key(override, message):
         load_config(None, [override, *extra])
 
 
-def test_resume_check_treats_keys_missing_from_an_older_run_as_defaults():
-    """A run saved before a config key existed resumes unless the key is set to a non-default."""
+def test_resume_check_defaults_missing_keys_and_ignores_tst_between_baselines():
+    """A run saved before a config key existed resumes unless the key is set to a non-default;
+    two plain next-token runs are the same run whatever their (unused) bag size."""
     saved = Config().to_dict()
     del saved["tst"]["blend_steps"], saved["tst"]["curriculum"]
     assert config_changes(saved, Config()) == []
-    cfg = load_config(None, ["--tst.blend_steps=10"])
-    assert config_changes(saved, cfg) == ["tst.blend_steps: 0 -> 10"]
+    assert config_changes(saved, load_config(None, ["--tst.blend_steps=10"])) == ["tst.blend_steps: 0 -> 10"]
+    saved["tst"]["ratio"] = 0.0
+    assert config_changes(saved, load_config(None, ["--tst.ratio=0", "--tst.bag_size=6"])) == []
+    assert config_changes(saved, load_config(None, ["--tst.bag_size=6"])) == ["tst.bag_size: 4 -> 6", "tst.ratio: 0.0 -> 0.3"]
 
 
 def test_stages_and_wsd_schedule():

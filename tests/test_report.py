@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from superpose.compare import compare, compare_runs, sweep
+from superpose.compare import arm_config, compare, compare_runs, report, sweep
 from superpose.config import ConfigError, load_config
 from superpose.report import (
     Curve,
@@ -25,6 +26,7 @@ from superpose.report import (
     training_gap,
     value_at,
 )
+from superpose.schedule import has_superposition
 
 
 def curve(steps, losses, seconds_per_step=1.0, tokens_per_step=100.0):
@@ -127,6 +129,14 @@ def test_regime_places_a_run_against_the_measured_budgets():
     between = regime(50_000_000, 5000, 1e9)
     assert between["verdict"] == "untested" and between["tokens_per_parameter"] == 20.0
     assert "no measurement says whether TST pays here" in between["text"]
+
+
+def test_arm_configs_derive_a_true_baseline():
+    cfg = load_config(None, ["--tst.curriculum=[[8, 0.1], [4, 0.2]]", "--train.out_dir=somewhere"])
+    assert has_superposition(cfg.tst, cfg.train.steps)
+    base = arm_config(cfg, "baseline", ratio=0.0)
+    assert not has_superposition(base.tst, base.train.steps) and base.train.out_dir == str(Path("somewhere") / "baseline")
+    assert arm_config(cfg, "s6-r0.3", 6, 0.3).tst.curriculum == []
 
 
 # ---------------------------------------------------------------------------- tiny real runs
