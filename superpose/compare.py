@@ -21,7 +21,7 @@ from .checkpoint import checkpoint_dirs
 from .config import Config, ConfigError, validate
 from .files import atomic_write_text
 from .report import config_differences, is_finished, load_run, summary_table, write_report
-from .schedule import has_superposition
+from .schedule import build_stages, has_superposition
 from .train import config_changes, load_run_config, train
 
 
@@ -71,10 +71,11 @@ def run_arms(arms: list[tuple[str, Config]]) -> None:
 def compare(cfg: Config) -> tuple[dict | None, Path]:
     """Baseline then TST into ``train.out_dir/{baseline,tst}``; the report goes to ``.../report``."""
     if not has_superposition(cfg.tst, cfg.train.steps):
-        raise ConfigError("compare needs a TST config: tst.bag_size >= 2 and tst.ratio > 0, or a tst.curriculum "
-                          "(the baseline is derived from it)")
+        raise ConfigError("compare needs a TST config with at least one superposition step: tst.bag_size >= 2 and "
+                          "round(tst.ratio * train.steps) >= 1, or a tst.curriculum (the baseline is derived from it)")
     base, tst = arm_config(cfg, "baseline", ratio=0.0), arm_config(cfg, "tst")
-    run_arms([("baseline", base), (f"tst s={cfg.tst.bag_size} r={cfg.tst.ratio:g}", tst)])
+    sizes = [str(stage.bag_size) for stage in build_stages(cfg.tst, cfg.train.steps) if stage.bag_size > 1]
+    run_arms([("baseline", base), (f"tst s={'->'.join(dict.fromkeys(sizes))}", tst)])
     out = Path(cfg.train.out_dir) / "report"
     if not _is_main_process():
         return None, out

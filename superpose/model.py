@@ -25,13 +25,15 @@ from .method import embed_bags, multi_hot_cross_entropy_sum
 @contextlib.contextmanager
 def hf_progress_bars(show: bool):
     """Turn transformers' own progress bars ("Loading weights", "Writing model shards") off inside
-    the block unless ``show``; the previous setting is restored after."""
-    before = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    the block unless ``show`` (then the user's setting stands); the setting is restored after."""
+    if show or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+        hf_logging.enable_progress_bar()
 
 
 class ModelError(ValueError):

@@ -16,6 +16,7 @@ checkpoints. Plots use matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -91,13 +92,24 @@ class Run:
         return all(s["bag_size"] == 1 for s in self.start["stages"])
 
     @property
+    def bag_sizes(self) -> list[int]:
+        """The bag sizes of the superposition stages in order (a curriculum has several)."""
+        return [size for size, _ in itertools.groupby(s["bag_size"] for s in self.start["stages"] if s["bag_size"] > 1)]
+
+    @property
+    def ratio(self) -> float:
+        """The fraction of steps before the switch to next-token training (0 for a baseline)."""
+        if self.is_baseline:
+            return 0.0
+        switch = self.switch_step if self.switch_step is not None else self.config.train.steps
+        return switch / self.config.train.steps
+
+    @property
     def method(self) -> str:
         """"baseline", or the bag sizes of the superposition stages and the switch as a fraction r."""
         if self.is_baseline:
             return "baseline"
-        sizes = [str(s["bag_size"]) for s in self.start["stages"] if s["bag_size"] > 1]
-        switch = self.switch_step if self.switch_step is not None else self.config.train.steps
-        return f"s={'->'.join(dict.fromkeys(sizes))}, r={switch / self.config.train.steps:g}"
+        return f"s={'->'.join(map(str, self.bag_sizes))}, r={self.ratio:g}"
 
     @property
     def label(self) -> str:
@@ -350,8 +362,8 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
             "path": str(run.path),
             "finished": run.ended,
             "method": run.method,
-            "bag_size": run.config.tst.bag_size if not run.is_baseline else 1,
-            "ratio": run.config.tst.ratio if not run.is_baseline else 0.0,
+            "bag_size": max(run.bag_sizes, default=1),
+            "ratio": run.ratio,
             "switch_step": run.switch_step,
             "steps": int(run.curve.final("step")),
             "final_val_loss": run.curve.final("loss"),

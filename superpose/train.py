@@ -207,7 +207,10 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
     """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
-    changed = config_changes(saved, cfg)
+    try:
+        changed = config_changes(saved, cfg)
+    except ConfigError as err:  # e.g. a key this version does not know
+        raise ConfigError(f"the checkpoint's config cannot be checked ({err}); pass --allow-config-change to resume anyway") from None
     if changed:
         raise ConfigError(
             "resuming with a config that changes the run (" + "; ".join(changed) + "); "

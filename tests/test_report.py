@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 from conftest import tiny_overrides
 
 from superpose.compare import arm_config, compare, compare_runs, report, sweep
-from superpose.config import ConfigError, load_config
+from superpose.config import Config, ConfigError, load_config
 from superpose.report import (
     Curve,
+    Run,
     config_differences,
     difference_at,
     first_at_or_below,
@@ -26,7 +28,7 @@ from superpose.report import (
     training_gap,
     value_at,
 )
-from superpose.schedule import has_superposition
+from superpose.schedule import build_stages, has_superposition
 
 
 def curve(steps, losses, seconds_per_step=1.0, tokens_per_step=100.0):
@@ -137,6 +139,15 @@ def test_arm_configs_derive_a_true_baseline():
     base = arm_config(cfg, "baseline", ratio=0.0)
     assert not has_superposition(base.tst, base.train.steps) and base.train.out_dir == str(Path("somewhere") / "baseline")
     assert arm_config(cfg, "s6-r0.3", 6, 0.3).tst.curriculum == []
+
+
+def test_run_describes_a_curriculum_by_its_stages():
+    cfg = load_config(None, ["--tst.curriculum=[[8, 0.1], [4, 0.2], [8, 0.1]]", "--tst.blend_steps=5", "--train.steps=100"])
+    stages = [dataclasses.asdict(stage) for stage in build_stages(cfg.tst, cfg.train.steps)]
+    run = Run("tst", Path("."), cfg, {"stages": stages}, [{"step": 0, "val_loss": 9.0, "elapsed": 0.0, "flops": 0.0, "tokens_seen": 0}], [], True)
+    assert (run.bag_sizes, run.switch_step, run.ratio, run.method) == ([8, 4, 8], 40, 0.4, "s=8->4->8, r=0.4")
+    base = Run("baseline", Path("."), Config(), {"stages": [{"bag_size": 1, "end_step": 100}]}, run.evals, [], True)
+    assert (base.bag_sizes, base.ratio, base.method) == ([], 0.0, "baseline")
 
 
 # ---------------------------------------------------------------------------- tiny real runs

@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from superpose.config import load_config
 from superpose.data import TokenData
 from superpose.distributed import Runtime
-from superpose.model import TSTModel, build_model
+from superpose.model import TSTModel, build_model, hf_progress_bars
 from superpose.method import split_window
 from superpose.schedule import Stage
 from superpose.train import make_optimizer, train, train_step
@@ -113,3 +114,16 @@ def test_research_levers_train_end_to_end(small_data, tmp_path):
     assert sorted(set(bags[t] for t in range(9, 13))) == [1, 2]  # the blend mixes both kinds of step
     evals = records(run, "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_hf_progress_bars_are_silenced_only_inside_the_block_and_only_when_asked():
+    assert hf_logging.is_progress_bar_enabled()
+    with hf_progress_bars(False):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the user's choice stands either way
+    try:
+        with hf_progress_bars(True):
+            assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
