@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides
 
-from superpose.compare import arm_config, compare, compare_runs, report, sweep
+from superpose.compare import arm_config, compare, compare_runs, sweep
 from superpose.config import Config, ConfigError, load_config
 from superpose.report import (
     Curve,
