@@ -557,34 +557,36 @@ def _prose(summary: dict) -> list[str]:
 
 
 # Where TST's effect has been measured (docs/when-tst-pays.md). The paper's smallest gain: 270M
-# parameters, 20k steps of 2M tokens (~150 tokens per parameter). superpose's own CPU map: TST lost
-# to the baseline at equal FLOPs at every point tried, up to these budgets.
-PAPER_SMALLEST_GAIN = {"parameters": 270e6, "steps": 20_000, "tokens_per_parameter": 148.0}
-MAP_LOST_UP_TO = {"parameters": 10.6e6, "steps": 2000, "tokens_per_parameter": 0.66}
+# parameters, 20k steps of 2M tokens. superpose's own CPU map: (parameters, steps) of the largest
+# budgets per model size where no TST setting tried beat the baseline at equal FLOPs. There the gap
+# shrank with model size and with steps (not with tokens per step), so a run no larger in both
+# than one of these points is not expected to pay.
+PAPER_SMALLEST_GAIN = (270e6, 20_000)
+MAP_NO_GAIN = [(3_146_880, 2000), (10_489_088, 1000)]
 
 
 def regime(parameters: int, steps: int, tokens: float) -> dict:
     """Place a run (the baseline arm's parameters, steps and data tokens) against the budgets where
-    TST has been measured: ``lost`` (inside superpose's small-scale map, where it never paid),
-    ``paper`` (at or beyond the paper's smallest gain) or ``untested`` (in between)."""
-    point = {"parameters": parameters, "steps": steps, "tokens_per_parameter": tokens / parameters}
-    where = (f"{parameters / 1e6:.1f}M parameters, {steps} steps, "
-             f"{point['tokens_per_parameter']:.3g} training tokens per parameter")
-    if all(point[k] <= MAP_LOST_UP_TO[k] for k in point):
-        verdict, text = "lost", (
-            f"This run ({where}) lies within the budgets of superpose's small-scale map, where TST lost to the "
-            "baseline at equal FLOPs at every point tried (docs/when-tst-pays.md): TST is not expected to pay here.")
-    elif all(point[k] >= PAPER_SMALLEST_GAIN[k] for k in point):
+    TST has been measured: ``no-gain`` (inside superpose's small-scale map), ``paper`` (at or beyond
+    the paper's smallest gain) or ``untested`` (in between)."""
+    where = f"{parameters / 1e6:.1f}M parameters, {steps} steps, {tokens / parameters:.3g} training tokens per parameter"
+    if any(parameters <= p and steps <= n for p, n in MAP_NO_GAIN):
+        verdict, text = "no-gain", (
+            f"This run ({where}) lies within superpose's small-scale map, where no TST setting tried beat the "
+            "baseline at equal FLOPs for a model this size or larger trained this long or longer "
+            "(docs/when-tst-pays.md): TST is not expected to pay here.")
+    elif parameters >= PAPER_SMALLEST_GAIN[0] and steps >= PAPER_SMALLEST_GAIN[1]:
         verdict, text = "paper", (
             f"This run ({where}) is at or beyond the scale of the paper's smallest measured gain (270M parameters, "
             "20k steps of 2M tokens): TST is expected to pay.")
     else:
+        largest = ", ".join(f"{p / 1e6:.1f}M parameters to {n} steps" for p, n in MAP_NO_GAIN)
         verdict, text = "untested", (
-            f"This run ({where}) lies between superpose's small-scale map (TST lost at every point up to "
-            f"{MAP_LOST_UP_TO['parameters'] / 1e6:.1f}M parameters, {MAP_LOST_UP_TO['steps']} steps, "
-            f"{MAP_LOST_UP_TO['tokens_per_parameter']:g} tokens per parameter) and the paper's smallest gain (270M "
-            "parameters, 20k steps, ~150 tokens per parameter): no measurement says whether TST pays here; this comparison does.")
-    return {**point, "verdict": verdict, "text": text}
+            f"This run ({where}) lies between superpose's small-scale map (no gain from TST up to {largest}) and "
+            "the paper's smallest gain (270M parameters, 20k steps of 2M tokens): no measurement says whether TST "
+            "pays here; this comparison does.")
+    return {"parameters": parameters, "steps": steps, "tokens_per_parameter": tokens / parameters,
+            "verdict": verdict, "text": text}
 
 
 WALL_CLOCK_TOLERANCE = 1.15  # mean next-token step times further apart than this flag a load difference

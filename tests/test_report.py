@@ -126,8 +126,11 @@ def test_training_gap_pairs_the_same_steps_after_the_switch():
 
 
 def test_regime_places_a_run_against_the_measured_budgets():
-    assert regime(3_000_000, 150, 150_000)["verdict"] == "lost"  # inside the small-scale map
+    assert regime(3_000_000, 150, 150_000)["verdict"] == "no-gain"  # inside the small-scale map
+    assert regime(10_000_000, 1000, 1e6)["verdict"] == "no-gain"
+    assert regime(10_000_000, 5000, 5e6)["verdict"] == "untested"  # the map stops at 1000 steps for this size
     assert regime(270_000_000, 20_000, 40e9)["verdict"] == "paper"  # the paper's 270M run
+    assert regime(270_000_000, 500, 1e9)["verdict"] == "untested"  # large, but short
     between = regime(50_000_000, 5000, 1e9)
     assert between["verdict"] == "untested" and between["tokens_per_parameter"] == 20.0
     assert "no measurement says whether TST pays here" in between["text"]
@@ -195,7 +198,7 @@ def test_compare_writes_a_consistent_report(compared):
     assert comp["switch"]["measured"] and comp["switch"]["switch_step"] == 4
     text = (out / "report.md").read_text()
     assert "iso-loss speedup" in text and "![Training loss around the switch](train_loss_switch.png)" in text
-    assert summary["regime"]["verdict"] == "lost" and summary["regime"]["text"] in text
+    assert summary["regime"]["verdict"] == "no-gain" and summary["regime"]["text"] in text
 
 
 def test_wall_clock_speedup_is_not_reported_when_the_load_differed(compared):
