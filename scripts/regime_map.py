@@ -222,20 +222,25 @@ def plot(rows: list[dict], root: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "map_tokens_per_param.png"),
                                 ("steps", "optimizer steps", "map_steps.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
-            for preset, marker in (("tiny", "o"), ("small", "s")):
+            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--")):
                 pts = sorted((r[xkey], r[key], r["batch"]) for r in rows if r["preset"] == preset and r.get(key) is not None)
-                if pts:
-                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
-                               label=f"{series}, {preset}")
-                    for x, y, batch in pts:
-                        if batch != 16:
-                            ax.annotate(f"B={batch}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                b16 = [p for p in pts if p[2] == 16]  # the B=16 points of one model form a line over the budget
+                if b16:
+                    ax.plot([p[0] for p in b16], [p[1] for p in b16], line, marker=marker, color=color,
+                            label=f"{series}, {preset}")
+                for x, y, batch in pts:
+                    if batch != 16:
+                        ax.scatter([x], [y], marker=marker, facecolors="none", edgecolors=color)
+                        ax.annotate(f"B={batch}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("TST - baseline final val loss (nats)")
         ax.set_title("TST vs baseline at equal FLOPs (below 0: TST wins)")
