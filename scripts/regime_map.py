@@ -217,6 +217,23 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
+def markdown(rows: list[dict]) -> str:
+    """A Markdown table of rows (the union of their keys; missing cells as "-")."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    signed = set(ARMS) | {"best_full_gap", "best_gap", "gap_mean", "gap_vs_baseline", "effect_vs_ref", "effect_mean"}
+
+    def cell(key, value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:+.3f}" if key in signed else f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], root: Path) -> None:
     """Best full-TST gap and output-only gap against tokens per parameter and against steps."""
     import matplotlib
@@ -273,8 +290,9 @@ def main():
     tables = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root)}
     for name, rows in tables.items():
         write_csv(root / name, rows)
-        for row in rows:
-            print(name, row)
+    text = "\n\n".join(f"## {name}\n\n{markdown(rows)}" for name, rows in tables.items() if rows)
+    (root / "tables.md").write_text(text + "\n")
+    print(text)
     if tables["map.csv"]:
         plot(tables["map.csv"], root)
 
