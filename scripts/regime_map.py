@@ -9,6 +9,7 @@ split the list. ``--table`` only tabulates and plots what has finished.
 
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 1/2
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --only small-n400   # one point
     python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --table
 """
 from __future__ import annotations
@@ -22,7 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from transformers import LlamaConfig  # noqa: E402
+
 from superpose.compare import run_arm  # noqa: E402
+from superpose.data import TokenData  # noqa: E402
+from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
 from superpose.report import is_finished  # noqa: E402
 
@@ -44,7 +49,13 @@ POINTS = [
     (("small", 400, 16), ["s4-r0.2", "output-s2-r0.2", "s2-r0.2"]),
     (("tiny", 2000, 16), ["s4-r0.2", "output-s2-r0.2"]),
     (("small", 1000, 16), ["output-s2-r0.2", "s2-r0.2"]),
+    (("medium", 400, 16), ["output-s2-r0.2", "s2-r0.2"]),
 ]
+# Model sizes that are not superpose presets: Llama configs written under --root/models/<name>.
+CUSTOM_MODELS = {
+    "medium": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 6,
+               "num_key_value_heads": 6, "max_position_embeddings": 2048, "tie_word_embeddings": False},
+}
 SEEDS = [1, 2]  # extra seeds, for the noise level of gaps (and, at the cheap point, of lever effects)
 SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"]}
 # Levers at the cheap point: name -> overrides on top of the reference TST arm REF.
@@ -80,9 +91,21 @@ def point_dir(root: Path, preset: str, steps: int, batch: int, seed: int = 0) ->
     return root / f"{preset}-n{steps}-b{batch}" if seed == 0 else root / f"{preset}-n{steps}-b{batch}-seed{seed}"
 
 
+def model_arg(args, name: str) -> str:
+    """``model.preset`` for a model name: a superpose preset, or a custom Llama config directory."""
+    if name not in CUSTOM_MODELS:
+        return name
+    directory = Path(args.root) / "models" / name
+    if not (directory / "config.json").is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        config = LlamaConfig(vocab_size=TokenData(args.data).vocab_size, **CUSTOM_MODELS[name])
+        atomic_write_text(directory / "config.json", config.to_json_string())
+    return str(directory)
+
+
 def base_overrides(args, preset: str, steps: int, batch: int, seed: int = 0) -> list[str]:
     """Everything but [tst]: identical for every run of one point."""
-    return [f"--model.preset={preset}", f"--data.dir={args.data}", "--data.corpus=", f"--data.seq_len={args.seq_len}",
+    return [f"--model.preset={model_arg(args, preset)}", f"--data.dir={args.data}", "--data.corpus=", f"--data.seq_len={args.seq_len}",
             f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_every={steps}",
             f"--train.eval_tokens={args.eval_tokens}", f"--train.log_every={max(10, steps // 30)}",
             "--train.checkpoint_every=0", "--train.keep_checkpoints=1", "--train.progress=false",
@@ -274,6 +297,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at job i")
+    p.add_argument("--only", default="", help="run only the jobs whose directory contains this text, e.g. small-n400")
     p.add_argument("--table", action="store_true", help="do not train; tabulate finished runs only")
     args = p.parse_args()
     index, count = (int(x) for x in args.shard.split("/"))
@@ -281,7 +305,8 @@ def main():
         p.error(f"--shard {args.shard}: expected i/n with 0 <= i < n")
     root = Path(args.root)
     if not args.table:
-        for k, (out, overrides) in enumerate(jobs(args)):
+        todo = [(out, overrides) for out, overrides in jobs(args) if args.only in str(out.relative_to(root))]
+        for k, (out, overrides) in enumerate(todo):
             if k % count == index:
                 run_arm(load_config(None, overrides + [f"--train.out_dir={out}"]), str(out))
         if count > 1:
