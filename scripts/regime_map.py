@@ -267,7 +267,7 @@ def plot(rows: list[dict], root: Path) -> None:
                                 ("steps", "optimizer steps", "map_steps.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
-            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--")):
+            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":")):
                 pts = sorted((r[xkey], r[key], r["batch"]) for r in rows if r["preset"] == preset and r.get(key) is not None)
                 b16 = [p for p in pts if p[2] == 16]  # the B=16 points of one model form a line over the budget
                 if b16:
