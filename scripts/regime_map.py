@@ -57,7 +57,8 @@ CUSTOM_MODELS = {
                "num_key_value_heads": 6, "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
 SEEDS = [1, 2]  # extra seeds, for the noise level of gaps (and, at the cheap point, of lever effects)
-SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"]}
+SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"],
+             ("small", 1000, 16): ["output-s2-r0.2"]}
 # Levers at the cheap point: name -> overrides on top of the reference TST arm REF.
 REF = "s2-r0.2"
 LEVERS = {
