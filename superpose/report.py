@@ -106,10 +106,13 @@ class Run:
 
     @property
     def method(self) -> str:
-        """"baseline", or the bag sizes of the superposition stages and the switch as a fraction r."""
+        """"baseline", or the bag sizes of the superposition stages, the switch as a fraction r and
+        the ablation mode when it is not full TST."""
         if self.is_baseline:
             return "baseline"
-        return f"s={'->'.join(map(str, self.bag_sizes))}, r={self.ratio:g}"
+        modes = [s.get("mode", "full") for s in self.start["stages"] if s["bag_size"] > 1]
+        mode = "" if set(modes) == {"full"} else f", {'/'.join(dict.fromkeys(modes))}-only"
+        return f"s={'->'.join(map(str, self.bag_sizes))}, r={self.ratio:g}{mode}"
 
     @property
     def label(self) -> str:

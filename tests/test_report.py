@@ -151,6 +151,8 @@ def test_run_describes_a_curriculum_by_its_stages():
     assert (run.bag_sizes, run.switch_step, run.ratio, run.method) == ([8, 4, 8], 40, 0.4, "s=8->4->8, r=0.4")
     base = Run("baseline", Path("."), Config(), {"stages": [{"bag_size": 1, "end_step": 100}]}, run.evals, [], True)
     assert (base.bag_sizes, base.ratio, base.method) == ([], 0.0, "baseline")
+    output = [dataclasses.asdict(st) for st in build_stages(load_config(None, ["--tst.mode=output"]).tst, 100)]
+    assert Run("o", Path("."), cfg, {"stages": output}, run.evals, [], True).method == "s=4, r=0.3, output-only"
 
 
 # ---------------------------------------------------------------------------- tiny real runs
