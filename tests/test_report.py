@@ -129,7 +129,8 @@ def test_regime_places_a_run_against_the_measured_budgets():
     assert regime(3_000_000, 150, 150_000)["verdict"] == "no-gain"  # inside the small-scale map
     assert regime(3_000_000, 2000, 2e6)["verdict"] == "no-gain"
     assert regime(10_000_000, 400, 4e5)["verdict"] == "no-gain"
-    assert regime(10_000_000, 1000, 1e6)["verdict"] == "untested"  # where output-only TST first won
+    assert regime(10_000_000, 1000, 1e6)["verdict"] == "no-gain"  # output-only TST tied here
+    assert regime(10_000_000, 2000, 2e6)["verdict"] == "untested"
     assert regime(270_000_000, 20_000, 40e9)["verdict"] == "paper"  # the paper's 270M run
     assert regime(270_000_000, 500, 1e9)["verdict"] == "untested"  # large, but short
     between = regime(50_000_000, 5000, 1e9)
