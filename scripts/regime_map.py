@@ -29,7 +29,7 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
-from superpose.report import is_finished  # noqa: E402
+from superpose.report import is_finished, load_run  # noqa: E402
 
 # TST arms of the map (overrides of [tst]); the baseline is tst.ratio = 0.
 ARMS = {
@@ -150,10 +150,8 @@ def final(out: Path) -> dict | None:
     """The last eval record of a finished run, with the run's parameter count."""
     if not is_finished(out):
         return None
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = [r for r in records if r.get("kind") == "eval"][-1]
-    params = next((r["parameters"] for r in records if "parameters" in r), None)
-    return {**last, "params": params}
+    run = load_run(out)
+    return {**run.evals[-1], "params": run.start["parameters"]}
 
 
 def map_rows(root: Path) -> list[dict]:
