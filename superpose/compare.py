@@ -20,7 +20,7 @@ from pathlib import Path
 from .checkpoint import checkpoint_dirs
 from .config import Config, ConfigError, validate
 from .files import atomic_write_text
-from .report import config_differences, is_finished, load_run, summary_table, write_report
+from .report import config_differences, is_finished, load_run, stage_bag_sizes, summary_table, write_report
 from .schedule import build_stages, has_superposition
 from .train import config_changes, load_run_config, train
 
@@ -74,8 +74,8 @@ def compare(cfg: Config) -> tuple[dict | None, Path]:
         raise ConfigError("compare needs a TST config with at least one superposition step: tst.bag_size >= 2 and "
                           "round(tst.ratio * train.steps) >= 1, or a tst.curriculum (the baseline is derived from it)")
     base, tst = arm_config(cfg, "baseline", ratio=0.0), arm_config(cfg, "tst")
-    sizes = [str(stage.bag_size) for stage in build_stages(cfg.tst, cfg.train.steps) if stage.bag_size > 1]
-    run_arms([("baseline", base), (f"tst s={'->'.join(dict.fromkeys(sizes))}", tst)])
+    sizes = stage_bag_sizes([vars(stage) for stage in build_stages(cfg.tst, cfg.train.steps)])
+    run_arms([("baseline", base), (f"tst s={'->'.join(map(str, sizes))}", tst)])
     out = Path(cfg.train.out_dir) / "report"
     if not _is_main_process():
         return None, out

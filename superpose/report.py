@@ -61,6 +61,11 @@ class Curve:
         return float(getattr(self, name)[-1])
 
 
+def stage_bag_sizes(stages: list[dict]) -> list[int]:
+    """The bag sizes of the superposition stages in order (a curriculum has several)."""
+    return [size for size, _ in itertools.groupby(s["bag_size"] for s in stages if s["bag_size"] > 1)]
+
+
 @dataclass
 class Run:
     """One run directory: its config and the records of its (last) ``metrics.jsonl`` history."""
@@ -93,8 +98,7 @@ class Run:
 
     @property
     def bag_sizes(self) -> list[int]:
-        """The bag sizes of the superposition stages in order (a curriculum has several)."""
-        return [size for size, _ in itertools.groupby(s["bag_size"] for s in self.start["stages"] if s["bag_size"] > 1)]
+        return stage_bag_sizes(self.start["stages"])
 
     @property
     def ratio(self) -> float:
