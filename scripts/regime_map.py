@@ -29,7 +29,8 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
-from superpose.report import is_finished, load_run  # noqa: E402
+from superpose.report import load_run  # noqa: E402
+from superpose.runs import is_finished  # noqa: E402
 
 # TST arms of the map (overrides of [tst]); the baseline is tst.ratio = 0.
 ARMS = {

@@ -2,16 +2,19 @@
 
 A checkpoint is one file, ``checkpoints/step-NNNNNNNN/state.pt``, holding the full (gathered)
 model and optimizer state keyed by parameter name, the trainer state (step, data position, RNG)
-and the resolved config. Because it is gathered, a checkpoint written under any strategy and
-world size resumes under any other. It is written into a hidden temporary directory, fsynced and
-renamed into place, so a directory named ``step-*`` is always complete; every rank reads it from
-the run directory (a filesystem shared by the nodes).
+and the resolved config, plus ``manifest.json`` (its size and SHA-256, ``superpose.integrity``).
+Because it is gathered, a checkpoint written under any strategy and world size resumes under any
+other. It is written into a hidden temporary directory, fsynced and renamed into place, so a
+directory named ``step-*`` was complete when written; it is verified against its manifest before
+it is loaded, so one damaged since is never trained on. Every rank reads it from the run
+directory (a filesystem shared by the nodes).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -25,24 +28,65 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .distributed import Runtime, barrier
+from .distributed import Runtime, barrier, broadcast_object
+from .errors import CheckpointError
+from .integrity import MANIFEST, HashingWriter, problem, write_manifest
+from .runs import checkpoint_dirs
 from .model import hf_progress_bars
 
 STATE_FILE = "state.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the previous good one is left untouched."""
+def select_checkpoint(run_dir: Path, resume: str, runtime: Runtime) -> tuple[Path | None, list[dict]]:
+    """The checkpoint to resume from, and the newer ones rejected because they failed verification.
+
+    ``never``: none. ``auto``: the newest that verifies (older ones are tried in turn; an error if
+    there are checkpoints but none verifies). A directory: that one, which must verify; one
+    without a manifest (written before checksums existed) is loaded with a warning. Collective:
+    rank 0 reads and hashes, the others receive its choice."""
+    choice = None
+    if runtime.is_main:
+        try:
+            choice = ("ok", *_select(Path(run_dir), resume))
+        except CheckpointError as err:
+            choice = ("error", str(err))
+    choice = broadcast_object(choice)
+    if choice[0] == "error":
+        raise CheckpointError(choice[1])
+    return choice[1], choice[2]
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories are hidden and skipped)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
+    if resume == "never":
+        return None, []
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(
+                f"--resume {resume}: expected never, auto, or a checkpoint directory "
+                f"(one holding {STATE_FILE}, e.g. {run_dir / 'checkpoints' / 'step-00000100'})"
+            )
+        found = problem(path)
+        if found == f"{MANIFEST} is missing":
+            print(f"superpose: warning: {path} has no {MANIFEST} (written before checkpoints had checksums); "
+                  "loading it unverified", file=sys.stderr)
+        elif found is not None:
+            raise CheckpointError(f"checkpoint {path} failed verification: {found}; pass an older checkpoint directory")
+        return path, []
+    rejected = []
+    for path in reversed(checkpoint_dirs(run_dir)):
+        found = problem(path)
+        if found is None:
+            return path, rejected
+        print(f"superpose: warning: checkpoint {path} failed verification ({found}); trying the one before", file=sys.stderr)
+        rejected.append({"checkpoint": str(path), "problem": found})
+    if rejected:
+        raise CheckpointError(
+            f"no checkpoint of {run_dir} verifies (newest: {rejected[0]['checkpoint']}: {rejected[0]['problem']}); "
+            "move the checkpoints directory away to start over, or restore it from a copy"
+        )
+    return None, []
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int, runtime: Runtime) -> None:
@@ -62,9 +106,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
             with open(tmp / STATE_FILE, "wb") as handle:
-                _save(state, handle)
+                writer = HashingWriter(handle)  # the checksum costs no second read of the file
+                _save(state, writer)
                 handle.flush()
                 os.fsync(handle.fileno())
+            write_manifest(tmp, {STATE_FILE: writer.entry()})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _fsync_dir(root)
@@ -84,36 +130,18 @@ def _write_failed(tmp: Path, what: str, err: Exception, intact: str) -> Checkpoi
     )
 
 
-class _Sink:
-    """The checkpoint file as torch.save sees it: remembers the OSError (disk full, quota) that
-    torch.save's writer would otherwise turn into a RuntimeError without an errno."""
-
-    def __init__(self, handle):
-        self.handle, self.error = handle, None
-
-    def write(self, data) -> int:
-        try:
-            return self.handle.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-def _save(state: dict, handle) -> None:
-    sink = _Sink(handle)
+def _save(state: dict, writer: HashingWriter) -> None:
     try:
-        torch.save(state, sink)
-    except RuntimeError:
-        if sink.error is None:
+        torch.save(state, writer)
+    except RuntimeError:  # torch.save's writer hides the errno of a full disk
+        if writer.error is None:
             raise
-        raise sink.error from None
+        raise writer.error from None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model and optimizer in place (any strategy) and return the trainer state."""
+    """Restore model and optimizer in place (any strategy) and return the trainer state.
+    ``path`` comes from ``select_checkpoint``, which verified it."""
     try:
         # mmap: the ranks of one node share the file's pages instead of each holding a copy
         state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
@@ -162,6 +190,7 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
             fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
             fast.save_pretrained(tmp)
             (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
+            write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint
         except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
             raise _write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact") from None
         if out_dir.exists():

@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from . import __version__
+from .errors import Interrupted, TrainingError, UserError
 
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .model import ModelError
-    from .train import TrainingError
-
-    # OSError: a full disk, a missing file, no permission; the message names the path.
-    return ConfigError, DataError, ModelError, CheckpointError, TrainingError, OSError
+# OSError: a full disk, a missing file, no permission; the message names the path.
+USER_ERRORS = (UserError, OSError)
 
 
 def cmd_prepare(args) -> None:
@@ -44,10 +39,11 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors answer before torch is imported
     from .distributed import shutdown
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
     try:
         info = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     finally:
@@ -72,6 +68,12 @@ def cmd_compare(args) -> None:
             shutdown()
     if summary is not None:
         print_summary(summary, out)
+        _fail_if_arms_failed(summary)
+
+
+def _fail_if_arms_failed(summary: dict) -> None:
+    if summary["failed"]:
+        raise TrainingError(f"arm(s) {', '.join(summary['failed'])} failed; the report lists them without their curves")
 
 
 def cmd_sweep(args) -> None:
@@ -82,11 +84,12 @@ def cmd_sweep(args) -> None:
     cfg = load_config(args.config, args.overrides)
     bag_sizes, ratios = parse_list(args.bag_sizes, int, "--bag-sizes"), parse_list(args.ratios, float, "--ratios")
     try:
-        rows, root = sweep(cfg, bag_sizes, ratios)
+        rows, root, failed = sweep(cfg, bag_sizes, ratios)
     finally:
         shutdown()
     if rows:
-        print_sweep(rows, root)
+        print_sweep(rows, root, failed)
+        _fail_if_arms_failed({"failed": failed})
 
 
 def cmd_report(args) -> None:
@@ -94,6 +97,18 @@ def cmd_report(args) -> None:
 
     summary, out = report(args.runs, out=args.out)
     print_summary(summary, out)
+
+
+def cmd_verify(args) -> None:
+    from .errors import CheckpointError
+    from .integrity import verify_targets
+
+    results = verify_targets(args.path)
+    for directory, found in results:
+        print(f"ok       {directory}" if found is None else f"DAMAGED  {directory}: {found}")
+    damaged = sum(found is not None for _, found in results)
+    if damaged:
+        raise CheckpointError(f"{damaged} of {len(results)} directories failed verification")
 
 
 def cmd_generate(args) -> None:
@@ -121,6 +136,7 @@ def cmd_eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superpose", description="Token Superposition Training for causal LMs")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"superpose {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
@@ -161,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: next to the first run, named report)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("verify", help="check checkpoints and exported models against their checksums (exit 0 = intact, 2 = damaged)")
+    p.add_argument("path", help="a run directory (all its checkpoints and model/), a checkpoint directory or a model directory")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
     p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")
     p.add_argument("--prompt", default="")
@@ -186,17 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_overrides(argv: list[str]) -> list[str]:
+    """``--section.key value`` -> ``--section.key=value``: both forms are accepted, as most CLIs do.
+    Only dotted flags are overrides, so ``--out dir`` and friends are left alone."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        dotted = arg.startswith("--") and "=" not in arg and "." in arg
+        if dotted and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(join_overrides(sys.argv[1:] if argv is None else argv))
     bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
     if bad or (extra and args.command not in ("train", "compare", "sweep")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     args.overrides = extra
     try:
         args.func(args)
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"superpose: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        if args.debug:
+            raise
+        print("\nsuperpose: aborted (the newest complete checkpoint, if any, is where --resume auto continues)", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
-        if args.debug or not isinstance(err, _user_errors()):
+        if args.debug or not isinstance(err, USER_ERRORS):
             raise
         message = " ".join(str(err).splitlines())  # one line, whatever the library said
         print(f"superpose: error: {message}", file=sys.stderr)

@@ -5,7 +5,8 @@ same steps and batch, so the same model FLOPs per step; ``WindowLoader`` draws e
 windows from (seed, step), so both arms read the same text wherever their window widths agree.
 Every arm is one ordinary run directory under ``train.out_dir``; a finished arm (its
 ``metrics.jsonl`` has an ``end`` record) is not rerun, and a killed one resumes from its last
-checkpoint, so an interrupted comparison or sweep continues where it stopped.
+checkpoint, so an interrupted comparison or sweep continues where it stopped. An arm that fails
+(non-finite losses) does not stop the others; the report lists it as failed instead of drawing it.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import checkpoint_dirs
 from .config import Config, ConfigError, validate
+from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
-from .report import config_differences, is_finished, load_run, stage_bag_sizes, summary_table, write_report
+from .report import config_differences, load_run, method_name, summary_table, write_report
+from .runs import is_finished, load_run_config
 from .schedule import build_stages, has_superposition
-from .train import config_changes, load_run_config, train
+from .train import config_changes, train
 
 
 def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float | None = None) -> Config:
@@ -48,24 +50,42 @@ def run_arm(cfg: Config, label: str) -> None:
     if is_finished(run_dir):
         print(f"{label}: already finished in {run_dir}, not rerun", file=sys.stderr)
         return
-    if checkpoint_dirs(run_dir):
-        print(f"{label}: resuming from {checkpoint_dirs(run_dir)[-1]}", file=sys.stderr)
-    train(cfg, resume="auto", label=label)  # without a checkpoint the arm starts afresh
+    train(cfg, resume="auto", label=label)  # without a checkpoint the arm starts afresh; train says which
 
 
-def run_arms(arms: list[tuple[str, Config]]) -> None:
-    """Train the arms in order; each progress bar says "[i/n] name", and between arms an ETA for the
-    rest is printed at the pace of the arms trained so far (arms differ little in cost)."""
-    trained, spent = 0, 0.0
+def run_arms(arms: list[tuple[str, Config]], command: str) -> dict[str, str]:
+    """Train the arms in order; returns ``{name: error}`` of the arms that failed. Each progress bar
+    says "[i/n] name s=4, r=0.3" (the arm's method), and between arms an ETA for the rest is printed at the pace of the arms
+    trained so far (arms differ little in cost). ``command`` is what to rerun after an interrupt."""
+    trained, spent, failed = 0, 0.0, {}
     for i, (name, cfg) in enumerate(arms):
-        label = f"[{i + 1}/{len(arms)}] {name}"
+        method = method_name([vars(s) for s in build_stages(cfg.tst, cfg.train.steps)], cfg.train.steps)
+        label = f"[{i + 1}/{len(arms)}] {name}" + ("" if method == "baseline" else f" {method}")
         todo = sum(not is_finished(a.train.out_dir) for _, a in arms[i:])
         if trained and todo:
             print(f"{label}: about {spent / trained * todo / 60:.1f} min left for {todo} arm(s)", file=sys.stderr)
         fresh, started = not is_finished(cfg.train.out_dir), time.perf_counter()
-        run_arm(cfg, label)
+        try:
+            run_arm(cfg, label)
+        except TrainingError as err:
+            print(f"superpose: {label} failed: {err}", file=sys.stderr)
+            failed[name] = str(err)
+            continue
+        except Interrupted as stop:
+            raise Interrupted(f"{stop} (or rerun `superpose {command}` to continue the remaining arms)", stop.signum) from None
         if fresh:
             trained, spent = trained + 1, spent + time.perf_counter() - started
+    return failed
+
+
+def _report_or_fail(arms: list[tuple[str, Config]], failed: dict[str, str], out: Path, paired: bool = True) -> dict:
+    """The report over the arms that did not fail, listing the failed ones; an error if that leaves
+    no baseline, or nothing to compare it with."""
+    ok = [cfg for name, cfg in arms if name not in failed]
+    if arms[0][0] in failed or len(ok) < 2:
+        raise TrainingError("; ".join(f"{name} failed: {error}" for name, error in failed.items())
+                            + "; no report was written (it needs the baseline and at least one other arm)")
+    return write_report([load_run(cfg.train.out_dir) for cfg in ok], out, paired, failed=failed)
 
 
 def compare(cfg: Config) -> tuple[dict | None, Path]:
@@ -73,13 +93,12 @@ def compare(cfg: Config) -> tuple[dict | None, Path]:
     if not has_superposition(cfg.tst, cfg.train.steps):
         raise ConfigError("compare needs a TST config with at least one superposition step: tst.bag_size >= 2 and "
                           "round(tst.ratio * train.steps) >= 1, or a tst.curriculum (the baseline is derived from it)")
-    base, tst = arm_config(cfg, "baseline", ratio=0.0), arm_config(cfg, "tst")
-    sizes = stage_bag_sizes([vars(stage) for stage in build_stages(cfg.tst, cfg.train.steps)])
-    run_arms([("baseline", base), (f"tst s={'->'.join(map(str, sizes))}", tst)])
+    arms = [("baseline", arm_config(cfg, "baseline", ratio=0.0)), ("tst", arm_config(cfg, "tst"))]
+    failed = run_arms(arms, "compare")
     out = Path(cfg.train.out_dir) / "report"
     if not _is_main_process():
         return None, out
-    return write_report([load_run(base.train.out_dir), load_run(tst.train.out_dir)], out), out
+    return _report_or_fail(arms, failed, out), out
 
 
 def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path | None = None) -> tuple[dict, Path]:
@@ -129,20 +148,20 @@ def parse_list(text: str, kind: type, name: str) -> list:
     return values
 
 
-def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[dict], Path]:
-    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget; write sweep.csv and sweep.png."""
+def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[dict], Path, dict[str, str]]:
+    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget; write sweep.csv and sweep.png.
+    Returns the rows, the sweep directory and ``{arm: error}`` of the arms that failed."""
     if any(s < 2 for s in bag_sizes):
         raise ConfigError("--bag-sizes must all be >= 2 (the baseline is run anyway)")
     if any(not 0 < r < 1 for r in ratios):
         raise ConfigError("--ratios must all be in (0, 1)")
     arms = [("baseline", arm_config(cfg, "baseline", ratio=0.0))]
     arms += [(f"s{s}-r{r:g}", arm_config(cfg, f"s{s}-r{r:g}", s, r)) for s in bag_sizes for r in ratios]
-    run_arms(arms)
+    failed = run_arms(arms, "sweep")
     root = Path(cfg.train.out_dir)
     if not _is_main_process():
-        return [], root
-    runs = [load_run(a.train.out_dir) for _, a in arms]
-    summary = write_report(runs, Path(cfg.train.out_dir) / "report", paired=False)
+        return [], root, {}
+    summary = _report_or_fail(arms, failed, root / "report", paired=False)
     rows = sweep_rows(summary)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
@@ -150,7 +169,7 @@ def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[
     writer.writerows(rows)
     atomic_write_text(root / "sweep.csv", table.getvalue())
     plot_sweep(rows, root / "sweep.png")
-    return rows, root
+    return rows, root, summary["failed"]
 
 
 def sweep_rows(summary: dict) -> list[dict]:
@@ -196,11 +215,13 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
 
 def print_summary(summary: dict, report_dir: Path) -> None:
     print(summary_table(summary))
+    for name, error in summary["failed"].items():
+        print(f"\nFAILED: {name}: {error}")
     print(f"\nregime: {summary['regime']['text']}")
     print(f"report: {report_dir / 'report.md'}")
 
 
-def print_sweep(rows: list[dict], root: Path) -> None:
+def print_sweep(rows: list[dict], root: Path, failed: dict[str, str]) -> None:
     width = max(len(r["run"]) for r in rows)
     print(f"{'run':<{width}}  final val loss  diff vs baseline  iso-loss speedup (steps)")
     for r in rows:
@@ -209,4 +230,6 @@ def print_sweep(rows: list[dict], root: Path) -> None:
         else:
             speedup = f"{r['iso_loss_step_speedup']:.2f}x" if r["iso_loss_step_speedup"] != "" else "not reached"
         print(f"{r['run']:<{width}}  {r['final_val_loss']:>14.4f}  {r['diff_vs_baseline']:>+16.4f}  {speedup:>24}")
+    for name, error in failed.items():
+        print(f"FAILED: {name}: {error}")
     print(f"\nsweep: {root / 'sweep.csv'}, {root / 'sweep.png'}; report: {root / 'report' / 'report.md'}")

@@ -13,14 +13,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says which key and how to fix it."""
 
 
 @dataclass
@@ -75,6 +73,7 @@ class TrainConfig:
     micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads per process; 0 = 1, or all of this rank's cores when it has >= 4 (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
     eval_every: int = 100
@@ -183,6 +182,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a TOML file (a run's config is RUN/config.toml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -217,6 +218,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.micro_batch_size >= 0, "train.micro_batch_size must be >= 0"),
+        (cfg.train.threads >= 0, "train.threads must be >= 0 (0 = chosen automatically)"),
         (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
         (cfg.train.eval_tokens >= 0, "train.eval_tokens must be >= 0"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),

@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from .errors import DataError
 from .files import atomic_write_text, writable_dir
 
 EOS = "<|endoftext|>"
@@ -32,10 +33,6 @@ TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 TABLE_SUFFIXES = (".parquet", ".arrow")  # read with Hugging Face `datasets` (superpose.hf_datasets)
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB at uint16)
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and the problem."""
 
 
 @dataclass

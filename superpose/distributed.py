@@ -62,6 +62,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(value):
+    """Rank 0's ``value`` on every rank (a decision one rank makes for all, e.g. which checkpoint)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Is ``flag`` true on any rank? (so that all ranks take the same branch, e.g. stop at one step)"""
+    if not dist.is_initialized():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item())
+
+
+def raise_together(error: Exception | None) -> None:
+    """Collective: if any rank hit ``error``, every rank raises the first one (by rank) instead of
+    the others waiting forever in the next collective."""
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -113,7 +113,7 @@ def run_max_length(model_dir: Path) -> int | None:
     """``data.seq_len`` of the run that exported ``model_dir`` (``RUN/model``), if it is one."""
     if not (model_dir.parent / "config.toml").is_file():
         return None
-    from .train import load_run_config
+    from .runs import load_run_config
 
     return load_run_config(model_dir.parent).data.seq_len
 

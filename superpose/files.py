@@ -2,14 +2,18 @@
 
 Every command that writes checks its output directory first (before minutes of work are spent)
 and replaces small files atomically: write a hidden temporary file, fsync, rename over the old.
+A run directory has one writer at a time (``DirectoryLock``).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
+
+LOCK_FILE = ".lock"
 
 
 def writable_dir(path: str | Path, what: str) -> Path:
@@ -41,3 +45,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on ``DIR/.lock`` for as long as a process writes into ``DIR``.
+
+    A second process (a job submitted twice) fails at once with the holder's pid. The kernel
+    releases the lock when the holder exits, however it dies, so a killed run never blocks its
+    own resume; the file itself stays (removing it would race with a process opening it)."""
+
+    def __init__(self, directory: str | Path, what: str):
+        self.path, self.what, self.handle = Path(directory) / LOCK_FILE, what, None
+
+    def __enter__(self) -> "DirectoryLock":
+        handle = open(self.path, "a+")  # not "w": that would erase the holder's pid before we know we hold it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"{self.what} {self.path.parent} is in use by another superpose process (pid {holder}); "
+                              f"wait for it to finish, stop it, or choose another {self.what}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()

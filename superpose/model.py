@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Pretrain
 from transformers.utils import logging as hf_logging
 
 from .distributed import all_reduce_sum
+from .errors import ModelError
 from .loss import chunked_head_mce_sum
 from .method import embed_bags, multi_hot_cross_entropy_sum
 
@@ -34,10 +35,6 @@ def hf_progress_bars(show: bool):
         yield
     finally:
         hf_logging.enable_progress_bar()
-
-
-class ModelError(ValueError):
-    """A model that cannot be built or does not fit the data; the message says why."""
 
 
 def _llama(hidden, intermediate, layers, heads, kv_heads, max_pos, rope_theta) -> dict:

@@ -28,7 +28,8 @@ import numpy as np
 from .config import Config, ConfigError
 from .files import atomic_write_text, writable_dir
 from .model import hf_progress_bars
-from .train import RESUME_SAFE_KEYS, load_run_config
+from .runs import load_run_config, read_records
+from .train import RESUME_SAFE_KEYS
 
 FLOPS_FORMULA = (
     "FLOPs per step = 6 * N_active * P + 6 * n_layers * L * d_attn * P, with P = batch_size * L model "
@@ -66,6 +67,24 @@ def stage_bag_sizes(stages: list[dict]) -> list[int]:
     return [size for size, _ in itertools.groupby(s["bag_size"] for s in stages if s["bag_size"] > 1)]
 
 
+def switch_step(stages: list[dict]) -> int | None:
+    """First step of next-token training after superposition; None for a baseline or a run that never switches."""
+    return next((int(a["end_step"]) for a, b in zip(stages, stages[1:]) if b["bag_size"] == 1 and a["bag_size"] > 1), None)
+
+
+def method_name(stages: list[dict], steps: int) -> str:
+    """"baseline", or the bag sizes of the superposition stages, the switch as a fraction r of the
+    ``steps`` and the ablation mode when it is not full TST: ``s=4, r=0.3``, ``s=2, r=0.2, output-only``."""
+    sizes = stage_bag_sizes(stages)
+    if not sizes:
+        return "baseline"
+    switch = switch_step(stages)
+    switch = steps if switch is None else switch
+    modes = [s.get("mode", "full") for s in stages if s["bag_size"] > 1]
+    mode = "" if set(modes) == {"full"} else f", {'/'.join(dict.fromkeys(modes))}-only"
+    return f"s={'->'.join(map(str, sizes))}, r={switch / steps:g}{mode}"
+
+
 @dataclass
 class Run:
     """One run directory: its config and the records of its (last) ``metrics.jsonl`` history."""
@@ -84,13 +103,7 @@ class Run:
 
     @property
     def switch_step(self) -> int | None:
-        """First step of next-token training after superposition; None for a baseline or a run
-        that never switches."""
-        stages = self.start["stages"]
-        for before, stage in zip(stages, stages[1:]):
-            if stage["bag_size"] == 1 and before["bag_size"] > 1:
-                return int(before["end_step"])
-        return None
+        return switch_step(self.start["stages"])
 
     @property
     def is_baseline(self) -> bool:
@@ -110,13 +123,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        """"baseline", or the bag sizes of the superposition stages, the switch as a fraction r and
-        the ablation mode when it is not full TST."""
-        if self.is_baseline:
-            return "baseline"
-        modes = [s.get("mode", "full") for s in self.start["stages"] if s["bag_size"] > 1]
-        mode = "" if set(modes) == {"full"} else f", {'/'.join(dict.fromkeys(modes))}-only"
-        return f"s={'->'.join(map(str, self.bag_sizes))}, r={self.ratio:g}{mode}"
+        return method_name(self.start["stages"], self.config.train.steps)
 
     @property
     def label(self) -> str:
@@ -140,17 +147,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     if not metrics.is_file():
         raise ConfigError(f"{path} is not a run directory (no metrics.jsonl)")
     config = load_run_config(path)
-    lines = metrics.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break  # the last line of a killed run may be cut off
-            raise ConfigError(f"{metrics}:{number} is not valid JSON") from None
+    records = read_records(path)
     starts = [i for i, r in enumerate(records) if r["kind"] == "start"]
     if not starts:
         raise ConfigError(f"{metrics} has no start record")
@@ -168,14 +165,6 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         trains=[r for r in records if r["kind"] == "train"],
         ended=any(r["kind"] == "end" for r in records),
     )
-
-
-def is_finished(path: str | Path) -> bool:
-    """Does ``path`` hold a run that logged its ``end`` record?"""
-    metrics = Path(path) / "metrics.jsonl"
-    if not metrics.is_file():
-        return False
-    return any(json.loads(line).get("kind") == "end" for line in metrics.read_text().splitlines()[-3:] if line.strip())
 
 
 def config_differences(reference: Config, other: Config, ignore_tst: bool = True) -> list[str]:
@@ -607,13 +596,15 @@ PLOTS = {
 }
 
 
-def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True) -> dict:
-    """Write ``report.md``, ``summary.json``, the PNG plots and a copy of each run's metrics."""
+def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True, failed: dict[str, str] | None = None) -> dict:
+    """Write ``report.md``, ``summary.json``, the PNG plots and a copy of each run's metrics.
+    ``failed`` names the arms that stopped with an error: listed, neither drawn nor compared."""
     out = writable_dir(out_dir, "report directory")
     (out / "metrics").mkdir(exist_ok=True)
     for run in runs:
         shutil.copyfile(run.path / "metrics.jsonl", out / "metrics" / f"{run.name.replace('/', '-')}.jsonl")
     summary = summarize(runs, paired)
+    summary["failed"] = dict(failed or {})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     plot_runs(runs, out)
     ref = runs[0]
@@ -624,6 +615,7 @@ def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True) -> d
         f"data `{ref.config.data.dir}`, seed {ref.config.train.seed}. Validation loss is next-token cross-entropy in "
         f"nats on the same held-out windows for every run. Differences are run minus reference: negative = better.\n",
         summary_table(summary) + "\n",
+        *(f"**Failed: {name}** (not drawn, not compared): {error}\n" for name, error in summary["failed"].items()),
         f"**Regime.** {summary['regime']['text']}\n",
         *_prose(summary),
         "## Plots\n",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,26 +22,32 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as data_mod
-from .checkpoint import STATE_FILE, CheckpointError, checkpoint_dirs, export_model, load_checkpoint, save_checkpoint
+from .checkpoint import export_model, load_checkpoint, save_checkpoint, select_checkpoint
 from .config import Config, ConfigError, config_from_dict
-from .distributed import Runtime, all_reduce_sum, barrier, gradient_sync, init_runtime, parallelize
-from .files import atomic_write_text, writable_dir
+from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, broadcast_object, gradient_sync, init_runtime,
+                          parallelize, raise_together)
+from .errors import Interrupted, TrainingError
+from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
+from .preemption import StopRequest
+from .runs import checkpoint_dirs
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
+
+# train.threads = 0 gives each process one CPU thread unless it has this many cores to itself:
+# bench/bench_threads.py on the project's 2-core machine (shared with one other process) timed the
+# quick start's step at 0.52 s with 1 thread and 3.40 s with 2 (OpenMP threads waiting for a busy
+# core), and the quick start with torch's default threads took 44 CPU-minutes instead of 12.5.
+AUTO_THREADS_MIN_CORES = 4
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {
     "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
-    "train.compile", "model.loss_chunk_size",
+    "train.compile", "model.loss_chunk_size", "train.threads",
 }
-
-
-class TrainingError(RuntimeError):
-    """The run stopped for a reason the user must act on; the message says which."""
 
 
 @dataclass
@@ -221,22 +228,45 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
 def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train") -> dict | None:
     """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics
     (on rank 0; None on the other ranks, which write nothing). ``label`` names the run on the
-    progress bar (e.g. the arm of a comparison)."""
+    progress bar (e.g. the arm of a comparison).
+
+    Rank 0 holds the run directory's lock for the whole run. A run that fails before it wrote
+    anything removes the directory it created, so a typo leaves no empty run behind."""
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
+    created = not run_dir.exists()
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, torch.get_num_threads())  # set_threads changes them for the run only
+        try:
+            writable_dir(run_dir, "train.out_dir")
+            error = None
+            if runtime.is_main:
+                try:
+                    stack.enter_context(DirectoryLock(run_dir, "train.out_dir"))
+                except ConfigError as err:
+                    error = err
+            raise_together(error)
+            return _train(cfg, runtime, run_dir, resume, allow_config_change, label)
+        except BaseException:
+            if created and runtime.is_main:
+                _remove_if_unused(run_dir)
+            raise
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        run_dir.rmdir()
+
+
+def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
-    if resume not in ("never", "auto") and not (Path(resume) / STATE_FILE).is_file():
-        raise CheckpointError(
-            f"--resume {resume}: expected never, auto, or a complete checkpoint directory "
-            f"(one holding {STATE_FILE}, e.g. {run_dir / 'checkpoints' / 'step-00000100'})"
-        )
-    writable_dir(run_dir, "train.out_dir")
-    data = ensure_data(cfg, runtime)
-    checkpoints = checkpoint_dirs(run_dir)
-    resume_from = {"never": None, "auto": checkpoints[-1] if checkpoints else None}.get(resume, Path(resume))
     if cfg.train.batch_size % runtime.world:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
+    set_threads(cfg, runtime)
+    data = ensure_data(cfg, runtime)
+    resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     torch.manual_seed(cfg.train.seed)
@@ -256,6 +286,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
     val_windows = data_mod.validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
+    say = (lambda text: print(f"{label}: {text}", file=sys.stderr)) if runtime.is_main else (lambda text: None)
     start_step, elapsed, last_eval = 0, 0.0, None
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
@@ -264,11 +295,16 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
         start_step, elapsed, last_eval = state["step"], state["elapsed"], state.get("last_eval")
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
+        say(f"resuming from step {start_step} ({resume_from})")
+    elif resume == "auto" and (run_dir / "metrics.jsonl").exists():
+        say(f"{run_dir} has no checkpoint to resume from; starting again from step 0")
 
     if runtime.is_main:
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg.to_dict()))
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
+    if rejected:
+        log.write({"kind": "resume", "step": start_step, "checkpoint": str(resume_from), "rejected": rejected})
     params = count_parameters(lm)
     positions = cfg.train.batch_size * cfg.data.seq_len
     step_flops = flops_per_step(lm, cfg.data.seq_len, positions)
@@ -276,64 +312,87 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
         log.write({"kind": "start", "step": 0, "parameters": params["total"], "active_matmul_parameters": params["active_matmul"],
                    "flops_per_step": step_flops, "positions_per_step": positions, "world_size": runtime.world,
                    "stages": [vars(s) for s in stages]})
+    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
+               desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def trainer_state(step: int) -> dict:
         return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
                 "config": cfg.to_dict(), "last_eval": last_eval}
+
+    def newest_checkpoint(phrase: str) -> str:
+        """``phrase`` with {} as the newest checkpoint, or what to say when there is none."""
+        kept = checkpoint_dirs(run_dir)
+        return phrase.format(kept[-1]) if kept else "no checkpoint was written yet"
+
+    def fail(step: int, message: str) -> TrainingError:
+        """Record why the run stopped; the caller raises the returned error (no export happens)."""
+        log.write({"kind": "failed", "step": step, "error": message})
+        log.close()
+        bar.close()
+        return TrainingError(message)
 
     def validate(step: int) -> dict:
         loss = evaluate(model, val_windows, cfg, runtime)
         record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": data_mod.bits_per_byte(loss, val_bpt),
                   "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "flops": step * step_flops}
         log.write(record)
+        if not math.isfinite(loss):
+            raise fail(step, f"the validation loss at step {step} is {loss}: the model diverged and is not exported; "
+                             f"{newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check the data) and resume from a checkpoint "
+                             "before the divergence with --resume DIR --allow-config-change")
         return record
 
-    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
-               desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
     bad_steps = 0
     model.train()
-    if start_step == 0:
-        last_eval = validate(0)
-    for step in range(start_step, cfg.train.steps):
-        stage = stage_at(stages, step)
-        if step == 0 or stage != stage_at(stages, step - 1):
-            log.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size, "mode": stage.mode})
-            if runtime.is_main and step > 0:
-                bar.write(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
-        width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
-        start = time.perf_counter()
-        window = loader.batch(step, width)
-        lr = lr_at(step, cfg.optim, cfg.train.steps, stage)
-        if cfg.tst.reset_optimizer and len(stages) > 1 and step == stages[-1].start_step:
-            optimizer.state.clear()  # lever: forget phase-1 moments at the switch
-        result = train_step(model, optimizer, window, stage, step, lr, cfg, runtime)
-        seconds = time.perf_counter() - start
-        elapsed += seconds
-        bad_steps = 0 if result.applied else bad_steps + 1
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps or not result.applied:
-            log.write({"kind": "train", "step": done, "stage": stage.name, "bag_size": stage.bag_size,
-                       "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
-                       "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
-                       "step_seconds": seconds, "elapsed": elapsed})
-        if bad_steps >= cfg.train.max_bad_steps:
-            log.close()
-            bar.close()
-            kept = checkpoint_dirs(run_dir)
-            raise TrainingError(
-                f"steps {done - bad_steps + 1}-{done} had a non-finite loss or gradient and were skipped "
-                f"(train.max_bad_steps = {cfg.train.max_bad_steps}); "
-                + (f"the newest checkpoint, {kept[-1]}, predates them" if kept else "no checkpoint was written yet")
-                + "; lower optim.lr or check the data, then resume with --resume auto --allow-config-change"
-            )
-        bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
-                        val=f"{last_eval['val_loss']:.3f}" if last_eval else "-", refresh=False)
-        bar.update(1)
-        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-            last_eval = validate(done)
-        # No periodic checkpoint inside a run of skipped steps: the last K stay ones from good steps.
-        if done == cfg.train.steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not bad_steps):
-            save_checkpoint(run_dir, done, model, optimizer, trainer_state(done), cfg.train.keep_checkpoints, runtime)
+    pace = Pace(start_step, cfg.train.steps)
+    with StopRequest(announce=runtime.is_main) as stop:
+        if start_step == 0:
+            last_eval = validate(0)
+        for step in range(start_step, cfg.train.steps):
+            stage = stage_at(stages, step)
+            if step == 0 or stage != stage_at(stages, step - 1):
+                log.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size, "mode": stage.mode})
+                if runtime.is_main and step > 0:
+                    bar.write(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
+            width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
+            start = time.perf_counter()
+            window = loader.batch(step, width)
+            lr = lr_at(step, cfg.optim, cfg.train.steps, stage)
+            if cfg.tst.reset_optimizer and len(stages) > 1 and step == stages[-1].start_step:
+                optimizer.state.clear()  # lever: forget phase-1 moments at the switch
+            result = train_step(model, optimizer, window, stage, step, lr, cfg, runtime)
+            seconds = time.perf_counter() - start
+            elapsed += seconds
+            bad_steps = 0 if result.applied else bad_steps + 1
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or not result.applied:
+                log.write({"kind": "train", "step": done, "stage": stage.name, "bag_size": stage.bag_size,
+                           "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
+                           "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
+                           "step_seconds": seconds, "elapsed": elapsed})
+            if bad_steps >= cfg.train.max_bad_steps:
+                raise fail(done, f"steps {done - bad_steps + 1}-{done} had a non-finite loss or gradient and were skipped "
+                                 f"(train.max_bad_steps = {cfg.train.max_bad_steps}); "
+                                 f"{newest_checkpoint('the newest checkpoint, {}, predates them')}; "
+                                 "lower optim.lr or check the data, then resume with --resume auto --allow-config-change")
+            if (estimate := pace.update(done, seconds)) and not cfg.train.progress:
+                say(estimate)  # the progress bar shows its own ETA
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                last_eval = validate(done)
+            bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
+                            val=f"{last_eval['val_loss']:.3f}" if last_eval else "-", refresh=False)
+            bar.update(1)
+            stopping = any_rank(stop.requested, runtime.device)
+            # No periodic checkpoint inside a run of skipped steps: the last K stay ones from good steps.
+            periodic = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not bad_steps
+            if done == cfg.train.steps or periodic or stopping:
+                save_checkpoint(run_dir, done, model, optimizer, trainer_state(done), cfg.train.keep_checkpoints, runtime)
+            if stopping and done < cfg.train.steps:
+                log.close()
+                bar.close()
+                signum = broadcast_object(stop.signum)
+                raise Interrupted(f"interrupted at step {done}; checkpoint written to "
+                                  f"{run_dir / 'checkpoints' / f'step-{done:08d}'}; continue with --resume auto", signum)
     bar.close()
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
         last_eval = validate(cfg.train.steps)
@@ -346,11 +405,38 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
     return info if runtime.is_main else None
 
 
-def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run saved (``config.toml``)."""
-    import tomllib
+class Pace:
+    """The expected duration of the rest of the run, from the first steps this process timed.
 
-    path = Path(run_dir) / "config.toml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
-    return config_from_dict(tomllib.loads(path.read_text()))
+    The first step is left out (allocator warm-up, compilation); five after it give the pace."""
+
+    WARMUP, MEASURED = 1, 5
+
+    def __init__(self, start_step: int, steps: int):
+        self.start, self.steps, self.seconds = start_step, steps, []
+
+    def update(self, done: int, seconds: float) -> str | None:
+        """One line, once, after the measured steps; else None."""
+        if done - self.start <= self.WARMUP or len(self.seconds) >= self.MEASURED:
+            return None
+        self.seconds.append(seconds)
+        if len(self.seconds) < self.MEASURED or done >= self.steps:
+            return None
+        pace = sum(self.seconds) / len(self.seconds)
+        left = pace * (self.steps - done)
+        return (f"{pace:.3f} s/step over steps {done - self.MEASURED + 1}-{done}: about "
+                f"{left / 60:.1f} min for the remaining {self.steps - done} steps (validation not included)")
+
+
+def set_threads(cfg: Config, runtime: Runtime) -> None:
+    """CPU threads of this process: ``train.threads``, or (0) what measured fastest; see TrainConfig.threads."""
+    if runtime.device.type != "cpu" or (not cfg.train.threads and "OMP_NUM_THREADS" in os.environ):
+        return  # an explicit OMP_NUM_THREADS stands unless train.threads is set
+    torch.set_num_threads(cfg.train.threads or default_threads(runtime))
+
+
+def default_threads(runtime: Runtime) -> int:
+    """One thread per process unless the process has more than AUTO_THREADS_MIN_CORES cores to itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return per_rank if per_rank >= AUTO_THREADS_MIN_CORES else 1

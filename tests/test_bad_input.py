@@ -27,6 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL_DIR = SHARED_DATA / "eval"
 GPT2_DIR = SHARED_DATA / "tokenizers" / "gpt2"
 PROGRESS_BAR = re.compile(r"^\S.*: +\d+%\|.*\d+/\d+ \[")
+# what `train` says before it resumes, and the warnings that precede an error (e.g. each rejected checkpoint)
+INFO = re.compile(r"^(\S+: resuming from step \d+ \(|superpose: warning: )")
 
 
 def fails(argv: list[str], capsys, *fragments: str) -> str:
@@ -37,7 +39,7 @@ def fails(argv: list[str], capsys, *fragments: str) -> str:
     assert exc.value.code == 2, err
     assert "Traceback" not in err
     # transformers draws a "Writing model shards" bar during an export, whatever train.progress says
-    lines = [line for line in err.strip().splitlines() if not PROGRESS_BAR.search(line)]
+    lines = [line for line in err.strip().splitlines() if not (PROGRESS_BAR.search(line) or INFO.search(line))]
     assert len(lines) == 1, err
     assert lines[0].startswith("superpose: error: "), err
     for fragment in fragments:
@@ -409,11 +411,21 @@ def test_resume_value_not_a_checkpoint(run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
-def test_resume_corrupt_checkpoint(run_copy, capsys):
+def test_resume_truncated_checkpoint_by_path(run_copy, capsys):
+    """A checkpoint named on the command line must verify; the error names the file and the run is untouched."""
     state = run_copy / "checkpoints" / "step-00000004" / "state.pt"
     state.write_bytes(state.read_bytes()[: 4096])
     before = snapshot(run_copy)
-    fails(resume_args(run_copy, "--resume", "auto"), capsys, "step-00000004 cannot be read", "delete it")
+    fails(resume_args(run_copy, "--resume", state.parent), capsys, "step-00000004 failed verification",
+          "state.pt has 4096 bytes, the manifest says")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_auto_when_no_checkpoint_verifies(run_copy, capsys):
+    for name in ("step-00000002", "step-00000004"):
+        (run_copy / "checkpoints" / name / "manifest.json").unlink()
+    before = snapshot(run_copy)
+    fails(resume_args(run_copy, "--resume", "auto"), capsys, "no checkpoint of", "verifies", "manifest.json is missing")
     assert snapshot(run_copy) == before
 
 

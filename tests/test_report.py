@@ -247,7 +247,8 @@ def test_compare_runs_checks_the_runs_are_comparable(compared, tmp_path):
 def test_sweep_reuses_the_baseline_and_writes_csv_and_plot(compared):
     root, overrides, _, _ = compared
     baseline_metrics = (root / "cmp" / "baseline" / "metrics.jsonl").read_text()
-    rows, out = sweep(load_config(None, overrides), [2], [0.25, 0.5])
+    rows, out, failed = sweep(load_config(None, overrides), [2], [0.25, 0.5])
+    assert failed == {}
     assert (root / "cmp" / "baseline" / "metrics.jsonl").read_text() == baseline_metrics
     with open(out / "sweep.csv") as handle:
         table = list(csv.DictReader(handle))

@@ -1,0 +1,38 @@
+"""The errors a user can act on: the CLI prints them as one line and exits with status 2.
+
+They live in this dependency-free module so that the CLI can tell a user error from a bug
+without importing torch or transformers (a config error answers in well under a second).
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base of every error whose message tells the user what to fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; the message says which key and how to fix it."""
+
+
+class DataError(UserError, ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
+class ModelError(UserError, ValueError):
+    """A model that cannot be built or does not fit the data; the message says why."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be written, read or verified; the previous good one is left untouched."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run stopped for a reason the user must act on; the message says which."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint; the CLI exits with 128 + ``signum``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
