@@ -17,6 +17,7 @@ import math
 from itertools import chain
 from pathlib import Path
 
+import torch
 from datasets import load_dataset
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -113,6 +114,7 @@ def main(argv=None) -> TSTTrainer:
         report_to=args.report_to,
         seed=args.seed,
         dataloader_drop_last=True,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per loader)
     )
     trainer = TSTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                          tst=tst, seq_len=args.seq_len)  # TST

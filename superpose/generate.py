@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ConfigError
+
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A run directory means its exported ``model/``; anything else must be an HF model directory."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a run directory or an exported model directory")
     if (path / "model" / "config.json").is_file():
         return path / "model"
     if (path / "config.json").is_file():
@@ -16,10 +20,15 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
              top_k: int = 50, samples: int = 1, seed: int = 0) -> list[str]:
+    for name, value, low in (("--max-new-tokens", max_new_tokens, 1), ("--samples", samples, 1), ("--top-k", top_k, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    directory = resolve_model_dir(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = resolve_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.eos_token_id]])

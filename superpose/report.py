@@ -391,6 +391,11 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
             entry["switch"].update(training_gap(*reference.train_series("loss"), *run.train_series("loss"), run.switch_step))
             stage = "superposition" if equal_tokens <= run.at_step("tokens_seen", run.switch_step) else "next-token"
             entry["equal_data"]["candidate_stage"] = stage
+        entry["wall_clock_comparable"] = not _load_differs(entry)
+        if not entry["wall_clock_comparable"]:  # no wall-clock number is recorded that the report calls unusable
+            for key in ("seconds", "seconds_ratio", "equivalent_seconds_ratio"):
+                if key in entry["iso_loss"]:
+                    entry["iso_loss"][key] = None
         comparisons.append(entry)
     return {"reference": reference.name, "runs": rows, "comparisons": comparisons, "flops_formula": FLOPS_FORMULA,
             "regime": regime(rows[0]["parameters"], rows[0]["steps"], rows[0]["tokens_seen"]),
@@ -498,8 +503,9 @@ def _prose(summary: dict) -> list[str]:
         if iso["reached"]:
             lines.append(
                 f"- **Iso-loss**: {c['run']} reaches the reference's final validation loss {iso['target_val_loss']:.4f} at "
-                f"step {iso['step']:.0f} (interpolated), {iso['seconds']:.1f} training seconds and {_si(iso['flops'])} FLOPs: "
-                f"{iso['step_ratio']:.2f}x fewer steps and FLOPs, {iso['seconds_ratio']:.2f}x less wall-clock."
+                f"step {iso['step']:.0f} (interpolated) and {_si(iso['flops'])} FLOPs: {iso['step_ratio']:.2f}x fewer steps "
+                "and FLOPs; " + (f"{iso['seconds']:.1f} training seconds, {iso['seconds_ratio']:.2f}x less wall-clock."
+                                 if c["wall_clock_comparable"] else "wall-clock not comparable (the machine's load differed).")
             )
         else:
             lines.append(
@@ -606,7 +612,8 @@ def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True, fail
     summary = summarize(runs, paired)
     summary["failed"] = dict(failed or {})
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
-    plot_runs(runs, out)
+    comparable = all(c["wall_clock_comparable"] for c in summary["comparisons"])
+    plot_runs(runs, out, None if comparable else "not comparable: the machine's load differed between the runs")
     ref = runs[0]
     text = [
         "# Baseline vs TST\n",
@@ -655,7 +662,9 @@ def _switch_x(run: Run, axis: str) -> float | None:
     return run.at_step({"elapsed": "elapsed", "tokens": "tokens_seen"}[axis], run.switch_step)
 
 
-def plot_runs(runs: list[Run], out: Path) -> None:
+def plot_runs(runs: list[Run], out: Path, wall_clock_note: str | None = None) -> None:
+    """The validation curves against step, wall-clock and data; ``wall_clock_note`` goes under the
+    wall-clock plot's title when its x-axis cannot be compared between the runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -687,7 +696,8 @@ def plot_runs(runs: list[Run], out: Path) -> None:
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _si(v)))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(PLOTS[f"val_loss_vs_{name}.png"])
+        note = wall_clock_note if name == "seconds" and wall_clock_note else None
+        ax.set_title(PLOTS[f"val_loss_vs_{name}.png"] + (f"\n({note})" if note else ""), color="firebrick" if note else None)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

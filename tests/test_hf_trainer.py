@@ -49,7 +49,8 @@ def make_trainer(out, steps, tst, grad_accum=1, save_steps=1000, callbacks=(), c
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
                              gradient_accumulation_steps=grad_accum, learning_rate=1e-3, logging_steps=1,
                              save_steps=save_steps, report_to="none", seed=0, disable_tqdm=True,
-                             lr_scheduler_type="linear", warmup_steps=1)
+                             lr_scheduler_type="linear", warmup_steps=1,
+                             dataloader_pin_memory=torch.cuda.is_available())
     trainer = cls(model=model, args=args, train_dataset=Windows(64, window_tokens(L, tst)),
                   tst=tst, seq_len=L, callbacks=list(callbacks))
     trainer.calls = []

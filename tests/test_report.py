@@ -27,6 +27,7 @@ from superpose.report import (
     switch_spike,
     training_gap,
     value_at,
+    write_report,
 )
 from superpose.schedule import build_stages, has_superposition
 
@@ -219,6 +220,20 @@ def test_wall_clock_speedup_is_not_reported_when_the_load_differed(compared):
     assert "n/a: machine load differed" in table()
     comp["step_time_ratio"] = 1.0
     assert "2.50x" in table()
+
+
+def test_summary_records_no_wall_clock_ratio_when_the_load_differed(compared, tmp_path):
+    """Identical next-token steps that took 3x as long in one run: summary.json must not carry a
+    wall-clock speedup the report calls unusable, and the wall-clock plot must say why."""
+    root = compared[0]
+    base, tst = load_run(root / "cmp" / "baseline"), load_run(root / "cmp" / "tst")
+    for record in tst.trains:
+        record["step_seconds"] *= 3
+    summary = write_report([base, tst], tmp_path / "report", paired=False)
+    comp = summary["comparisons"][0]
+    assert comp["wall_clock_comparable"] is False and comp["step_time_ratio"] > 2
+    assert all(comp["iso_loss"].get(key) is None for key in ("seconds", "seconds_ratio", "equivalent_seconds_ratio"))
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["comparisons"][0]["wall_clock_comparable"] is False
 
 
 def test_compare_does_not_rerun_finished_arms_and_refuses_a_changed_config(compared):
