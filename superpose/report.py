@@ -697,7 +697,7 @@ def plot_runs(runs: list[Run], out: Path, wall_clock_note: str | None = None) ->
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
         note = wall_clock_note if name == "seconds" and wall_clock_note else None
-        ax.set_title(PLOTS[f"val_loss_vs_{name}.png"] + (f"\n({note})" if note else ""), color="firebrick" if note else None)
+        ax.set_title(PLOTS[f"val_loss_vs_{name}.png"] + (f"\n({note})" if note else ""), color="firebrick" if note else "black")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
