@@ -1,23 +1,37 @@
-"""Fault injection: SIGKILL a short TST run at many points, resume it, compare with an uninterrupted run.
+"""Fault injection: SIGKILL a short TST run at many points, damage its checkpoints, resume it, and
+compare it with an uninterrupted run.
 
-    python scripts/kill_resume.py                       # long form: 10 trials, 3 random kills each
+    python scripts/kill_resume.py                       # long form: 50 trials (~1 h on 2 cores)
     python scripts/kill_resume.py --trials 1 --kills 0  # short form (CI): only the fixed kills of trial 0
 
 Each trial is one run directory, trained by a chain of processes: every process but the last is
-killed with SIGKILL, the next one restarts with ``superpose train --resume auto``. Trial 0 always
-kills during the last phase-1 step, during the first phase-2 step and in the middle of writing a
-checkpoint; every trial adds ``--kills`` random kill points. A finished trial must have logged
-every step exactly once with the same loss, gradient norm, learning rate and data position, the
-same validation losses, and exported bit-identical weights as the uninterrupted reference run
-(single process on CPU: bit for bit). Prints one line: ``trials=N kills=K mismatches=M``.
+killed with SIGKILL, the next one restarts with ``--resume auto``. Trials come in three kinds:
+- ``superpose train`` (8 in 10): trial 0 always kills during the last phase-1 step, during the
+  first phase-2 step and in the middle of writing a checkpoint; every trial adds ``--kills``
+  random kill points, and every odd trial a damage point: a kill once two checkpoints exist,
+  after which the newest checkpoint is damaged (byte ranges flipped in place, truncated, its
+  state file or its manifest deleted, in turn). The next process must report the damage
+  ("failed verification") and continue from the older checkpoint;
+- ``superpose compare`` (trial 5, 15, ...): the baseline killed in phase 1, the process killed
+  between the arms, the TST arm killed in phase 2 and while writing a checkpoint;
+- a 2-rank DDP run under torchrun (trial 9, 19, ...): one rank SIGKILLed at two random steps
+  (torchrun then tears the job down), resumed each time with 2 ranks.
+A finished trial must have logged every step exactly once with the same loss, gradient norm,
+learning rate and data position, the same validation losses, and exported bit-identical weights
+as the uninterrupted reference run of its kind (on CPU: bit for bit). Prints
+``damaged checkpoints=D detected=E``, then ``trials=N kills=K mismatches=M``.
 
-Kill points (``--plan`` takes them comma-separated):
+Kill points (``--plan`` takes them comma-separated, for trial 0):
   step:K   inside step K (1-based), after its optimizer update, before it is logged or checkpointed
   ckpt:K   halfway through writing checkpoint K's state file (a partial hidden .tmp-step dir is left)
   final    after the last checkpoint, before the model export
+  export   in the middle of the export: weights and tokenizer written, manifest and rename not
   ext:K    from outside, at whatever point the run has reached once step K shows in metrics.jsonl
-The first three are exact: the child process (this script with ``--child``) patches the trainer
-to SIGKILL itself there; the library has no hooks for it.
+  damage-KIND:K   step:K, then the newest checkpoint is damaged (KIND: flip truncate delstate delmanifest)
+  between  (compare) once the baseline arm has finished, before the TST arm starts
+  rank:K   (DDP) SIGKILL one worker once step K shows in metrics.jsonl
+The in-process points are exact: the child process (this script with ``--child``) patches the
+trainer to SIGKILL itself there; the library has no hooks for it.
 """
 from __future__ import annotations
 
@@ -35,6 +49,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from superpose.integrity import problem  # noqa: E402  (torch-free: the parent never imports torch)
+from superpose.runs import checkpoint_dirs, read_records  # noqa: E402
+
+DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
 STEPS, RATIO, CHECKPOINT_EVERY, EVAL_EVERY = 24, 0.5, 4, 8
 SWITCH = round(RATIO * STEPS)  # the first phase-2 step (0-based) = the last phase-1 step (1-based)
 CONFIG = f"""
@@ -71,7 +91,6 @@ COMPARED = {"train": ("stage", "bag_size", "loss", "lr", "grad_norm", "applied",
 
 def child(kill: str, argv: list[str]) -> None:
     """Run ``superpose`` with ``argv``, SIGKILLing this process at the kill point."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import superpose.train as train_mod
@@ -110,6 +129,16 @@ def child(kill: str, argv: list[str]) -> None:
         train_mod.save_checkpoint, torch.save = save_checkpoint_armed, torch_save_half
     elif kind == "final":
         train_mod.export_model = lambda *args, **kwargs: die()
+    elif kind == "export":  # the weights and tokenizer are in .tmp-model, the manifest and rename are not
+        import superpose.checkpoint as checkpoint_mod
+
+        write_manifest = checkpoint_mod.write_manifest
+        checkpoint_mod.write_manifest = lambda directory, *a: die() if Path(directory).name == ".tmp-model" else write_manifest(directory, *a)
+    elif kind == "between":  # compare: the baseline arm has finished, the TST arm has not started
+        import superpose.compare as compare_mod
+
+        run_arm = compare_mod.run_arm
+        compare_mod.run_arm = lambda cfg, label: die() if label.startswith("[2/2]") else run_arm(cfg, label)
     main(argv)
 
 
@@ -117,9 +146,11 @@ def child(kill: str, argv: list[str]) -> None:
 
 
 def position(point: str) -> float:
-    """Where in the run a kill point lies: step K and ext:K at K, checkpoint K just after, final last."""
+    """Where in the run a kill point lies: step K, ext:K, rank:K and damage at K, checkpoint K just after, the export last."""
     kind, _, arg = point.partition(":")
-    return STEPS + 0.75 if kind == "final" else int(arg) + (0.5 if kind == "ckpt" else 0.0)
+    if kind in ("final", "export"):
+        return STEPS + (0.75 if kind == "final" else 0.85)
+    return int(arg) + (0.5 if kind == "ckpt" else 0.0)
 
 
 def ordered(points: set[str]) -> list[str]:
@@ -131,31 +162,72 @@ def ordered(points: set[str]) -> list[str]:
 
 def random_points(rng: random.Random, count: int) -> set[str]:
     candidates = [f"step:{k}" for k in range(1, STEPS + 1)] + [f"ext:{k}" for k in range(1, STEPS + 1)]
-    candidates += [f"ckpt:{k}" for k in range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)] + ["final"]
+    candidates += [f"ckpt:{k}" for k in range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY)] + ["final", "export"]
     return set(rng.sample(candidates, count))
 
 
-def launch(config: Path, run_dir: Path, kill: str, env: dict) -> subprocess.Popen:
-    """Start one process of a run (``superpose train --resume auto``), output appended to RUN.log."""
-    argv = ["train", str(config), f"--train.out_dir={run_dir}", "--resume", "auto"]
-    inner = "none" if kill.startswith("ext:") else kill
+def damage_point(rng: random.Random, trial: int) -> str:
+    """A kill inside a step once two checkpoints exist, after which the newest one is damaged."""
+    kind = DAMAGE[(trial // 2) % len(DAMAGE)]
+    return f"damage-{kind}:{rng.randrange(2 * CHECKPOINT_EVERY + 1, STEPS + 1)}"
+
+
+def damage(run_dir: Path, kind: str, rng: random.Random) -> str:
+    """Damage the newest checkpoint as a bad disk or a careless hand would; returns what was done."""
+    newest = checkpoint_dirs(run_dir)[-1]
+    state = newest / "state.pt"
+    if kind == "flip":  # 1-3 byte ranges inverted in place: same size, other content
+        raw = bytearray(state.read_bytes())
+        ranges = [(start, rng.randrange(1, 4097)) for start in rng.sample(range(len(raw) - 4096), rng.randrange(1, 4))]
+        for start, length in ranges:
+            raw[start : start + length] = bytes(b ^ 0xFF for b in raw[start : start + length])
+        state.write_bytes(bytes(raw))
+        return f"{newest.name}: {len(ranges)} byte range(s) flipped"
+    if kind == "truncate":
+        size = rng.randrange(0, state.stat().st_size)
+        os.truncate(state, size)
+        return f"{newest.name}: state.pt truncated to {size} bytes"
+    target = state if kind == "delstate" else newest / "manifest.json"
+    target.unlink()
+    return f"{newest.name}: {target.name} deleted"
+
+
+def command(trial: str, config: Path, run_dir: Path, kill: str) -> list[str]:
+    """One process of a run: `superpose train|compare CONFIG --resume auto`, in the kill-point
+    child (in-process kills) or under torchrun with 2 ranks (external kills only)."""
+    if trial == "ddp":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "superpose",
+                "train", str(config), f"--train.out_dir={run_dir}", "--resume", "auto"]
+    argv = [trial, str(config), f"--train.out_dir={run_dir}"] + (["--resume", "auto"] if trial == "train" else [])
+    inner = "none" if kill.startswith(("ext:", "rank:")) else kill
+    return [sys.executable, __file__, "--child", inner, *argv]
+
+
+def launch(cmd: list[str], run_dir: Path, kill: str, env: dict) -> subprocess.Popen:
+    """Start one process, its output appended to RUN.log."""
     with open(run_dir.with_suffix(".log"), "a") as out:
         out.write(f"=== {kill}\n")
         out.flush()
-        return subprocess.Popen([sys.executable, __file__, "--child", inner, *argv], env=env, cwd=ROOT, stdout=out, stderr=out)
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=out)
 
 
-def run_segment(config: Path, run_dir: Path, kill: str, env: dict) -> int:
-    """One process of a trial; returns its exit status (-9 = killed)."""
-    proc = launch(config, run_dir, kill, env)
-    if kill.startswith("ext:"):
-        target = int(kill.partition(":")[2])
+def run_segment(cmd: list[str], run_dir: Path, kill: str, env: dict) -> int:
+    """One process of a trial; returns its exit status (-9 = killed; torchrun exits 1 when a rank was)."""
+    proc = launch(cmd, run_dir, kill, env)
+    kind, _, arg = kill.partition(":")
+    if kind in ("ext", "rank"):
         while proc.poll() is None:
-            if logged_step(run_dir / "metrics.jsonl") >= target:
-                proc.send_signal(signal.SIGKILL)
+            if logged_step(run_dir / "metrics.jsonl") >= int(arg):
+                os.kill(workers(proc.pid)[-1] if kind == "rank" else proc.pid, signal.SIGKILL)  # torchrun tears the rest down
                 break
             time.sleep(0.005)
     return proc.wait()
+
+
+def workers(pid: int) -> list[int]:
+    """The superpose processes torchrun ``pid`` started (not its other helpers)."""
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [c for c in children if b"superpose" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def logged_step(path: Path) -> int:
@@ -173,19 +245,13 @@ def logged_step(path: Path) -> int:
 
 
 def newest_checkpoint(run_dir: Path) -> int:
-    """The step a resume would start from (complete checkpoints only, as the trainer sees them)."""
-    steps = [int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*/state.pt")]
-    return max(steps, default=0)
+    """The step a resume would start from (checkpoints that verify, as the trainer sees them)."""
+    return max((int(p.name[5:]) for p in checkpoint_dirs(run_dir) if problem(p) is None), default=0)
 
 
 def records(run_dir: Path) -> list[tuple]:
     """The compared content of a run's metrics.jsonl, in order."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] in COMPARED:
-            rows.append((record["kind"], record["step"], *(repr(record[k]) for k in COMPARED[record["kind"]])))
-    return rows
+    return [(r["kind"], r["step"], *(repr(r[k]) for k in COMPARED[r["kind"]])) for r in read_records(run_dir) if r["kind"] in COMPARED]
 
 
 def weights_digest(run_dir: Path) -> str:
@@ -209,8 +275,7 @@ def compare(reference: Path, run_dir: Path, report) -> int:
 
 def prepare_data(work: Path) -> Path:
     """A small prepared corpus: three Shakespeare plays, 512-token BPE (about a second)."""
-    sys.path.insert(0, str(ROOT))
-    from superpose.data import prepare, shakespeare_files
+    from superpose.data import prepare, shakespeare_files  # imports torch: only when no --data is given
 
     data = work / "data"
     if not (data / "meta.json").exists():
@@ -218,13 +283,27 @@ def prepare_data(work: Path) -> Path:
     return data
 
 
+def trial_kind(index: int) -> str:
+    """Most trials kill `superpose train`; every tenth a `compare` (5th) and a 2-rank DDP run (10th)."""
+    return {5: "compare", 9: "ddp"}.get(index % 10, "train")
+
+
+def plan_of(kind: str, index: int, fixed: list[str], args, rng: random.Random) -> list[str]:
+    if kind == "compare":  # baseline killed in phase 1, between the arms, TST in phase 2 and mid-checkpoint
+        return [f"step:{SWITCH}", "between", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}"]
+    if kind == "ddp":  # one rank SIGKILLed at two random steps
+        return ordered({f"rank:{k}" for k in rng.sample(range(1, STEPS), 2)})
+    points = set(fixed if index == 0 else []) | random_points(rng, args.kills)
+    return ordered(points | ({damage_point(rng, index)} if index % 2 else set()))
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], sys.argv[3:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--kills", type=int, default=3, help="random kill points per trial (trial 0 adds its fixed ones)")
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--kills", type=int, default=3, help="random kill points per train trial (trial 0 adds its fixed ones)")
     parser.add_argument("--plan", help="kill points of trial 0 instead of the fixed ones, e.g. step:5,ckpt:8,final")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", help="a prepared data directory (default: prepare a small one in --work)")
@@ -242,40 +321,63 @@ def main() -> int:
     say = (lambda text: print(text, file=sys.stderr)) if args.verbose else (lambda text: None)
     problems = []
 
-    reference = work / "reference"
-    reference_proc = launch(config, reference, "none", env)  # alongside trial 0: each process uses one thread
+    kinds = sorted({trial_kind(i) for i in range(args.trials)})
+    references = {kind: launch(command(kind, config, work / f"reference-{kind}", "none"), work / f"reference-{kind}", "none", env)
+                  for kind in kinds}  # alongside the trials: each process uses one thread
     fixed = args.plan.split(",") if args.plan else [f"step:{SWITCH}", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}"]
     rng = random.Random(args.seed)
-    kills = mismatches = 0
+    kills = mismatches = damaged = detected = 0
     for trial in range(args.trials):
-        plan = ordered(set(fixed if trial == 0 else []) | random_points(rng, args.kills))
+        kind = trial_kind(trial)
+        plan = plan_of(kind, trial, fixed, args, rng)
         run_dir = work / f"trial-{trial:02d}"
-        say(f"trial {trial}: {', '.join(plan) or 'no kills'}")
-        for point in plan:
-            if point != "final" and newest_checkpoint(run_dir) >= int(point.partition(":")[2]):
+        say(f"trial {trial} ({kind}): {', '.join(plan) or 'no kills'}")
+        pending = None  # what was damaged, until the next process has reported it
+        for point in plan + ["none"]:
+            kill = "step:" + point.partition(":")[2] if point.startswith("damage-") else point
+            if kind == "train" and point not in ("none", "final", "export") and newest_checkpoint(run_dir) >= int(point.partition(":")[2]):
                 say(f"  {point}: skipped, an external kill came late and the run is already past it")
                 continue
-            status = run_segment(config, run_dir, point, env)
-            if status == -signal.SIGKILL:
+            log = run_dir.with_suffix(".log")
+            seen = log.stat().st_size if log.exists() else 0
+            status = run_segment(command(kind, config, run_dir, kill), run_dir, point, env)
+            if pending is not None:
+                noticed = "failed verification" in log.read_text()[seen:]
+                detected += noticed
+                if not noticed:
+                    problems.append(f"trial {trial}: the damage ({pending}) went unnoticed")
+                pending = None
+            if point == "none":
+                if status != 0:
+                    problems.append(f"trial {trial}: the final resume failed (exit status {status})")
+                break
+            if status == -signal.SIGKILL or (kind == "ddp" and status != 0):
                 kills += 1
                 tmp = run_dir / "checkpoints" / f".tmp-step-{int(point[5:]):08d}" if point.startswith("ckpt:") else None
-                if tmp is not None and not (tmp / "state.pt").is_file():
+                if tmp is not None and kind == "train" and not (tmp / "state.pt").is_file():
                     problems.append(f"trial {trial}: {point} left no partial {tmp}")
-            elif not point.startswith("ext:"):  # an external kill may come too late; an in-process one may not
+                if point.startswith("damage-"):
+                    pending = damage(run_dir, point[7:].partition(":")[0], rng)
+                    damaged += 1
+                    say(f"  damaged {pending}")
+            elif not point.startswith(("ext:", "rank:")):  # an external kill may come too late; an in-process one may not
                 problems.append(f"trial {trial}: {point} was not reached (exit status {status})")
-        if run_segment(config, run_dir, "none", env) != 0:
-            problems.append(f"trial {trial}: the final resume failed")
+        if status != 0:
             continue
-        if list((run_dir / "checkpoints").glob(".tmp-*")):
-            problems.append(f"trial {trial}: a partial checkpoint directory was left behind")
-        if reference_proc.wait() != 0:
+        leftovers = [p for p in run_dir.rglob(".tmp-*")]
+        if leftovers:
+            problems.append(f"trial {trial}: partial directories were left behind: {leftovers}")
+        reference = work / f"reference-{kind}"
+        if references[kind].wait() != 0:
             print(f"the reference run failed; see {reference.with_suffix('.log')}", file=sys.stderr)
             return 1
-        mismatches += compare(reference, run_dir, say)
-    for problem in problems:
-        print(problem, file=sys.stderr)
+        arms = ["baseline", "tst"] if kind == "compare" else [""]
+        mismatches += sum(compare(reference / arm, run_dir / arm, say) for arm in arms)
+    for problem_text in problems:
+        print(problem_text, file=sys.stderr)
     if problems:
         print(f"process output: {work}/*.log", file=sys.stderr)
+    print(f"damaged checkpoints={damaged} detected={detected}")
     print(f"trials={args.trials} kills={kills} mismatches={mismatches}")
     return 0 if mismatches == 0 and not problems else 1
 
