@@ -186,15 +186,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} is a directory; give a TOML file (a run's config is RUN/config.toml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        _apply(cfg, data, str(path))
+        _apply(cfg, read_toml(path), str(path))
     for text in overrides:
         _apply(cfg, parse_override(text), "command line")
     validate(cfg)
     return cfg
+
+
+def read_toml(path: Path) -> dict:
+    """A TOML file as a dict (tomllib, or tomli before Python 3.11); a one-line error if it does not parse."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 
 
 def config_from_dict(data: dict) -> Config:

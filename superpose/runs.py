@@ -12,16 +12,10 @@ reader here skips such a line instead of failing on it.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, read_toml
 from .errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
 
@@ -65,4 +59,4 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG})")
-    return config_from_dict(tomllib.loads(path.read_text()))
+    return config_from_dict(read_toml(path))

@@ -221,3 +221,16 @@ def test_failed_train_removes_the_directory_it_created(tmp_path, capsys):
               "--train.progress=false"])
     assert "no-data" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_a_log_cut_off_by_a_kill_reads_as_unfinished(reference, tmp_path):
+    """A kill in the middle of a metrics.jsonl write leaves half a line: readers skip it, and
+    `compare` sees an unfinished arm to resume instead of failing on the JSON."""
+    from superpose.runs import is_finished, read_records
+
+    run = Path(shutil.copytree(reference, tmp_path / "run"))
+    assert is_finished(run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    assert not is_finished(run)
+    assert read_records(run) == [json.loads(line) for line in lines[:-1]]
