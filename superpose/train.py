@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from tqdm import tqdm
 from . import data as data_mod
 from .checkpoint import export_model, load_checkpoint, save_checkpoint, select_checkpoint
 from .config import Config, ConfigError, config_from_dict
-from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, broadcast_object, gradient_sync, init_runtime,
-                          parallelize, raise_together)
+from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_sync, init_runtime, parallelize,
+                          raise_together)
 from .errors import Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
 from .preemption import StopRequest
@@ -286,7 +287,6 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     val_windows = data_mod.validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
-    say = (lambda text: print(f"{label}: {text}", file=sys.stderr)) if runtime.is_main else (lambda text: None)
     start_step, elapsed, last_eval = 0, 0.0, None
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
@@ -295,9 +295,10 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         start_step, elapsed, last_eval = state["step"], state["elapsed"], state.get("last_eval")
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
-        say(f"resuming from step {start_step} ({resume_from})")
-    elif resume == "auto" and (run_dir / "metrics.jsonl").exists():
-        say(f"{run_dir} has no checkpoint to resume from; starting again from step 0")
+        if runtime.is_main:
+            print(f"{label}: resuming from step {start_step} ({resume_from})", file=sys.stderr)
+    elif resume == "auto" and (run_dir / "metrics.jsonl").exists() and runtime.is_main:
+        print(f"{label}: {run_dir} has no checkpoint to resume from; starting again from step 0", file=sys.stderr)
 
     if runtime.is_main:
         atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg.to_dict()))
@@ -375,8 +376,8 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
                                  f"(train.max_bad_steps = {cfg.train.max_bad_steps}); "
                                  f"{newest_checkpoint('the newest checkpoint, {}, predates them')}; "
                                  "lower optim.lr or check the data, then resume with --resume auto --allow-config-change")
-            if (estimate := pace.update(done, seconds)) and not cfg.train.progress:
-                say(estimate)  # the progress bar shows its own ETA
+            if (estimate := pace.update(done, seconds)) and runtime.is_main:
+                bar.write(f"{label}: {estimate}", file=sys.stderr)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 last_eval = validate(done)
             bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
@@ -390,9 +391,9 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
             if stopping and done < cfg.train.steps:
                 log.close()
                 bar.close()
-                signum = broadcast_object(stop.signum)
                 raise Interrupted(f"interrupted at step {done}; checkpoint written to "
-                                  f"{run_dir / 'checkpoints' / f'step-{done:08d}'}; continue with --resume auto", signum)
+                                  f"{run_dir / 'checkpoints' / f'step-{done:08d}'}; continue with --resume auto",
+                                  stop.signum or signal.SIGTERM)  # a rank that got no signal stopped because another did
     bar.close()
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
         last_eval = validate(cfg.train.steps)

@@ -75,3 +75,13 @@ def test_progress_bar_ends_with_the_final_validation(small_data, tmp_path, capsy
     err = capsys.readouterr().err
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert re.findall(r"val=([\d.]+)", err)[-1] == f"{final['val_loss']:.3f}", err[-500:]
+
+
+def test_pace_estimates_the_rest_of_the_run_once():
+    """After one warm-up step and five timed ones, one line with the pace and the time left."""
+    from superpose.train import Pace
+
+    pace = Pace(start_step=10, steps=110)
+    lines = [pace.update(done, 2.0 if done == 11 else 0.5) for done in range(11, 30)]
+    assert [line for line in lines if line] == [
+        "0.500 s/step over steps 12-16: about 0.8 min for the remaining 94 steps (validation not included)"]
