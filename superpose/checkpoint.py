@@ -30,9 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .distributed import Runtime, barrier, broadcast_object
 from .errors import CheckpointError
-from .integrity import MANIFEST, HashingWriter, problem, write_manifest
-from .runs import checkpoint_dirs
+from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
 from .model import hf_progress_bars
+from .runs import checkpoint_dirs
 
 STATE_FILE = "state.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -68,7 +68,7 @@ def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
                 f"(one holding {STATE_FILE}, e.g. {run_dir / 'checkpoints' / 'step-00000100'})"
             )
         found = problem(path)
-        if found == f"{MANIFEST} is missing":
+        if found == NO_MANIFEST:
             print(f"superpose: warning: {path} has no {MANIFEST} (written before checkpoints had checksums); "
                   "loading it unverified", file=sys.stderr)
         elif found is not None:

@@ -55,8 +55,9 @@ def run_arm(cfg: Config, label: str) -> None:
 
 def run_arms(arms: list[tuple[str, Config]], command: str) -> dict[str, str]:
     """Train the arms in order; returns ``{name: error}`` of the arms that failed. Each progress bar
-    says "[i/n] name s=4, r=0.3" (the arm's method), and between arms an ETA for the rest is printed at the pace of the arms
-    trained so far (arms differ little in cost). ``command`` is what to rerun after an interrupt."""
+    says "[i/n] name s=4, r=0.3" (the arm's method), and between arms an ETA for the rest is
+    printed at the pace of the arms trained so far (arms differ little in cost). ``command`` is
+    what to rerun after an interrupt."""
     trained, spent, failed = 0, 0.0, {}
     for i, (name, cfg) in enumerate(arms):
         method = method_name([vars(s) for s in build_stages(cfg.tst, cfg.train.steps)], cfg.train.steps)
@@ -72,7 +73,7 @@ def run_arms(arms: list[tuple[str, Config]], command: str) -> dict[str, str]:
             failed[name] = str(err)
             continue
         except Interrupted as stop:
-            raise Interrupted(f"{stop} (or rerun `superpose {command}` to continue the remaining arms)", stop.signum) from None
+            raise Interrupted(stop.step, stop.checkpoint, stop.signum, f"the same `superpose {command}` command") from None
         if fresh:
             trained, spent = trained + 1, spent + time.perf_counter() - started
     return failed

@@ -31,8 +31,9 @@ class TrainingError(UserError, RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after a checkpoint; the CLI exits with 128 + ``signum``."""
+    """SIGINT or SIGTERM stopped the run after a checkpoint; the CLI exits with 128 + ``signum``.
+    ``how`` says how to continue (another command for `compare` and `sweep`)."""
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
+    def __init__(self, step: int, checkpoint, signum: int, how: str = "--resume auto"):
+        super().__init__(f"interrupted at step {step}; checkpoint written to {checkpoint}; continue with {how}")
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum

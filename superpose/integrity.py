@@ -21,6 +21,7 @@ from .errors import CheckpointError, ConfigError
 from .runs import CHECKPOINTS, CONFIG, METRICS, MODEL, checkpoint_dirs
 
 MANIFEST = "manifest.json"
+NO_MANIFEST = f"{MANIFEST} is missing"  # what ``problem`` says of a directory without one
 ALGORITHM = "sha256"
 _CHUNK = 1 << 20
 
@@ -85,7 +86,7 @@ def problem(directory: str | Path) -> str | None:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        return f"{MANIFEST} is missing"
+        return NO_MANIFEST
     try:
         manifest = json.loads(path.read_text())
         files, algorithm = manifest["files"], manifest["algorithm"]

@@ -391,9 +391,8 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
             if stopping and done < cfg.train.steps:
                 log.close()
                 bar.close()
-                raise Interrupted(f"interrupted at step {done}; checkpoint written to "
-                                  f"{run_dir / 'checkpoints' / f'step-{done:08d}'}; continue with --resume auto",
-                                  stop.signum or signal.SIGTERM)  # a rank that got no signal stopped because another did
+                # a rank that got no signal stops because another did: it exits as if it got SIGTERM
+                raise Interrupted(done, run_dir / "checkpoints" / f"step-{done:08d}", stop.signum or signal.SIGTERM)
     bar.close()
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
         last_eval = validate(cfg.train.steps)

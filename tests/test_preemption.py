@@ -105,3 +105,16 @@ def test_sigterm_under_torchrun_checkpoints_on_all_ranks_and_resumes_exactly(sma
     assert again.returncode == 0, again.stderr[-3000:]
     assert ref.wait(timeout=300) == 0
     assert outcome(run) == outcome(reference)
+
+
+def test_ctrl_c_during_compare_says_how_to_continue(small_data, tmp_path):
+    root = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "superpose", "compare", *tiny_overrides(small_data, root, **{**RUN, "train.steps": 40})]
+    done = interrupt(cmd, root / "baseline", [signal.SIGINT])
+    step = logged_step(root / "baseline")
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"superpose: interrupted at step {step}; checkpoint written to {root / 'baseline' / 'checkpoints' / f'step-{step:08d}'}; "
+        "continue with the same `superpose compare` command")
+    again = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and f"[1/2] baseline: resuming from step {step}" in again.stderr, again.stderr[-2000:]
