@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from superpose.integrity import problem  # noqa: E402  (torch-free: the parent never imports torch)
-from superpose.runs import checkpoint_dirs, read_records  # noqa: E402
+from superpose.runs import checkpoint_dirs, logged_step, read_records  # noqa: E402
 
 DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
 STEPS, RATIO, CHECKPOINT_EVERY, EVAL_EVERY = 24, 0.5, 4, 8
@@ -217,7 +217,7 @@ def run_segment(cmd: list[str], run_dir: Path, kill: str, env: dict) -> int:
     kind, _, arg = kill.partition(":")
     if kind in ("ext", "rank"):
         while proc.poll() is None:
-            if logged_step(run_dir / "metrics.jsonl") >= int(arg):
+            if logged_step(run_dir) >= int(arg):
                 os.kill(workers(proc.pid)[-1] if kind == "rank" else proc.pid, signal.SIGKILL)  # torchrun tears the rest down
                 break
             time.sleep(0.005)
@@ -228,20 +228,6 @@ def workers(pid: int) -> list[int]:
     """The superpose processes torchrun ``pid`` started (not its other helpers)."""
     children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     return [c for c in children if b"superpose" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
-def logged_step(path: Path) -> int:
-    if not path.exists():
-        return 0
-    steps = [0]
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == "train":
-            steps.append(record["step"])
-    return max(steps)
 
 
 def newest_checkpoint(run_dir: Path) -> int:

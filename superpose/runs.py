@@ -47,6 +47,13 @@ def read_records(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def logged_step(run_dir: str | Path) -> int:
+    """The newest step with a ``train`` record (0 before the first), readable while the run writes."""
+    if not (Path(run_dir) / METRICS).is_file():
+        return 0
+    return max((r["step"] for r in read_records(run_dir) if r.get("kind") == "train"), default=0)
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """Does ``run_dir`` hold a run that logged its ``end`` record (among its last three)?"""
     if not (Path(run_dir) / METRICS).is_file():

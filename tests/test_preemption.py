@@ -1,7 +1,6 @@
 """Ctrl-C and preemption: SIGINT/SIGTERM finish the step, checkpoint, exit 130/143; the resume is exact."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+
+from superpose.runs import logged_step, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = {"train.steps": 60, "train.batch_size": 4, "tst.ratio": 0.5, "optim.warmup_steps": 2, "train.eval_every": 30,
@@ -22,20 +23,6 @@ TIMING = {"tokens_per_s", "step_seconds", "elapsed"}
 def command(data: Path, out: Path, ranks: int, *extra: str) -> list[str]:
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     return [*runner, "-m", "superpose", "train", *tiny_overrides(data, out, **RUN), *extra]
-
-
-def logged_step(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [0]
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            continue
-        steps += [record["step"]] if record.get("kind") == "train" else []
-    return max(steps)
 
 
 def interrupt(cmd: list[str], run: Path, signals: list[int], after_step: int = 3) -> subprocess.CompletedProcess:
@@ -52,8 +39,7 @@ def interrupt(cmd: list[str], run: Path, signals: list[int], after_step: int = 3
 
 
 def outcome(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(run)]
 
 
 @pytest.fixture(scope="module")
