@@ -78,9 +78,13 @@ class StepCase:
     def window(self, width: int) -> torch.Tensor:
         return torch.randint(self.vocab, (self.batch, width), generator=torch.Generator().manual_seed(width))
 
+    @staticmethod
+    def stage(bag_size: int) -> Stage:
+        return Stage("superposition" if bag_size > 1 else "next-token", bag_size, "full", "uniform", 1)
+
     def ours(self, bag_size: int, model: nn.Module | None = None):
         """Our step; ``model`` may be another ``TSTModel`` over the same LM (a compiled one)."""
-        stage = Stage("superposition" if bag_size > 1 else "next-token", bag_size, "full", "uniform", 1)
+        stage = self.stage(bag_size)
         window = self.window(window_length(self.seq_len, bag_size, "full"))
         model = model or self.model
         return lambda: train_step(model, self.optimizer, window, stage, 0, 1e-4, self.cfg, self.runtime)

@@ -27,12 +27,14 @@ round by round; tables show medians, ratios are medians of per-round ratios (ben
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,10 +52,10 @@ from superpose.config import Config
 from superpose.data import WindowLoader, to_device
 from superpose.distributed import Runtime
 from superpose.loss import chunked_head_mce_sum
-from superpose.method import multi_hot_cross_entropy_sum, slot_weights, window_length
+from superpose.method import multi_hot_cross_entropy_sum, slot_weights, split_window, window_length
 from superpose.model import PRESETS, TSTModel, build_model
 from superpose.schedule import build_stages, lr_at, stage_at
-from superpose.train import make_optimizer, train_step
+from superpose.train import autocast, make_optimizer, train_step
 
 IGNORE = -100
 # The 10B-A1B MoE with 2 of its 24 layers: its expert and head shapes on one card.
@@ -102,9 +104,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the references and the fp32 run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": machine(device), "size": {k: v for k, v in size.items()}, "sections": {}, "skipped": []}
+    results = {"machine": machine(device), "size": dict(size), "sections": {}, "skipped": []}
     start = time.time()
-    state: dict = {}
+    state: dict = {"deadline": start + args.budget_s}
     for name in args.sections.split(","):
         if time.time() - start > args.budget_s:
             results["skipped"].append(name)
@@ -155,6 +157,7 @@ def peak_extra_mib(fn, device: torch.device) -> float | None:
 
 
 def free(device: torch.device) -> None:
+    gc.collect()  # closures over a dropped case hold its model in reference cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -343,6 +346,7 @@ def section_step(size, device, state) -> dict:
     out = step_rows(case, times, state.get("peak"), "step")
     out["batches_that_fit"] = fits
     out["data"] = data_time(size, device, case)
+    out["host_syncs"] = {f"s={bag}": host_syncs(case, bag) for bag in (6, 1)}
     return out
 
 
@@ -378,6 +382,33 @@ def pairs(names: list[str]) -> list[tuple[str, str, str]]:
         if tag and base in names:
             out.append((name, base, "compile"))
     return out
+
+
+def host_syncs(case: StepCase, bag: int) -> dict | None:
+    """The synchronising CUDA calls (torch.cuda's sync debug mode) in one micro-batch's forward and
+    backward, the body of train_step's micro-batch loop; None on CPU, where the same code runs unwatched."""
+    stage = case.stage(bag)
+    inputs, targets = split_window(to_device(case.window(window_length(case.seq_len, bag, "full")), case.device), bag, "full")
+    weights = stage.weights(0, targets.shape[-1], device=case.device)
+    watch = case.device.type == "cuda"
+    if watch:
+        torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if watch:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with autocast(case.cfg, case.runtime):
+                loss_sum, _ = case.model(inputs, targets, weights)
+            loss_sum.backward()
+        finally:
+            if watch:
+                torch.cuda.set_sync_debug_mode("default")
+    case.lm.zero_grad(set_to_none=True)
+    calls = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    tag = "moe" if hasattr(case.lm.config, "num_experts") else "step"
+    print(f"[{tag}] host syncs in one s={bag} micro-batch: {len(calls) if watch else 'n/a (CPU)'}", flush=True)
+    return {"count": len(calls), "where": sorted(set(calls))} if watch else None
 
 
 def data_time(size, device, case: StepCase) -> dict:
@@ -475,21 +506,31 @@ def section_moe(size, device, state) -> dict:
     times = time_interleaved({"s=16": case.ours(16), "s=1": case.ours(1)}, size["rounds"], str(device), warmup=2)
     out = step_rows(case, times, state.get("peak"), "moe")
     out["experts_implementation"] = getattr(case.lm.config, "_experts_implementation", None)
+    out["host_syncs"] = {f"s={bag}": host_syncs(case, bag) for bag in (16, 1)}
     del case
     free(device)
     return out
 
 
 def section_compiled(size, device, state) -> dict:
-    """train.compile (a TSTModel over the same LM, compiled in place) vs eager, both phases."""
+    """train.compile (a TSTModel over the same LM, compiled in place) vs eager. Phase 2 compiles
+    first; phase 1 (a second compile) only if the budget leaves as long again."""
     case = state.get("case") or StepCase(size["step_preset"], size["vocab"], state.get("batch", 1), size["seq_len"],
                                          str(device), "bf16")
     compiled = TSTModel(case.lm)
     compiled.compile(backend=size["compile_backend"])  # what train.compile does
-    variants = {"s=6": case.ours(6), "s=1": case.ours(1),
-                "s=6 compiled": case.ours(6, compiled), "s=1 compiled": case.ours(1, compiled)}
-    times = time_interleaved(variants, size["rounds"], str(device), warmup=2)
-    return step_rows(case, times, state.get("peak"), "compiled")
+    variants, compile_s = {"s=1": case.ours(1)}, {}
+    for bag in (1, 6):
+        if compile_s and time.time() + max(compile_s.values()) > state["deadline"]:
+            print(f"[compiled] s={bag} skipped: its compile would outrun the budget", flush=True)
+            break
+        fn = case.ours(bag, compiled)
+        began = time.time()
+        fn()  # the compile
+        compile_s[f"s={bag}"] = time.time() - began
+        variants.update({f"s={bag}": case.ours(bag), f"s={bag} compiled": fn})
+    times = time_interleaved(variants, size["rounds"], str(device), warmup=1)
+    return {**step_rows(case, times, state.get("peak"), "compiled"), "compile_s": compile_s}
 
 
 SECTIONS = {"peak": section_peak, "correct": section_correct, "step": section_step, "mce": section_mce,
@@ -523,6 +564,10 @@ def goals(sections: dict) -> list[dict]:
         v = sections[key]["variants"]
         if "plain" in v and v["plain"]["mfu"]:
             add(f"{key}: MFU phase 2 vs plain ({100 * v['plain']['mfu']:.1f}%)", v["s=1"]["mfu"], "stated", True)
+    for key in ("step", "moe"):
+        for bag, syncs in sections.get(key, {}).get("host_syncs", {}).items():
+            add(f"{key}: host syncs in one {bag} micro-batch (fwd+bwd)", syncs and syncs["count"], "0",
+                syncs and not syncs["count"], "; ".join(syncs["where"])[:160] if syncs else "")
     if "step" in sections:
         d, step = sections["step"]["data"], sections["step"]["variants"]["s=6"]["median_s"]
         add("step: data host time / phase-1 step time", d["host_s_per_step"] / step, "<= 0.02", d["host_s_per_step"] / step <= 0.02)
@@ -572,10 +617,14 @@ def print_table(results: dict) -> None:
     print(f"{'':8}{'goal':<72}{'value':>10}  limit")
     for g in results["goals"]:
         status = "n/a" if g["met"] is None else ("MET" if g["met"] else "NOT MET")
-        value = "-" if g["value"] is None else (f"{100 * g['value']:.1f}%" if "MFU" in g["goal"] else f"{g['value']:.3f}")
+        value = g["value"]
+        value = "-" if value is None else str(value) if isinstance(value, int) else f"{100 * value:.1f}%" if "MFU" in g["goal"] else f"{value:.3f}"
         print(f"{status:<8}{g['goal']:<72}{value:>10}  {g['limit']}" + (f"  ({g['note']})" if g["note"] else ""))
     for line in recommendations(results["sections"]):
         print(f"suggest {line}")
+    for name, section in results["sections"].items():
+        if "error" in section:
+            print(f"ERROR   section {name}: {section['error']}")
     if results["skipped"]:
         print(f"skipped (budget): {', '.join(results['skipped'])}")
 

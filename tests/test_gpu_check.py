@@ -31,6 +31,7 @@ def test_smoke_runs_every_section_and_its_references_agree(tmp_path):
     assert {r["kind"] for r in step["ratios"]} == {"phase", "plain"}
     assert all(v["tokens_per_s"] > 0 and v["mfu"] > 0 for v in step["variants"].values())
     assert step["data"]["host_s_per_step"] > 0
+    assert step["host_syncs"] == {"s=6": None, "s=1": None}  # ran unwatched: sync debug mode is CUDA's
     assert [row["bags"] for row in results["sections"]["mce"]["rows"]] == [1, 6, 16]
     assert "compiled" in results["sections"]["mce"]["rows"][1]["variants"]
     assert set(results["sections"]["compiled"]["variants"]) == {"s=6", "s=1", "s=6 compiled", "s=1 compiled"}
