@@ -1,6 +1,6 @@
 """One device check of the CUDA path (issue #13): correct, and how fast, side by side in one process.
 
-    python bench/gpu_check.py --out DIR            # one CUDA GPU: about 5 minutes on an H200
+    python bench/gpu_check.py --out DIR            # one CUDA GPU: sized for ~5 minutes on an H200
     python bench/gpu_check.py --smoke --out DIR    # every section on CPU at toy sizes (CI runs it)
 
 It runs on a bare CUDA image's Python (torch, transformers, tokenizers, safetensors, matplotlib,
@@ -14,11 +14,12 @@ table is printed last. Sections run in this order and each starts only inside ``
            duplicates, ignore_index, power weights, bf16 logits, several row blocks); 30 TST steps
            (s=4, then s=1 from step 15): fp32 vs bf16 autocast vs train.compile vs fused AdamW
   step     llama-270m, V=128256, L=2048, bf16, the largest micro-batch (power of two) at which every
-           variant fits: phase 1 (s=6), phase 2, the plain transformers step; tokens/s, MFU; data time
+           variant fits: phase 1 (s=6), phase 2, the plain transformers step; tokens/s, MFU; data
+           time per step; host syncs in one micro-batch's forward+backward (CUDA sync debug mode)
   mce      MCE (s=1, 6, 16) vs one F.cross_entropy on the same bf16 logits, fwd+bwd, for row-block
            candidates (loss.BLOCK_ELEMENTS: today's, 4x, the whole tensor) and torch.compile of the loss
   chunk    chunked head+loss vs unfused, bf16 autocast: time and peak memory per chunk size
-  moe      qwen3-moe-10b-a1b with 2 layers: tokens/s of phase 1 (s=16) and phase 2
+  moe      qwen3-moe-10b-a1b with 2 layers: tokens/s of phase 1 (s=16) and phase 2, host syncs
   compiled the step section's phases under train.compile (a TSTModel compiled in place)
 
 Timing: CUDA events around each call (bench_step.seconds) after warm-up, variants interleaved
@@ -42,6 +43,7 @@ sys.path += [str(wheel) for wheel in sorted((HERE / "wheels").glob("*.whl"))]  #
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 import transformers
 from torch import nn
@@ -300,12 +302,13 @@ def tst_runs(size, device) -> dict:
 
 def tst_run(size, device, tokens, precision: str, compile: bool, fused: bool) -> list[float]:
     cfg = Config()
-    cfg.train.precision, cfg.train.compile = precision, compile
+    cfg.train.precision = precision
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.tst.bag_size, cfg.tst.ratio = 1e-3, 5, 4, RUN_SWITCH / RUN_STEPS
     runtime = Runtime(0, 1, device)
     torch.manual_seed(0)
     model = TSTModel(build_model(size["run_preset"], size["run_vocab"], size["run_seq"])).to(device)
     if compile:
+        torch._dynamo.reset()  # a fresh compile, as in a new training process
         model.compile(backend=size["compile_backend"])  # what train.compile does
     # make_optimizer fuses AdamW on CUDA devices only: naming the device picks the kernel.
     optimizer = make_optimizer(model, cfg, torch.device("cuda" if fused else "cpu"))
@@ -518,6 +521,7 @@ def section_compiled(size, device, state) -> dict:
     case = state.get("case") or StepCase(size["step_preset"], size["vocab"], state.get("batch", 1), size["seq_len"],
                                          str(device), "bf16")
     compiled = TSTModel(case.lm)
+    torch._dynamo.reset()  # no shapes remembered from the 30-step runs: static kernels, as in a new process
     compiled.compile(backend=size["compile_backend"])  # what train.compile does
     variants, compile_s = {"s=1": case.ours(1)}, {}
     for bag in (1, 6):
