@@ -78,10 +78,16 @@ class StepCase:
     def window(self, width: int) -> torch.Tensor:
         return torch.randint(self.vocab, (self.batch, width), generator=torch.Generator().manual_seed(width))
 
-    def ours(self, bag_size: int):
-        stage = Stage("superposition" if bag_size > 1 else "next-token", bag_size, "full", "uniform", 1)
+    @staticmethod
+    def stage(bag_size: int) -> Stage:
+        return Stage("superposition" if bag_size > 1 else "next-token", bag_size, "full", "uniform", 1)
+
+    def ours(self, bag_size: int, model: nn.Module | None = None):
+        """Our step; ``model`` may be another ``TSTModel`` over the same LM (a compiled one)."""
+        stage = self.stage(bag_size)
         window = self.window(window_length(self.seq_len, bag_size, "full"))
-        return lambda: train_step(self.model, self.optimizer, window, stage, 0, 1e-4, self.cfg, self.runtime)
+        model = model or self.model
+        return lambda: train_step(model, self.optimizer, window, stage, 0, 1e-4, self.cfg, self.runtime)
 
     def plain(self):
         """What a user writes without superpose: HF loss, AdamW with the same hyper-parameters."""
@@ -187,19 +193,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(variants: dict, rounds: int, device: str) -> dict:
-    """{name: [seconds per round]}, after one warm-up call of each variant."""
+def time_interleaved(variants: dict, rounds: int, device: str, warmup: int = 1) -> dict:
+    """{name: [seconds per round]}, after ``warmup`` calls of each variant."""
     times = {name: [] for name in variants}
     for fn in variants.values():
-        fn()
+        for _ in range(warmup):
+            fn()
     for _ in range(rounds):
         for name, fn in variants.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds(fn, device))
     return times
+
+
+def seconds(fn, device: str) -> float:
+    """One call's time: CUDA events on a GPU (device time, no host timer jitter), else the wall clock."""
+    if not device.startswith("cuda"):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
 
 
 def _status_kb(field: str) -> int:

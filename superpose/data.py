@@ -408,6 +408,15 @@ class WindowLoader:
         self.tokens_seen = int(state["tokens_seen"])
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device`` without stalling the host. On CUDA it goes through pinned memory
+    with a non-blocking copy (a copy from pageable memory may wait for the GPU to drain first);
+    elsewhere it is a plain copy (pinning needs an accelerator)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def validation_windows(shards: list[np.ndarray], seq_len: int, max_tokens: int, vocab_size: int | None = None) -> torch.Tensor:
     """Fixed held-out windows ``[n, L+1]`` with stride L (each target token scored once), spread
     evenly over the split; at most ``max_tokens`` target tokens (0 = all)."""

@@ -17,9 +17,15 @@ import torch
 import torch.nn.functional as F
 
 
+# fp32 elements of temporaries per row block. CPU: 1 MiB, which stays in cache (measured with
+# bench/bench_step.py). GPUs: 256 MiB, chosen without a GPU (issue #13): bench/gpu_check.py times
+# it, 4x it and the whole tensor on the card and names the fastest; set "cuda" from that run.
+BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
+
+
 def _block_rows(logits: torch.Tensor) -> int:
-    """Rows per block: ~1 MiB of fp32 temporaries on CPU (they stay in cache), ~256 MiB on GPUs."""
-    elements = 1 << (26 if logits.device.type == "cuda" else 18)
+    """Rows per block: ``BLOCK_ELEMENTS`` of the device (CPU, else the GPU figure) over V."""
+    elements = BLOCK_ELEMENTS["cpu" if logits.device.type == "cpu" else "cuda"]
     return max(1, elements // max(1, logits.shape[-1]))
 
 

@@ -12,7 +12,6 @@ import contextlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
 from transformers.utils import logging as hf_logging
@@ -163,9 +162,11 @@ def router_balance_loss(lm: nn.Module, out) -> torch.Tensor:
     """
     experts, top_k = lm.config.num_experts, lm.config.num_experts_per_tok
     probs = torch.cat(out.router_logits).float().softmax(dim=-1)  # [layers*N, E]
-    chosen = probs.topk(top_k, dim=-1).indices  # [layers*N, k]
-    counts = F.one_hot(chosen, experts).sum(dim=(0, 1)).float()  # [E]
-    rows = torch.tensor([probs.shape[0]], dtype=torch.float32, device=probs.device)
+    chosen = probs.topk(top_k, dim=-1).indices.flatten()  # [layers*N*k]
+    # Counted by scatter (exact: fp32 sums of ones), not one-hot: no [layers*N, k, E] tensor.
+    # The row count is made on the device: a host tensor copied in would wait for the GPU.
+    counts = probs.new_zeros(experts).scatter_add_(0, chosen, probs.new_ones(chosen.shape))  # [E]
+    rows = probs.new_full((1,), probs.shape[0])  # [1]
     totals = all_reduce_sum(torch.cat([counts, rows]))  # [E + 1], summed over ranks
     fraction = totals[:experts] / totals[experts]  # [E]
     return experts * (fraction * probs.mean(dim=0)).sum()

@@ -85,7 +85,7 @@ def train_step(
     runtime: Runtime,
 ) -> StepResult:
     """One optimizer step on this rank's windows ``[B_local, W]`` for any stage."""
-    inputs, targets = split_window(window.to(runtime.device, non_blocking=True), stage.bag_size, stage.mode)
+    inputs, targets = split_window(data_mod.to_device(window, runtime.device), stage.bag_size, stage.mode)
     weights = stage.weights(step, targets.shape[-1], device=runtime.device)  # [m], sums to 1
     # Every slot of our windows is a real token, so the global weight (= the number of
     # positions of the global batch) is known before the forward.
@@ -99,9 +99,11 @@ def train_step(
         # DDP/FSDP average gradients over ranks; the factor `world` turns that into a sum.
         (loss_sum * (runtime.world / global_weight)).backward()
         loss_total += loss_sum.detach()
-    loss = (all_reduce_sum(loss_total) / global_weight).item()
+    loss_mean = all_reduce_sum(loss_total) / global_weight
     max_norm = cfg.optim.grad_clip or math.inf
+    # The step's one wait for the device; the loss is computed by then.
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    loss = loss_mean.item()
     applied = math.isfinite(loss) and math.isfinite(grad_norm)
     if applied:
         for group in optimizer.param_groups:

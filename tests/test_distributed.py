@@ -33,14 +33,15 @@ RUN = {  # 8 steps, phase 1 (s=2) for 4 of them, checkpoints after steps 3, 6 an
 }
 
 
-def launch(out_dir: Path, data_dir: Path, ranks: int, *overrides: str, resume: Path | None = None) -> str:
-    """Run ``superpose train`` in 1 process, or under torchrun with ``ranks`` processes; returns stdout."""
+def launch(out_dir: Path, data_dir: Path, ranks: int, *overrides: str, resume: Path | None = None, env: dict | None = None) -> str:
+    """Run ``superpose train`` in 1 process, or under torchrun with ``ranks`` processes; returns stdout.
+    ``env`` adds environment variables."""
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
     command = [*runner, "-m", "superpose", "train", *tiny_overrides(data_dir, out_dir, **RUN), *overrides]
     if resume is not None:
         command.append(f"--resume={resume}")
     # This checkout's package in every process; one thread each, as torchrun sets per rank.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -91,6 +92,18 @@ def test_two_ranks_equal_one_process(runs, strategy):
     records = [json.loads(line) for line in (runs[strategy] / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in records if r["kind"] == "start"] == [2]
     assert len(list((runs[strategy] / "tensorboard").glob("events.*"))) == 1  # rank 0's only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_two_ranks_equal_eager_one_process(runs, small_data, tmp_path, strategy):
+    """``train.compile`` (model and loss in one compiled forward) under DDP and FSDP2 trains like the
+    eager single process. Dynamo and AOTAutograd trace as on a GPU; the graphs run as ATen ops
+    (``aot_eager``), since inductor's C++ compile would take minutes per rank on CPU."""
+    out = tmp_path / strategy
+    launch(out, small_data, 2, f"--distributed.strategy={strategy}", "--train.compile=true",
+           env={"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"})
+    assert_same(runs["single"], out, range(1, 9))
 
 
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])

@@ -189,6 +189,21 @@ def test_config_keys():
         load_config(overrides=["--model.loss_chunk_size=-1"])
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_compile_traces_model_and_loss_as_one_graph(chunk, one_thread):
+    """``train.compile`` covers the loss: dynamo traces the TSTModel forward, the MCE's (or the
+    chunked head's) autograd function and its backward included, without a graph break."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = TSTModel(tiny_lm(), loss_chunk_size=chunk)
+    inputs = torch.randint(300, (2, 12, 4))
+    explained = torch._dynamo.explain(model)(inputs, bag_targets((2, 12, 4), 300), slot_weights("uniform", 4))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    ops = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
+    assert any("autograd_function_apply" in op for op in ops), sorted(ops)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_compiled_model_equals_eager(chunk):
