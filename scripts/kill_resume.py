@@ -7,7 +7,8 @@ compare it with an uninterrupted run.
 Each trial is one run directory, trained by a chain of processes: every process but the last is
 killed with SIGKILL, the next one restarts with ``--resume auto``. Trials come in three kinds:
 - ``superpose train`` (8 in 10): trial 0 always kills during the last phase-1 step, during the
-  first phase-2 step and in the middle of writing a checkpoint; every trial adds ``--kills``
+  first phase-2 step, in the middle of writing a checkpoint and in the middle of the model
+  export; every trial adds ``--kills``
   random kill points, and every odd trial a damage point: a kill once two checkpoints exist,
   after which the newest checkpoint is damaged (byte ranges flipped in place, truncated, its
   state file or its manifest deleted, in turn). The next process must report the damage
@@ -309,7 +310,7 @@ def main() -> int:
     kinds = sorted({trial_kind(i) for i in range(args.trials)})
     references = {kind: launch(command(kind, config, work / f"reference-{kind}", "none"), work / f"reference-{kind}", "none", env)
                   for kind in kinds}  # alongside the trials: each process uses one thread
-    fixed = args.plan.split(",") if args.plan else [f"step:{SWITCH}", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}"]
+    fixed = args.plan.split(",") if args.plan else [f"step:{SWITCH}", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}", "export"]
     rng = random.Random(args.seed)
     kills = mismatches = damaged = detected = 0
     for trial in range(args.trials):
