@@ -36,6 +36,7 @@ ARMS = {
     "s2-r0.2": {"tst.bag_size": 2, "tst.ratio": 0.2},
     "s4-r0.2": {"tst.bag_size": 4, "tst.ratio": 0.2},
     "s2-r0.3": {"tst.bag_size": 2, "tst.ratio": 0.3},
+    "s4-r0.3": {"tst.bag_size": 4, "tst.ratio": 0.3},  # the paper's range (s in [4, 8], r in [0.2, 0.4])
     "output-s2-r0.2": {"tst.mode": "output", "tst.bag_size": 2, "tst.ratio": 0.2},
 }
 FULL_ARMS = [name for name in ARMS if not name.startswith("output")]
@@ -55,7 +56,24 @@ POINTS = [
 CUSTOM_MODELS = {
     "medium": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 6,
                "num_key_value_heads": 6, "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "large": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
+# The crossover walk up the model-size axis (issue #16): (point, seed, arms), in order of information
+# per CPU-hour. Seed 0 of the best arms at the two larger models first, then the seeds that say
+# whether a gap near zero is real, then the remaining arm, then the longer budgets.
+CROSSOVER = [
+    (("medium", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
+    (("large", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
+    (("medium", 1000, 16), 1, ["output-s2-r0.2"]),
+    (("medium", 1000, 16), 2, ["output-s2-r0.2"]),
+    (("large", 1000, 16), 1, ["output-s2-r0.2"]),
+    (("large", 1000, 16), 2, ["output-s2-r0.2"]),
+    (("medium", 1000, 16), 0, ["s2-r0.2"]),
+    (("large", 1000, 16), 0, ["s2-r0.2"]),
+    (("medium", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
+    (("large", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
+]
 SEEDS = [1, 2]  # extra seeds, for the noise level of gaps (and, at the cheap point, of lever effects)
 SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"],
              ("small", 1000, 16): ["output-s2-r0.2"]}
@@ -107,14 +125,16 @@ def model_arg(args, name: str) -> str:
 def base_overrides(args, preset: str, steps: int, batch: int, seed: int = 0) -> list[str]:
     """Everything but [tst]: identical for every run of one point."""
     return [f"--model.preset={model_arg(args, preset)}", f"--data.dir={args.data}", "--data.corpus=", f"--data.seq_len={args.seq_len}",
-            f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_every={steps}",
-            f"--train.eval_tokens={args.eval_tokens}", f"--train.log_every={max(10, steps // 30)}",
-            "--train.checkpoint_every=0", "--train.keep_checkpoints=1", "--train.progress=false",
+            f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_tokens={args.eval_tokens}",
+            # ten evals per run: the switch steps round(r * steps) of the arms are among them, so the
+            # bag objective is scored at the end of phase 1; long runs checkpoint to resume mid-run
+            f"--train.eval_every={max(1, steps // 10)}", f"--train.log_every={max(10, steps // 30)}",
+            f"--train.checkpoint_every={200 if steps >= 1000 else 0}", "--train.keep_checkpoints=1", "--train.progress=false",
             "--train.tensorboard=false", f"--train.seed={seed}", f"--optim.warmup_steps={min(50, steps // 10)}"]
 
 
 def jobs(args) -> list[tuple[Path, list[str]]]:
-    """Every run as (directory, overrides), in priority order."""
+    """Every run of ``args.plan`` as (directory, overrides), in priority order."""
     root, out = Path(args.root), []
 
     def point(preset, steps, batch, arms, seed=0):
@@ -127,6 +147,10 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
         ref = [fmt(k, v) for k, v in ARMS[REF].items()]
         out.extend((d / "levers" / name, base + ref + [fmt(k, v) for k, v in LEVERS[name].items()]) for name in names)
 
+    if args.plan == "crossover":
+        for key, seed, arms in CROSSOVER:
+            point(*key, arms, seed)
+        return list(dict(out).items())  # each point's baseline once, at its first place
     (preset, steps, batch), arms = POINTS[0]
     point(preset, steps, batch, arms)
     levers(preset, steps, batch, list(LEVERS))
@@ -154,9 +178,27 @@ def final(out: Path) -> dict | None:
     return {**run.evals[-1], "params": run.start["parameters"]}
 
 
+def map_points() -> dict[tuple, list[str]]:
+    """Every budget point of both plans -> its arms at seed 0."""
+    points = {key: list(arms) for key, arms in POINTS}
+    for key, seed, arms in CROSSOVER:
+        if seed == 0:
+            points[key] = list(dict.fromkeys(points.get(key, []) + arms))
+    return points
+
+
+def seed_arms() -> dict[tuple, list[str]]:
+    """Every point with extra seeds -> the arms repeated there."""
+    out = {key: list(arms) for key, arms in SEED_ARMS.items()}
+    for key, seed, arms in CROSSOVER:
+        if seed:
+            out[key] = list(dict.fromkeys(out.get(key, []) + arms))
+    return out
+
+
 def map_rows(root: Path) -> list[dict]:
     rows = []
-    for (preset, steps, batch), arms in POINTS:
+    for (preset, steps, batch), arms in map_points().items():
         d = point_dir(root, preset, steps, batch)
         b = final(d / "baseline")
         done = {arm: f for arm in arms if (f := final(d / arm))}
@@ -179,7 +221,7 @@ def map_rows(root: Path) -> list[dict]:
 def seed_rows(root: Path) -> list[dict]:
     """The gap of each seed arm per seed, with mean and sample s.d., at every point with seeds."""
     rows = []
-    for (preset, steps, batch), arms in SEED_ARMS.items():
+    for (preset, steps, batch), arms in seed_arms().items():
         for arm in arms:
             gaps, baselines = [], []
             for seed in [0] + SEEDS:
@@ -295,6 +337,8 @@ def main():
     p.add_argument("--root", default="runs/regime")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--plan", choices=["crossover", "small"], default="crossover",
+                   help="crossover: the walk up the model-size axis (issue #16); small: the first map, 3M-25M parameters")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at job i")
     p.add_argument("--only", default="", help="run only the jobs whose directory contains this text, e.g. small-n400")
     p.add_argument("--table", action="store_true", help="do not train; tabulate finished runs only")
