@@ -29,7 +29,18 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
-from superpose.report import is_finished, load_run  # noqa: E402
+from superpose.report import is_finished, load_run, non_embedding_parameters, phase1_diagnostic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Where each table lives, and the columns that name a row: map and seeds ship with the package (the
+# regime line of `compare` reads them), the rest are the docs' data. Tabulating merges the finished
+# runs on disk into these files, so rows of earlier sessions (whose run directories are gone) stay.
+TABLES = {
+    "map.csv": (REPO / "superpose" / "regime_data", ("preset", "steps", "batch")),
+    "seeds.csv": (REPO / "superpose" / "regime_data", ("point", "arm")),
+    "levers.csv": (REPO / "docs" / "regime", ("lever",)),
+    "phase1.csv": (REPO / "docs" / "regime", ("point", "arm")),
+}
 
 # TST arms of the map (overrides of [tst]); the baseline is tst.ratio = 0.
 ARMS = {
@@ -171,11 +182,12 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
 
 
 def final(out: Path) -> dict | None:
-    """The last eval record of a finished run, with the run's parameter count."""
+    """The last eval record of a finished run, with the run's parameter counts and shape."""
     if not is_finished(out):
         return None
     run = load_run(out)
-    return {**run.evals[-1], "params": run.start["parameters"]}
+    return {**run.evals[-1], "params": run.start["parameters"], "non_embedding_params": non_embedding_parameters(run),
+            "seq_len": run.config.data.seq_len, "tokens_per_step": run.start["positions_per_step"]}
 
 
 def map_points() -> dict[tuple, list[str]]:
@@ -205,16 +217,38 @@ def map_rows(root: Path) -> list[dict]:
         if not b or not done:
             continue
         gaps = {arm: round(f["val_loss"] - b["val_loss"], 4) for arm, f in done.items()}
-        full = {a: g for a, g in gaps.items() if a in FULL_ARMS}
-        row = {"preset": preset, "params": b["params"], "steps": steps, "batch": batch, "tokens": b["tokens_seen"],
-               "tokens_per_param": round(b["tokens_seen"] / b["params"], 4) if b["params"] else None,
-               "baseline": round(b["val_loss"], 4), **gaps}
-        if full:
-            row["best_full"] = min(full, key=full.get)
-            row["best_full_gap"] = full[row["best_full"]]
-        row["best"] = min(gaps, key=gaps.get)
-        row["best_gap"] = gaps[row["best"]]
-        rows.append(row)
+        rows.append({"preset": preset, "params": b["params"], "non_embedding_params": b["non_embedding_params"],
+                     "steps": steps, "batch": batch, "seq_len": b["seq_len"], "tokens_per_step": b["tokens_per_step"],
+                     "tokens": b["tokens_seen"], "tokens_per_param": round(b["tokens_seen"] / b["params"], 4),
+                     "baseline": round(b["val_loss"], 4), **gaps})
+    return rows
+
+
+MAP_COLUMNS = ["preset", "params", "non_embedding_params", "steps", "batch", "seq_len", "tokens_per_step", "tokens",
+               "tokens_per_param", "baseline", *ARMS, "best_full", "best_full_gap", "best", "best_gap"]
+
+
+def best_arms(row: dict) -> dict:
+    """A map row in MAP_COLUMNS order with its best full-TST arm and best arm (lowest seed-0 gap)."""
+    gaps = {arm: row[arm] for arm in ARMS if row.get(arm) is not None}
+    full = {a: g for a, g in gaps.items() if a in FULL_ARMS}
+    best_full = min(full, key=full.get) if full else None
+    best = min(gaps, key=gaps.get)
+    row = {**row, "best_full": best_full, "best_full_gap": full.get(best_full), "best": best, "best_gap": gaps[best]}
+    return {key: row.get(key) for key in MAP_COLUMNS}
+
+
+def phase1_rows(root: Path) -> list[dict]:
+    """Every finished TST run's phase 1 on held-out bags (its last eval inside phase 1) beside the
+    unigram level, at every point and seed."""
+    rows = []
+    for (preset, steps, batch), arms in map_points().items():
+        for seed in [0] + SEEDS:
+            d = point_dir(root, preset, steps, batch, seed)
+            for arm in arms:
+                if is_finished(d / arm) and (p := phase1_diagnostic(load_run(d / arm))):
+                    rows.append({"point": d.name, "arm": arm, "step": p["step"], "val_bag_loss": round(p["val_bag_loss"], 4),
+                                 "unigram_loss": round(p["unigram_loss"], 4), "beyond_unigram": round(p["beyond_unigram"], 4)})
     return rows
 
 
@@ -272,9 +306,36 @@ def lever_rows(root: Path) -> list[dict]:
     return rows
 
 
+def cell(text: str):
+    """A CSV cell as int, float or text (empty = None)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def merge(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """The table at ``path`` with ``rows`` merged in: a row of the same key is updated cell by cell
+    (unless it averages over fewer seeds than the row on file), new rows are appended."""
+    merged = {}
+    if path.is_file():
+        with open(path, newline="") as h:
+            for row in csv.DictReader(h):
+                row = {k: cell(v) for k, v in row.items()}
+                merged[tuple(row[k] for k in key)] = row
+    for row in rows:
+        old = merged.setdefault(tuple(row[k] for k in key), {})
+        if (old.get("seeds") or 0) <= row.get("seeds", 0):
+            old.update({k: v for k, v in row.items() if v is not None})
+    return list(merged.values())
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as h:
             writer = csv.DictWriter(h, fieldnames=keys)
             writer.writeheader()
@@ -298,17 +359,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], root: Path) -> None:
-    """Best full-TST gap and output-only gap against tokens per parameter and against steps."""
+def plot(rows: list[dict], out: Path) -> None:
+    """Best full-TST gap and output-only gap against tokens per parameter, steps and non-embedding
+    parameters (one line per step count there), written beside docs/when-tst-pays.md."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "map_tokens_per_param.png"),
-                                ("steps", "optimizer steps", "map_steps.png")):
+    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "when-tst-pays-tokens-per-param.png"),
+                                ("steps", "optimizer steps", "when-tst-pays-steps.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
-            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":")):
+            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":"), ("large", "D", "-.")):
                 pts = sorted((r[xkey], r[key], r["batch"]) for r in rows if r["preset"] == preset and r.get(key) is not None)
                 b16 = [p for p in pts if p[2] == 16]  # the B=16 points of one model form a line over the budget
                 if b16:
@@ -327,8 +389,25 @@ def plot(rows: list[dict], root: Path) -> None:
         ax.set_title("TST vs baseline at equal FLOPs (below 0: TST wins)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(root / fname, dpi=120)
+        fig.savefig(out / fname, dpi=120)
         plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
+        for steps, marker in zip(sorted({r["steps"] for r in rows}), "osD^v<>p"):
+            pts = sorted((r["non_embedding_params"], r[key]) for r in rows
+                         if r["steps"] == steps and r["batch"] == 16 and r.get(key) is not None)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-", marker=marker, color=color, alpha=0.8,
+                        label=f"{series}, {steps} steps")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters (B=16 x 64 tokens per step)")
+    ax.set_ylabel("TST - baseline final val loss (nats)")
+    ax.set_title("The gap along the model-size axis (seed 0; below 0: TST wins)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "when-tst-pays-params.png", dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -355,14 +434,20 @@ def main():
         if count > 1:
             return  # the shards do not race to write the tables: run --table once they are all done
     root.mkdir(parents=True, exist_ok=True)
-    tables = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root)}
+    found = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root),
+             "phase1.csv": phase1_rows(root)}
+    tables = {}
+    for name, rows in found.items():
+        directory, key = TABLES[name]
+        tables[name] = merge(directory / name, rows, key)
+    tables["map.csv"] = [best_arms(row) for row in tables["map.csv"]]
     for name, rows in tables.items():
-        write_csv(root / name, rows)
+        write_csv(TABLES[name][0] / name, rows)
     text = "\n\n".join(f"## {name}\n\n{markdown(rows)}" for name, rows in tables.items() if rows)
     (root / "tables.md").write_text(text + "\n")
     print(text)
     if tables["map.csv"]:
-        plot(tables["map.csv"], root)
+        plot(tables["map.csv"], REPO / "docs")
 
 
 if __name__ == "__main__":
