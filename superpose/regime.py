@@ -116,8 +116,8 @@ def regime(non_embedding: int, parameters: int, steps: int, tokens_per_step: int
     elif no_gains:
         point = min(no_gains, key=lambda p: (p.non_embedding, p.steps))
         verdict, text = "no-gain", (
-            f"This run ({where}) is no larger and no longer than a budget of superpose's small-scale map where no "
-            f"TST setting tried beat the baseline beyond noise (the best: {point.describe()}; {GAP}; "
+            f"This run ({where}) is no larger, no longer and has no fewer tokens per step than a budget of "
+            f"superpose's small-scale map where no TST setting tried beat the baseline beyond noise (the best: {point.describe()}; {GAP}; "
             "docs/when-tst-pays.md): TST is not expected to pay here.")
     else:
         map_only = [p for p in points if p.source == "map"]

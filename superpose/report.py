@@ -590,8 +590,8 @@ def _prose(summary: dict) -> list[str]:
                 f"(MCE without log s) vs {p['unigram_loss']:.3f} for the train split's token frequencies on the same bags: "
                 f"{p['beyond_unigram']:.3f} nats learned beyond unigram statistics.")
         elif c["switch"]["measured"]:
-            lines.append("- **Phase 1 on held-out bags**: not measured (no eval fell inside phase 1; set train.eval_every "
-                         "to a divisor of the switch step).")
+            lines.append("- **Phase 1 on held-out bags**: not measured (no eval at or before the switch step; set "
+                         "train.eval_every to a divisor of the switch step).")
         if _load_differs(c):
             load = c["step_time_ratio"]
             lines.append(
