@@ -286,28 +286,29 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
         return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
                 "config": cfg.to_dict(), "last_eval": last_eval}
 
-    bag_windows = {}  # (bag size, mode) -> held-out windows of that superposition stage, built on first use
+    bag_windows = {}  # (bag size, mode) -> held-out windows of that superposition stage (None: val too short)
     unigram = []  # log-probabilities [V] of the train split's token frequencies, computed on first use
 
     def validate(step: int) -> dict:
         loss = evaluate(model, val_windows, cfg, runtime)
         record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": data_mod.bits_per_byte(loss, val_bpt),
                   "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "flops": step * step_flops}
-        stage = stage_at(stages, max(step - 1, 0))  # the stage of the step just trained
-        if stage.bag_size > 1:
-            # Diagnostic of phase 1: its own objective on held-out bags (as many windows as the
-            # next-token eval) beside the unigram level, the MCE of predicting the train split's token
-            # frequencies at every position: a bag loss near it means phase 1 learned little more.
-            width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
-            key = (stage.bag_size, stage.mode)
-            if key not in bag_windows:
-                bag_windows[key] = data_mod.validation_windows(data.splits["val"], width - 1,
-                                                               val_windows.shape[0] * (width - 1), data.vocab_size)
+        trained = max(step - 1, 0)  # the step just trained (at step 0: the first step's stage)
+        stage = stage_at(stages, trained)
+        key, width = (stage.bag_size, stage.mode), window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
+        if stage.bag_size > 1 and key not in bag_windows:  # as many windows as the next-token eval
+            fits = max(s.size for s in data.splits["val"]) >= width
+            bag_windows[key] = data_mod.validation_windows(data.splits["val"], width - 1, val_windows.shape[0] * (width - 1),
+                                                           data.vocab_size) if fits else None
+        if stage.bag_size > 1 and bag_windows[key] is not None:
+            # Diagnostic of phase 1: its own objective on held-out bags beside the unigram level, the
+            # MCE of predicting the train split's token frequencies at every position: a bag loss near
+            # it means phase 1 learned little beyond token frequencies.
             if not unigram:
                 unigram.append(data_mod.unigram_log_probs(data.splits["train"], data.vocab_size))
             targets = split_window(bag_windows[key], stage.bag_size, stage.mode)[1]  # [n, L, m]
-            weights = stage.weights(max(step - 1, 0), targets.shape[-1])  # [m], sums to 1
-            record["val_bag_loss"] = evaluate(model, bag_windows[key], cfg, runtime, stage, max(step - 1, 0))
+            weights = stage.weights(trained, targets.shape[-1])  # [m], sums to 1
+            record["val_bag_loss"] = evaluate(model, bag_windows[key], cfg, runtime, stage, trained)
             record["val_bag_unigram_loss"] = -(unigram[0][targets] * weights).sum(-1).mean().item()
         log.write(record)
         return record
