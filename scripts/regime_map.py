@@ -2,14 +2,21 @@
 
 Every run is an ordinary ``superpose`` run directory under ``--root``; the runs of one budget point
 differ only in ``[tst]`` (or, for the LR sweep, in ``optim.lr`` for both arms alike), so they share
-seed, data order, optimizer, LR schedule and evaluation. The work is a list of jobs in priority
-order (the cheap point and its levers first, the longest budgets last); a finished run is skipped,
-so the script can be killed and started again, and ``--shard i/n`` lets n processes (one per core)
-split the list. ``--table`` only tabulates and plots what has finished.
+seed, data order, optimizer, LR schedule and evaluation. Two plans, each a list of jobs in priority
+order: ``--plan small`` (the first map: 3M-25M parameters, the cheap point and its levers first)
+and ``--plan crossover`` (the default: the walk up the model-size axis, ``CROSSOVER``). A finished
+run is skipped and a long run resumes from its last checkpoint, so the script can be killed and
+started again in a later session; ``--shard i/n`` lets n processes (one per core) split the list.
 
-    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &
+``--table`` only tabulates: it merges the finished runs under ``--root`` into the committed tables
+(``TABLES``: map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
+reads; levers and phase 1 in ``docs/regime/``), keeping the rows of runs that are no longer on
+disk, and redraws the plots of docs/when-tst-pays.md.
+
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &  # two cores
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 1/2
-    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --only small-n400   # one point
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --only medium-n1000   # one point
     python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --table
 """
 from __future__ import annotations
