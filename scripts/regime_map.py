@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -366,9 +367,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
     """Best full-TST gap and output-only gap against tokens per parameter, steps and non-embedding
-    parameters (one line per step count there), written beside docs/when-tst-pays.md."""
+    parameters (one line per step count there, with the seed means ± 2 standard errors), written
+    beside docs/when-tst-pays.md."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -406,6 +408,10 @@ def plot(rows: list[dict], out: Path) -> None:
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], "-", marker=marker, color=color, alpha=0.8,
                         label=f"{series}, {steps} steps")
+    at = {f"{r['preset']}-n{r['steps']}-b{r['batch']}": r["non_embedding_params"] for r in rows if r["batch"] == 16}
+    for k, r in enumerate(r for r in seeds if r["point"] in at):
+        ax.errorbar([at[r["point"]]], [r["gap_mean"]], yerr=[2 * r["gap_sd"] / math.sqrt(r["seeds"])], fmt="x", capsize=4,
+                    color="C1" if r["arm"].startswith("output") else "C0", label=None if k else "seed mean ± 2 s.e.")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters (B=16 x 64 tokens per step)")
@@ -454,7 +460,7 @@ def main():
     (root / "tables.md").write_text(text + "\n")
     print(text)
     if tables["map.csv"]:
-        plot(tables["map.csv"], REPO / "docs")
+        plot(tables["map.csv"], tables["seeds.csv"], REPO / "docs")
 
 
 if __name__ == "__main__":
