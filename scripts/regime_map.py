@@ -2,14 +2,21 @@
 
 Every run is an ordinary ``superpose`` run directory under ``--root``; the runs of one budget point
 differ only in ``[tst]`` (or, for the LR sweep, in ``optim.lr`` for both arms alike), so they share
-seed, data order, optimizer, LR schedule and evaluation. The work is a list of jobs in priority
-order (the cheap point and its levers first, the longest budgets last); a finished run is skipped,
-so the script can be killed and started again, and ``--shard i/n`` lets n processes (one per core)
-split the list. ``--table`` only tabulates and plots what has finished.
+seed, data order, optimizer, LR schedule and evaluation. Two plans, each a list of jobs in priority
+order: ``--plan small`` (the first map: 3M-25M parameters, the cheap point and its levers first)
+and ``--plan crossover`` (the default: the walk up the model-size axis, ``CROSSOVER``). A finished
+run is skipped and a long run resumes from its last checkpoint, so the script can be killed and
+started again in a later session; ``--shard i/n`` lets n processes (one per core) split the list.
 
-    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &
+``--table`` only tabulates: it merges the finished runs under ``--root`` into the committed tables
+(``TABLES``: map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
+reads; levers and phase 1 in ``docs/regime/``), keeping the rows of runs that are no longer on
+disk, and redraws the plots of docs/when-tst-pays.md.
+
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &  # two cores
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 1/2
-    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --only small-n400   # one point
+    OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --only medium-n1000   # one point
     python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --table
 """
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -29,14 +37,26 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
-from superpose.report import load_run  # noqa: E402
+from superpose.report import load_run, non_embedding_parameters, phase1_diagnostic  # noqa: E402
 from superpose.runs import is_finished  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Where each table lives, and the columns that name a row: map and seeds ship with the package (the
+# regime line of `compare` reads them), the rest are the docs' data. Tabulating merges the finished
+# runs on disk into these files, so rows of earlier sessions (whose run directories are gone) stay.
+TABLES = {
+    "map.csv": (REPO / "superpose" / "regime_data", ("preset", "steps", "batch")),
+    "seeds.csv": (REPO / "superpose" / "regime_data", ("point", "arm")),
+    "levers.csv": (REPO / "docs" / "regime", ("lever",)),
+    "phase1.csv": (REPO / "docs" / "regime", ("point", "arm")),
+}
 
 # TST arms of the map (overrides of [tst]); the baseline is tst.ratio = 0.
 ARMS = {
     "s2-r0.2": {"tst.bag_size": 2, "tst.ratio": 0.2},
     "s4-r0.2": {"tst.bag_size": 4, "tst.ratio": 0.2},
     "s2-r0.3": {"tst.bag_size": 2, "tst.ratio": 0.3},
+    "s4-r0.3": {"tst.bag_size": 4, "tst.ratio": 0.3},  # the paper's range (s in [4, 8], r in [0.2, 0.4])
     "output-s2-r0.2": {"tst.mode": "output", "tst.bag_size": 2, "tst.ratio": 0.2},
 }
 FULL_ARMS = [name for name in ARMS if not name.startswith("output")]
@@ -56,7 +76,24 @@ POINTS = [
 CUSTOM_MODELS = {
     "medium": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 6,
                "num_key_value_heads": 6, "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "large": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
+# The crossover walk up the model-size axis (issue #16): (point, seed, arms), in order of information
+# per CPU-hour. Seed 0 of the best arms at the two larger models first, then the seeds that say
+# whether a gap near zero is real, then the remaining arm, then the longer budgets.
+CROSSOVER = [
+    (("medium", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
+    (("large", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
+    (("medium", 1000, 16), 1, ["output-s2-r0.2"]),
+    (("medium", 1000, 16), 2, ["output-s2-r0.2"]),
+    (("large", 1000, 16), 1, ["output-s2-r0.2"]),
+    (("large", 1000, 16), 2, ["output-s2-r0.2"]),
+    (("medium", 1000, 16), 0, ["s2-r0.2"]),
+    (("large", 1000, 16), 0, ["s2-r0.2"]),
+    (("medium", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
+    (("large", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
+]
 SEEDS = [1, 2]  # extra seeds, for the noise level of gaps (and, at the cheap point, of lever effects)
 SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"],
              ("small", 1000, 16): ["output-s2-r0.2"]}
@@ -108,14 +145,16 @@ def model_arg(args, name: str) -> str:
 def base_overrides(args, preset: str, steps: int, batch: int, seed: int = 0) -> list[str]:
     """Everything but [tst]: identical for every run of one point."""
     return [f"--model.preset={model_arg(args, preset)}", f"--data.dir={args.data}", "--data.corpus=", f"--data.seq_len={args.seq_len}",
-            f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_every={steps}",
-            f"--train.eval_tokens={args.eval_tokens}", f"--train.log_every={max(10, steps // 30)}",
-            "--train.checkpoint_every=0", "--train.keep_checkpoints=1", "--train.progress=false",
+            f"--train.steps={steps}", f"--train.batch_size={batch}", f"--train.eval_tokens={args.eval_tokens}",
+            # ten evals per run: the switch steps round(r * steps) of the arms are among them, so the
+            # bag objective is scored at the end of phase 1; long runs checkpoint to resume mid-run
+            f"--train.eval_every={max(1, steps // 10)}", f"--train.log_every={max(10, steps // 30)}",
+            f"--train.checkpoint_every={200 if steps >= 1000 else 0}", "--train.keep_checkpoints=1", "--train.progress=false",
             "--train.tensorboard=false", f"--train.seed={seed}", f"--optim.warmup_steps={min(50, steps // 10)}"]
 
 
 def jobs(args) -> list[tuple[Path, list[str]]]:
-    """Every run as (directory, overrides), in priority order."""
+    """Every run of ``args.plan`` as (directory, overrides), in priority order."""
     root, out = Path(args.root), []
 
     def point(preset, steps, batch, arms, seed=0):
@@ -128,6 +167,10 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
         ref = [fmt(k, v) for k, v in ARMS[REF].items()]
         out.extend((d / "levers" / name, base + ref + [fmt(k, v) for k, v in LEVERS[name].items()]) for name in names)
 
+    if args.plan == "crossover":
+        for key, seed, arms in CROSSOVER:
+            point(*key, arms, seed)
+        return list(dict(out).items())  # each point's baseline once, at its first place
     (preset, steps, batch), arms = POINTS[0]
     point(preset, steps, batch, arms)
     levers(preset, steps, batch, list(LEVERS))
@@ -148,39 +191,80 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
 
 
 def final(out: Path) -> dict | None:
-    """The last eval record of a finished run, with the run's parameter count."""
+    """The last eval record of a finished run, with the run's parameter counts and shape."""
     if not is_finished(out):
         return None
     run = load_run(out)
-    return {**run.evals[-1], "params": run.start["parameters"]}
+    return {**run.evals[-1], "params": run.start["parameters"], "non_embedding_params": non_embedding_parameters(run),
+            "seq_len": run.config.data.seq_len, "tokens_per_step": run.start["positions_per_step"]}
+
+
+def map_points() -> dict[tuple, list[str]]:
+    """Every budget point of both plans -> its arms at seed 0."""
+    points = {key: list(arms) for key, arms in POINTS}
+    for key, seed, arms in CROSSOVER:
+        if seed == 0:
+            points[key] = list(dict.fromkeys(points.get(key, []) + arms))
+    return points
+
+
+def seed_arms() -> dict[tuple, list[str]]:
+    """Every point with extra seeds -> the arms repeated there."""
+    out = {key: list(arms) for key, arms in SEED_ARMS.items()}
+    for key, seed, arms in CROSSOVER:
+        if seed:
+            out[key] = list(dict.fromkeys(out.get(key, []) + arms))
+    return out
 
 
 def map_rows(root: Path) -> list[dict]:
     rows = []
-    for (preset, steps, batch), arms in POINTS:
+    for (preset, steps, batch), arms in map_points().items():
         d = point_dir(root, preset, steps, batch)
         b = final(d / "baseline")
         done = {arm: f for arm in arms if (f := final(d / arm))}
         if not b or not done:
             continue
         gaps = {arm: round(f["val_loss"] - b["val_loss"], 4) for arm, f in done.items()}
-        full = {a: g for a, g in gaps.items() if a in FULL_ARMS}
-        row = {"preset": preset, "params": b["params"], "steps": steps, "batch": batch, "tokens": b["tokens_seen"],
-               "tokens_per_param": round(b["tokens_seen"] / b["params"], 4) if b["params"] else None,
-               "baseline": round(b["val_loss"], 4), **gaps}
-        if full:
-            row["best_full"] = min(full, key=full.get)
-            row["best_full_gap"] = full[row["best_full"]]
-        row["best"] = min(gaps, key=gaps.get)
-        row["best_gap"] = gaps[row["best"]]
-        rows.append(row)
+        rows.append({"preset": preset, "params": b["params"], "non_embedding_params": b["non_embedding_params"],
+                     "steps": steps, "batch": batch, "seq_len": b["seq_len"], "tokens_per_step": b["tokens_per_step"],
+                     "tokens": b["tokens_seen"], "tokens_per_param": round(b["tokens_seen"] / b["params"], 4),
+                     "baseline": round(b["val_loss"], 4), **gaps})
+    return rows
+
+
+MAP_COLUMNS = ["preset", "params", "non_embedding_params", "steps", "batch", "seq_len", "tokens_per_step", "tokens",
+               "tokens_per_param", "baseline", *ARMS, "best_full", "best_full_gap", "best", "best_gap"]
+
+
+def best_arms(row: dict) -> dict:
+    """A map row in MAP_COLUMNS order with its best full-TST arm and best arm (lowest seed-0 gap)."""
+    gaps = {arm: row[arm] for arm in ARMS if row.get(arm) is not None}
+    full = {a: g for a, g in gaps.items() if a in FULL_ARMS}
+    best_full = min(full, key=full.get) if full else None
+    best = min(gaps, key=gaps.get)
+    row = {**row, "best_full": best_full, "best_full_gap": full.get(best_full), "best": best, "best_gap": gaps[best]}
+    return {key: row.get(key) for key in MAP_COLUMNS}
+
+
+def phase1_rows(root: Path) -> list[dict]:
+    """Every finished TST run's phase 1 on held-out bags (its last eval inside phase 1) beside the
+    unigram level, at every point and seed."""
+    rows = []
+    for (preset, steps, batch), arms in map_points().items():
+        for seed in [0] + SEEDS:
+            d = point_dir(root, preset, steps, batch, seed)
+            for arm in arms:
+                if is_finished(d / arm) and (p := phase1_diagnostic(load_run(d / arm))):
+                    rows.append({"point": d.name, "arm": arm, "step": p["step"], "val_bag_loss": round(p["val_bag_loss"], 4),
+                                 "unigram_loss": round(p["unigram_loss"], 4), "beyond_unigram": round(p["beyond_unigram"], 4)})
     return rows
 
 
 def seed_rows(root: Path) -> list[dict]:
     """The gap of each seed arm per seed, with mean and sample s.d., at every point with seeds."""
     rows = []
-    for (preset, steps, batch), arms in SEED_ARMS.items():
+    for (preset, steps, batch), arms in seed_arms().items():
         for arm in arms:
             gaps, baselines = [], []
             for seed in [0] + SEEDS:
@@ -231,9 +315,36 @@ def lever_rows(root: Path) -> list[dict]:
     return rows
 
 
+def cell(text: str):
+    """A CSV cell as int, float or text (empty = None)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def merge(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """The table at ``path`` with ``rows`` merged in: a row of the same key is updated cell by cell
+    (unless it averages over fewer seeds than the row on file), new rows are appended."""
+    merged = {}
+    if path.is_file():
+        with open(path, newline="") as h:
+            for row in csv.DictReader(h):
+                row = {k: cell(v) for k, v in row.items()}
+                merged[tuple(row[k] for k in key)] = row
+    for row in rows:
+        old = merged.setdefault(tuple(row[k] for k in key), {})
+        if (old.get("seeds") or 0) <= row.get("seeds", 0):
+            old.update({k: v for k, v in row.items() if v is not None})
+    return list(merged.values())
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as h:
             writer = csv.DictWriter(h, fieldnames=keys)
             writer.writeheader()
@@ -257,17 +368,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], root: Path) -> None:
-    """Best full-TST gap and output-only gap against tokens per parameter and against steps."""
+def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
+    """Best full-TST gap and output-only gap against tokens per parameter, steps and non-embedding
+    parameters (one line per step count there, with the seed means ± 2 standard errors), written
+    beside docs/when-tst-pays.md."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "map_tokens_per_param.png"),
-                                ("steps", "optimizer steps", "map_steps.png")):
+    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "when-tst-pays-tokens-per-param.png"),
+                                ("steps", "optimizer steps", "when-tst-pays-steps.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
-            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":")):
+            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":"), ("large", "D", "-.")):
                 pts = sorted((r[xkey], r[key], r["batch"]) for r in rows if r["preset"] == preset and r.get(key) is not None)
                 b16 = [p for p in pts if p[2] == 16]  # the B=16 points of one model form a line over the budget
                 if b16:
@@ -286,8 +399,29 @@ def plot(rows: list[dict], root: Path) -> None:
         ax.set_title("TST vs baseline at equal FLOPs (below 0: TST wins)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(root / fname, dpi=120)
+        fig.savefig(out / fname, dpi=120)
         plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
+        for steps, marker in zip(sorted({r["steps"] for r in rows}), "osD^v<>p"):
+            pts = sorted((r["non_embedding_params"], r[key]) for r in rows
+                         if r["steps"] == steps and r["batch"] == 16 and r.get(key) is not None)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-", marker=marker, color=color, alpha=0.8,
+                        label=f"{series}, {steps} steps")
+    at = {f"{r['preset']}-n{r['steps']}-b{r['batch']}": r["non_embedding_params"] for r in rows if r["batch"] == 16}
+    for k, r in enumerate(r for r in seeds if r["point"] in at):
+        ax.errorbar([at[r["point"]]], [r["gap_mean"]], yerr=[2 * r["gap_sd"] / math.sqrt(r["seeds"])], fmt="x", capsize=4,
+                    color="C1" if r["arm"].startswith("output") else "C0", label=None if k else "seed mean ± 2 s.e.")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters (B=16 x 64 tokens per step)")
+    ax.set_ylabel("TST - baseline final val loss (nats)")
+    ax.set_title("The gap along the model-size axis (seed 0; below 0: TST wins)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "when-tst-pays-params.png", dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -296,6 +430,8 @@ def main():
     p.add_argument("--root", default="runs/regime")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--plan", choices=["crossover", "small"], default="crossover",
+                   help="crossover: the walk up the model-size axis (issue #16); small: the first map, 3M-25M parameters")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at job i")
     p.add_argument("--only", default="", help="run only the jobs whose directory contains this text, e.g. small-n400")
     p.add_argument("--table", action="store_true", help="do not train; tabulate finished runs only")
@@ -312,14 +448,20 @@ def main():
         if count > 1:
             return  # the shards do not race to write the tables: run --table once they are all done
     root.mkdir(parents=True, exist_ok=True)
-    tables = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root)}
+    found = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root),
+             "phase1.csv": phase1_rows(root)}
+    tables = {}
+    for name, rows in found.items():
+        directory, key = TABLES[name]
+        tables[name] = merge(directory / name, rows, key)
+    tables["map.csv"] = [best_arms(row) for row in tables["map.csv"]]
     for name, rows in tables.items():
-        write_csv(root / name, rows)
+        write_csv(TABLES[name][0] / name, rows)
     text = "\n\n".join(f"## {name}\n\n{markdown(rows)}" for name, rows in tables.items() if rows)
     (root / "tables.md").write_text(text + "\n")
     print(text)
     if tables["map.csv"]:
-        plot(tables["map.csv"], root)
+        plot(tables["map.csv"], tables["seeds.csv"], REPO / "docs")
 
 
 if __name__ == "__main__":

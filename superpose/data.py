@@ -433,6 +433,15 @@ def validation_windows(shards: list[np.ndarray], seq_len: int, max_tokens: int, 
     return torch.from_numpy(rows)
 
 
+def unigram_log_probs(shards: list[np.ndarray], vocab_size: int) -> torch.Tensor:
+    """Log-probabilities ``[V]`` of the shards' token frequencies (add-one smoothed): the model
+    that learned token frequencies and nothing else, a floor for any loss over these tokens."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for shard in shards:
+        counts += np.bincount(np.asarray(shard, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
 def check_token_ids(rows: np.ndarray, origins: list[tuple[np.ndarray, int]], vocab_size: int | None) -> None:
     """Refuse windows ``[n, W]`` holding an id at or above the vocabulary size (a corrupt shard,
     or shards from another tokenizer) before an embedding lookup indexes out of range.

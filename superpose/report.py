@@ -28,6 +28,7 @@ import numpy as np
 from .config import Config, ConfigError
 from .files import atomic_write_text, writable_dir
 from .model import hf_progress_bars
+from .regime import regime
 from .runs import load_run_config, read_records
 from .train import RESUME_SAFE_KEYS
 
@@ -165,6 +166,19 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         trains=[r for r in records if r["kind"] == "train"],
         ended=any(r["kind"] == "end" for r in records),
     )
+
+
+def non_embedding_parameters(run: Run) -> int:
+    """The run's parameters less the input embedding and an untied output head (the count that
+    places a run on the regime map), from its exported model's config; the total if it exported none."""
+    from transformers import AutoConfig
+
+    total = int(run.start["parameters"])
+    if not (run.path / "model" / "config.json").is_file():
+        return total
+    config = AutoConfig.from_pretrained(run.path / "model", local_files_only=True)
+    config = getattr(config, "text_config", None) or config
+    return total - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
 
 
 def config_differences(reference: Config, other: Config, ignore_tst: bool = True) -> list[str]:
@@ -385,6 +399,7 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
             "switch": {"measured": False},
             "paired_final_eval": paired_final_eval(reference, run) if paired else None,
             "step_time_ratio": _ratio_or_none(row["mean_next_token_step_s"], rows[0]["mean_next_token_step_s"]),
+            "phase1": phase1_diagnostic(run),
         }
         if run.switch_step is not None:
             entry["switch"] = switch_spike(*run.train_series("loss"), run.switch_step)
@@ -398,8 +413,21 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
                     entry["iso_loss"][key] = None
         comparisons.append(entry)
     return {"reference": reference.name, "runs": rows, "comparisons": comparisons, "flops_formula": FLOPS_FORMULA,
-            "regime": regime(rows[0]["parameters"], rows[0]["steps"], rows[0]["tokens_seen"]),
+            "regime": regime(non_embedding_parameters(reference), rows[0]["parameters"], rows[0]["steps"],
+                             int(reference.start["positions_per_step"])),
             "wall_clock": "training seconds: the sum of step times, without validation and checkpoints"}
+
+
+def phase1_diagnostic(run: Run) -> dict | None:
+    """The last eval after a superposition step: the stage's own objective on held-out bags and the
+    unigram level on the same bags (``train.validate``). A bag loss near the unigram level means
+    phase 1 learned little beyond token frequencies. None when no eval fell inside phase 1."""
+    evals = [e for e in run.evals if "val_bag_loss" in e and e["step"] > 0]
+    if not evals:
+        return None
+    last = evals[-1]
+    return {"step": last["step"], "val_bag_loss": last["val_bag_loss"], "unigram_loss": last["val_bag_unigram_loss"],
+            "beyond_unigram": last["val_bag_unigram_loss"] - last["val_bag_loss"]}
 
 
 def _load_differs(comparison: dict) -> bool:
@@ -466,6 +494,10 @@ def summary_table(summary: dict) -> str:
         s = c["switch"]
         return f"{s['gap_after_switch']:+.2f} -> {s['gap_at_end']:+.2f} nats" if "gap_after_switch" in s else "-"
 
+    def phase1(c):
+        p = c["phase1"]
+        return "-" if p is None else f"{p['val_bag_loss']:.3f} ({p['unigram_loss']:.3f})"
+
     def paired(c):
         p = c["paired_final_eval"]
         return "-" if p is None else f"{p['difference']:+.4f} ± {p['stderr']:.4f}"
@@ -487,6 +519,7 @@ def summary_table(summary: dict) -> str:
         line("val loss diff at equal data", per_comp(diff("equal_data"))),
         line("switch spike / recovery", per_comp(spike)),
         line("train-loss gap: switch -> end", per_comp(gap)),
+        line("phase-1 bag loss (unigram)", per_comp(phase1)),
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in table]
@@ -545,6 +578,15 @@ def _prose(summary: dict) -> list[str]:
                     f"- **Training loss vs {c['reference']}** on the same batches: {sw['gap_after_switch']:+.3f} nats just after "
                     f"the switch (first 5 logged steps), {sw['gap_at_end']:+.3f} at the end (last 5)."
                 )
+        if c["phase1"] is not None:
+            p = c["phase1"]
+            lines.append(
+                f"- **Phase 1 on held-out bags** (step {p['step']}, its last eval): bag objective {p['val_bag_loss']:.3f} "
+                f"(MCE without log s) vs {p['unigram_loss']:.3f} for the train split's token frequencies on the same bags: "
+                f"{p['beyond_unigram']:.3f} nats learned beyond unigram statistics.")
+        elif c["switch"]["measured"]:
+            lines.append("- **Phase 1 on held-out bags**: not measured (no eval at or before the switch step; set "
+                         "train.eval_every to a divisor of the switch step).")
         if _load_differs(c):
             load = c["step_time_ratio"]
             lines.append(
@@ -556,40 +598,6 @@ def _prose(summary: dict) -> list[str]:
             lines.append("- **Config differences from the reference** (besides [tst]): " + "; ".join(c["config_differences"]))
         lines.append("")
     return lines
-
-
-# Where TST's effect has been measured (docs/when-tst-pays.md). The paper's smallest gain: 270M
-# parameters, 20k steps of 2M tokens. superpose's own CPU map: (parameters, steps) of the largest
-# budgets per model size where no TST setting tried beat the baseline at equal FLOPs beyond seed
-# noise (the last small point is a tie), and the closest the map came. There the gap
-# shrank with model size and with steps (not with tokens per step), so a run no larger in both
-# than one of these points is not expected to pay.
-PAPER_SMALLEST_GAIN = (270e6, 20_000)
-MAP_NO_GAIN = [(3_146_880, 2000), (10_489_088, 1000), (25_172_352, 400)]
-MAP_CLOSEST = "output-only TST (s=2, r=0.2) tied the baseline at 10.5M parameters and 1000 steps (-0.004 ± 0.017 nats, 3 seeds)"
-
-
-def regime(parameters: int, steps: int, tokens: float) -> dict:
-    """Place a run (the baseline arm's parameters, steps and data tokens) against the budgets where
-    TST has been measured: ``no-gain`` (inside superpose's small-scale map), ``paper`` (at or beyond
-    the paper's smallest gain) or ``untested`` (in between)."""
-    where = f"{parameters / 1e6:.1f}M parameters, {steps} steps, {tokens / parameters:.3g} training tokens per parameter"
-    if any(parameters <= p and steps <= n for p, n in MAP_NO_GAIN):
-        verdict, text = "no-gain", (
-            f"This run ({where}) lies within superpose's small-scale map, where no TST setting tried beat the "
-            "baseline at equal FLOPs beyond noise for a model this size or larger trained this long or longer "
-            "(docs/when-tst-pays.md): TST is not expected to pay here.")
-    elif parameters >= PAPER_SMALLEST_GAIN[0] and steps >= PAPER_SMALLEST_GAIN[1]:
-        verdict, text = "paper", (
-            f"This run ({where}) is at or beyond the scale of the paper's smallest measured gain (270M parameters, "
-            "20k steps of 2M tokens): TST is expected to pay.")
-    else:
-        verdict, text = "untested", (
-            f"This run ({where}) lies beyond the budgets where superpose's small-scale map saw no gain "
-            f"(the closest: {MAP_CLOSEST}; docs/when-tst-pays.md) and below the paper's smallest gain (270M "
-            "parameters, 20k steps of 2M tokens): TST may or may not pay here; this comparison is the evidence.")
-    return {"parameters": parameters, "steps": steps, "tokens_per_parameter": tokens / parameters,
-            "verdict": verdict, "text": text}
 
 
 WALL_CLOCK_TOLERANCE = 1.15  # mean next-token step times further apart than this flag a load difference

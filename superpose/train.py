@@ -120,20 +120,25 @@ def autocast(cfg: Config, runtime: Runtime):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime) -> float:
-    """Next-token loss (nats) on fixed held-out windows ``[n, L+1]``, split across ranks.
+def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime, stage: Stage | None = None,
+             step: int = 0) -> float:
+    """Loss (nats) on fixed held-out windows, split across ranks: the next-token loss on windows
+    ``[n, L+1]`` or, given a superposition ``stage``, that stage's own objective (MCE without
+    log s, at the slot weights of ``step``) on windows ``[n, window_length(L, s, mode)]``.
 
     Every rank runs the same number of forwards (FSDP needs that): the last rank's share is
     padded with windows whose targets are ignored."""
+    bag_size, mode = (stage.bag_size, stage.mode) if stage else (1, "full")
     model.eval()
     per_rank = -(-windows.shape[0] // runtime.world)
     mine = windows[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
-    inputs, targets = split_window(mine, 1, "full")
+    inputs, targets = split_window(mine, bag_size, mode)  # [b, L, k], [b, L, m]
     pad = per_rank - inputs.shape[0]
     if pad:
-        inputs = torch.cat([inputs, windows[:pad, :-1, None]])
-        targets = torch.cat([targets, torch.full_like(windows[:pad, 1:, None], -100)])
-    weights = torch.ones(1, device=runtime.device)
+        pad_inputs, pad_targets = split_window(windows[:pad], bag_size, mode)
+        inputs = torch.cat([inputs, pad_inputs])
+        targets = torch.cat([targets, torch.full_like(pad_targets, -100)])
+    weights = stage.weights(step, targets.shape[-1], runtime.device) if stage else torch.ones(1, device=runtime.device)
     total = torch.zeros(2, device=runtime.device)
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // runtime.world)
     for x, y in zip(inputs.split(micro), targets.split(micro)):
@@ -334,10 +339,30 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         bar.close()
         return TrainingError(message)
 
+    bag_windows = {}  # (bag size, mode) -> held-out windows of that superposition stage (None: val too short)
+    unigram = []  # log-probabilities [V] of the train split's token frequencies, computed on first use
+
     def validate(step: int) -> dict:
         loss = evaluate(model, val_windows, cfg, runtime)
         record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": data_mod.bits_per_byte(loss, val_bpt),
                   "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "flops": step * step_flops}
+        trained = max(step - 1, 0)  # the step just trained (at step 0: the first step's stage)
+        stage = stage_at(stages, trained)
+        key, width = (stage.bag_size, stage.mode), window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
+        if stage.bag_size > 1 and key not in bag_windows:  # as many windows as the next-token eval
+            fits = max(s.size for s in data.splits["val"]) >= width
+            bag_windows[key] = data_mod.validation_windows(data.splits["val"], width - 1, val_windows.shape[0] * (width - 1),
+                                                           data.vocab_size) if fits else None
+        if stage.bag_size > 1 and bag_windows[key] is not None:
+            # Diagnostic of phase 1: its own objective on held-out bags beside the unigram level, the
+            # MCE of predicting the train split's token frequencies at every position: a bag loss near
+            # it means phase 1 learned little beyond token frequencies.
+            if not unigram:
+                unigram.append(data_mod.unigram_log_probs(data.splits["train"], data.vocab_size))
+            targets = split_window(bag_windows[key], stage.bag_size, stage.mode)[1]  # [n, L, m]
+            weights = stage.weights(trained, targets.shape[-1])  # [m], sums to 1
+            record["val_bag_loss"] = evaluate(model, bag_windows[key], cfg, runtime, stage, trained)
+            record["val_bag_unigram_loss"] = -(unigram[0][targets] * weights).sum(-1).mean().item()
         log.write(record)
         if not math.isfinite(loss):
             raise fail(step, f"the validation loss at step {step} is {loss}: the model diverged and is not exported; "

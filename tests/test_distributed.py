@@ -92,6 +92,10 @@ def test_two_ranks_equal_one_process(runs, strategy):
     records = [json.loads(line) for line in (runs[strategy] / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in records if r["kind"] == "start"] == [2]
     assert len(list((runs[strategy] / "tensorboard").glob("events.*"))) == 1  # rank 0's only
+    # the step-0 eval also scores phase 1's objective on held-out bags, split over the ranks
+    first = [next(r for r in map(json.loads, (runs[name] / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval")
+             for name in ("single", strategy)]
+    assert first[1]["val_bag_loss"] == pytest.approx(first[0]["val_bag_loss"], abs=TOLERANCE)
 
 
 @pytest.mark.slow

@@ -22,13 +22,13 @@ from superpose.report import (
     first_at_or_below,
     iso_loss_speedup,
     load_run,
-    regime,
     summary_table,
     switch_spike,
     training_gap,
     value_at,
     write_report,
 )
+from superpose.regime import Point, map_points, measured_points, regime
 from superpose.schedule import build_stages, has_superposition
 
 
@@ -126,17 +126,41 @@ def test_training_gap_pairs_the_same_steps_after_the_switch():
     assert training_gap(steps, candidate, steps, candidate, switch=20) == {}
 
 
-def test_regime_places_a_run_against_the_measured_budgets():
-    assert regime(3_000_000, 150, 150_000)["verdict"] == "no-gain"  # inside the small-scale map
-    assert regime(3_000_000, 2000, 2e6)["verdict"] == "no-gain"
-    assert regime(10_000_000, 400, 4e5)["verdict"] == "no-gain"
-    assert regime(10_000_000, 1000, 1e6)["verdict"] == "no-gain"  # output-only TST tied here
-    assert regime(10_000_000, 2000, 2e6)["verdict"] == "untested"
-    assert regime(270_000_000, 20_000, 40e9)["verdict"] == "paper"  # the paper's 270M run
-    assert regime(270_000_000, 500, 1e9)["verdict"] == "untested"  # large, but short
-    between = regime(50_000_000, 5000, 1e9)
-    assert between["verdict"] == "untested" and between["tokens_per_parameter"] == 20.0
-    assert "TST may or may not pay here" in between["text"]
+def test_regime_places_a_run_by_non_embedding_parameters_steps_and_tokens_per_step():
+    points = [Point("m", 10_000_000, 20_000_000, 1000, 1024, "output-s2-r0.2", 0.01, 0.02, 3, "no-gain"),
+              Point("p", 100_000_000, 300_000_000, 20_000, 2_000_000, "s6-r0.3", -0.07, None, 1, "gain", "paper")]
+    assert regime(10_000_000, 99_000_000, 1000, 1024, points)["verdict"] == "no-gain"  # the total does not count
+    assert regime(5_000_000, 6_000_000, 600, 2048, points)["point"] == "m"  # smaller, shorter, more tokens per step
+    assert regime(5_000_000, 6_000_000, 600, 512, points)["verdict"] == "untested"  # fewer tokens per step
+    assert regime(10_000_001, 20_000_000, 1000, 1024, points)["verdict"] == "untested"
+    assert regime(200_000_000, 400_000_000, 30_000, 1_000_000, points)["verdict"] == "gain"
+    assert regime(200_000_000, 400_000_000, 30_000, 4_000_000, points)["verdict"] == "untested"  # more tokens per step
+    between = regime(50_000_000, 60_000_000, 5000, 1024, points)
+    assert between["point"] == "m" and "closest gap measured: output-s2-r0.2 at m" in between["text"]
+    assert "50.0M non-embedding parameters, 60.0M in all; 5000 steps of 1,024 tokens" in between["text"]
+
+
+def test_map_points_count_a_gain_only_beyond_two_standard_errors_over_seeds():
+    row = {"preset": "small", "params": "10", "non_embedding_params": "6", "steps": "1000", "batch": "16",
+           "tokens_per_step": "1024"}
+    seeds = [{"point": "small-n1000-b16", "arm": "a", "gaps": "-0.05 -0.04 -0.06", "gap_sd": "0.01"}]
+    (win,) = map_points([{**row, "a": "-0.05", "b": "0.2"}], seeds, ["a", "b"])
+    assert (win.outcome, win.arm, win.seeds) == ("gain", "a", 3) and win.stderr == pytest.approx(0.01 / 3 ** 0.5)
+    tie = [{**seeds[0], "gaps": "-0.05 0.01 0.0"}]
+    assert map_points([{**row, "a": "-0.05"}], tie, ["a"])[0].outcome == "no-gain"
+    # one seed: below minus the median seed s.d. it is open, above it noise
+    assert map_points([{**row, "b": "-0.02"}], seeds, ["b"])[0].outcome == "open"
+    assert map_points([{**row, "b": "-0.005"}], seeds, ["b"])[0].outcome == "no-gain"
+
+
+def test_the_shipped_map_places_the_gpt2_tiny_run_inside_it():
+    """The package's CSVs load from an installed package; the `tiny` preset with the GPT-2
+    vocabulary (13M of 14M parameters are embeddings) is a 1M-parameter model by compute."""
+    points = measured_points()
+    assert {p.name for p in points} >= {"tiny-n150-b16", "small-n1000-b16", "medium-n400-b16", "paper 270M"}
+    tiny_gpt2 = regime(1_049_728, 14_000_000, 600, 16 * 128, points)
+    assert tiny_gpt2["verdict"] == "no-gain" and "TST is not expected to pay here" in tiny_gpt2["text"]
+    assert regime(106_203_456, 253_954_368, 20_000, 2_000_000, points)["point"] == "paper 270M"
 
 
 def test_arm_configs_derive_a_true_baseline():
@@ -203,7 +227,15 @@ def test_compare_writes_a_consistent_report(compared):
     assert comp["switch"]["measured"] and comp["switch"]["switch_step"] == 4
     text = (out / "report.md").read_text()
     assert "iso-loss speedup" in text and "![Training loss around the switch](train_loss_switch.png)" in text
-    assert summary["regime"]["verdict"] == "no-gain" and summary["regime"]["text"] in text
+    # 4 x 16 tokens per step is fewer than any point of the map: not placed inside it
+    assert summary["regime"]["verdict"] == "untested" and summary["regime"]["text"] in text
+    # eval_every = 2 puts evals at steps 2 and 4 inside phase 1 (steps 0-3): the last one is reported
+    evals = [json.loads(line) for line in (root / "cmp" / "tst" / "metrics.jsonl").read_text().splitlines()]
+    at_switch = next(r for r in evals if r["kind"] == "eval" and r["step"] == 4)
+    assert comp["phase1"] == {"step": 4, "val_bag_loss": at_switch["val_bag_loss"],
+                              "unigram_loss": at_switch["val_bag_unigram_loss"],
+                              "beyond_unigram": at_switch["val_bag_unigram_loss"] - at_switch["val_bag_loss"]}
+    assert f"phase-1 bag loss (unigram)" in text and f"{at_switch['val_bag_loss']:.3f}" in text
 
 
 def test_wall_clock_speedup_is_not_reported_when_the_load_differed(compared):

@@ -9,12 +9,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from superpose.config import load_config
-from superpose.data import TokenData
+from superpose.data import TokenData, unigram_log_probs, validation_windows
 from superpose.distributed import Runtime
 from superpose.model import TSTModel, build_model, hf_progress_bars
 from superpose.method import split_window
 from superpose.schedule import Stage
-from superpose.train import make_optimizer, train, train_step
+from superpose.train import evaluate, make_optimizer, train, train_step
 
 
 def records(run_dir, kind):
@@ -88,6 +88,31 @@ def test_same_config_same_losses_and_resume_equals_uninterrupted(small_data, tmp
     train(load_config(None, tiny_overrides(small_data, resumed, **{"train.checkpoint_every": 20})), resume="auto")
     assert [r["loss"] for r in records(resumed, "train")] == losses
     assert [r["val_loss"] for r in records(resumed, "eval")] == [r["val_loss"] for r in records(full, "eval")]
+
+
+def test_phase1_evals_score_the_bag_objective_beside_the_unigram_level(small_data, tmp_path, one_thread):
+    """Evals after a superposition step also score that stage's MCE on held-out bags and the MCE
+    of the train split's token frequencies on the same bags; next-token evals do not."""
+    run = tmp_path / "tst"
+    cfg = load_config(None, tiny_overrides(small_data, run, **{"train.eval_every": 12}))
+    train(cfg)
+    evals = {r["step"]: r for r in records(run, "eval")}
+    assert [t for t, r in evals.items() if "val_bag_loss" in r] == [0, 12]  # steps 0-11 are phase 1 (s=4)
+    assert evals[0]["val_bag_loss"] == pytest.approx(6.93, abs=0.3)  # ln(1024) at init
+    assert evals[12]["val_bag_loss"] < evals[0]["val_bag_loss"] - 0.5  # phase 1 learned on held-out bags
+    data = TokenData(small_data)
+    logp = unigram_log_probs(data.splits["train"], data.vocab_size)  # [V]
+    assert torch.logsumexp(logp, 0).item() == pytest.approx(0.0, abs=1e-5)
+    n, width = 4096 // 32, 4 * 32 + 4  # as many windows as the next-token eval, s*L+s tokens each
+    bags = validation_windows(data.splits["val"], width - 1, n * (width - 1))  # [n, s*L+s]
+    targets = split_window(bags, 4, "full")[1]  # [n, L, 4]
+    assert evals[12]["val_bag_unigram_loss"] == pytest.approx(-logp[targets].mean().item(), rel=1e-5)
+    # evaluate() with a stage is exactly the training objective on those windows
+    model = TSTModel(build_model("tiny", data.vocab_size, 32))
+    stage = Stage("superposition", 4, "full", "power", 12)
+    loss_sum, weight = model(*split_window(bags, 4, "full"), stage.weights(0, 4))
+    measured = evaluate(model, bags, cfg, Runtime(0, 1, torch.device("cpu")), stage, 0)
+    assert measured == pytest.approx((loss_sum / weight).item(), rel=1e-5)
 
 
 def test_export_loads_with_transformers_and_generates(small_data, tmp_path):
