@@ -12,7 +12,6 @@ global batch (a phase-1 step reads s times more of them than a phase-2 step at e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from superpose.runs import read_records  # noqa: E402  (torch-free)
 
 
 def variants(ranks: int, threads: int) -> dict[str, tuple[list[str], dict]]:
@@ -42,8 +44,7 @@ def run(launcher: list[str], env: dict, args, out_dir: Path) -> dict[str, float]
                f"--tst.bag_size={args.bag_size}", "--tst.ratio=0.5", f"--train.device={args.device}", "--train.log_every=1",
                "--train.eval_every=100000", "--train.eval_tokens=1024", "--train.checkpoint_every=0", "--train.progress=false"]
     subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True)
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if r["kind"] == "train"]
+    train_records = [r for r in read_records(out_dir) if r["kind"] == "train"]
     best: dict[str, float] = {}
     for previous, record in zip(train_records, train_records[1:]):
         if record["stage"] == previous["stage"]:

@@ -29,8 +29,7 @@ from .config import Config, ConfigError
 from .files import atomic_write_text, writable_dir
 from .model import hf_progress_bars
 from .regime import regime
-from .runs import load_run_config, read_records
-from .train import RESUME_SAFE_KEYS
+from .runs import RESUME_SAFE_KEYS, load_run_config, read_records
 
 FLOPS_FORMULA = (
     "FLOPs per step = 6 * N_active * P + 6 * n_layers * L * d_attn * P, with P = batch_size * L model "

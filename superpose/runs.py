@@ -6,8 +6,17 @@
     RUN/model/            the Hugging Face export + manifest.json
     RUN/.lock             held by the process that writes the run (superpose.files.DirectoryLock)
 
+``metrics.jsonl`` holds one JSON object per line; ``kind`` says which, ``step`` is the number of
+steps done when it was written:
+    start    parameters, active_matmul_parameters, flops_per_step, positions_per_step, world_size, stages
+    stage    stage, bag_size, mode (the first step of a stage)
+    resume   checkpoint, rejected: [{checkpoint, problem}] (newer checkpoints that failed verification)
+    train    stage, bag_size, loss, lr, grad_norm, applied, tokens_seen, tokens_per_s, step_seconds, elapsed
+    eval     val_loss, val_bpb, tokens_seen, elapsed, flops (+ diagnostics of a superposition stage)
+    failed   error (the run stopped: non-finite losses)
+    end      val_loss, val_bpb, tokens_seen, elapsed, stages, steps
 A run killed while it appends to ``metrics.jsonl`` can leave its last line cut short; every
-reader here skips such a line instead of failing on it.
+reader here skips such a line instead of failing on it. ``MetricsLog`` is the one writer.
 """
 from __future__ import annotations
 
@@ -16,8 +25,17 @@ from pathlib import Path
 
 from .config import Config, config_from_dict, read_toml
 from .errors import ConfigError
+from .files import atomic_write_text
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
+
+# Keys that may change when a run is resumed: they do not alter the trained model.
+RESUME_SAFE_KEYS = {
+    "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
+    "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
+    "train.compile", "model.loss_chunk_size", "train.threads",
+}
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -67,3 +85,45 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG})")
     return config_from_dict(read_toml(path))
+
+
+class MetricsLog:
+    """The writer of ``metrics.jsonl`` (the schema is this module's docstring); records are mirrored to ``trackers``."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, trackers: list = ()):
+        """``resume_step=None`` starts the log afresh (a killed run without a checkpoint starts over)."""
+        self.path, self.enabled, self.trackers = path, enabled, trackers
+        if enabled and resume_step is not None and path.exists():
+            # Drop what a killed run logged after the checkpoint we resume from, and a last line
+            # that the kill cut short.
+            keep = [line for line in path.read_text().splitlines() if _before(_parse(line), resume_step)]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        self.handle = open(path, "a" if resume_step is not None else "w") if enabled else None
+
+    def write(self, record: dict) -> None:
+        """Append one record and flush, so a killed run loses at most the line being written."""
+        if self.handle:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+        for tracker in self.trackers:
+            tracker.write(record)
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _before(record: dict | None, step: int) -> bool:
+    """Was this record logged before the checkpoint of ``step`` was written?"""
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return False
+    return record["step"] < step or (record["step"] == step and record.get("kind") in ("start", "train", "eval"))

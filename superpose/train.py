@@ -8,7 +8,6 @@ phase 2 differ only in the ``Stage`` the lookup returns.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -30,7 +29,7 @@ from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_s
 from .errors import Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
 from .preemption import StopRequest
-from .runs import checkpoint_dirs
+from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
@@ -42,13 +41,6 @@ from .tracking import open_trackers
 # core), and the quick start with torch's default threads took 44 CPU-minutes instead of 12.5.
 AUTO_THREADS_MIN_CORES = 4
 
-# Keys that may change when a run is resumed: they do not alter the trained model.
-RESUME_SAFE_KEYS = {
-    "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
-    "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
-    "train.compile", "model.loss_chunk_size", "train.threads",
-}
 
 
 @dataclass
@@ -148,48 +140,6 @@ def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runt
     total = all_reduce_sum(total)
     model.train()
     return (total[0] / total[1]).item()
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, ``kind`` = train | eval | stage | end; mirrored to ``trackers``."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None, trackers: list = ()):
-        """``resume_step=None`` starts the log afresh (a killed run without a checkpoint starts over)."""
-        self.path, self.enabled, self.trackers = path, enabled, trackers
-        if enabled and resume_step is not None and path.exists():
-            # Drop what a killed run logged after the checkpoint we resume from, and a last line
-            # that the kill cut short.
-            keep = [line for line in path.read_text().splitlines() if _before(_parse(line), resume_step)]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
-        self.handle = open(path, "a" if resume_step is not None else "w") if enabled else None
-
-    def write(self, record: dict) -> None:
-        """Append one record and flush, so a killed run loses at most the line being written."""
-        if self.handle:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-        for tracker in self.trackers:
-            tracker.write(record)
-
-    def close(self) -> None:
-        if self.handle:
-            self.handle.close()
-        for tracker in self.trackers:
-            tracker.close()
-
-
-def _parse(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def _before(record: dict | None, step: int) -> bool:
-    """Was this record logged before the checkpoint of ``step`` was written?"""
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        return False
-    return record["step"] < step or (record["step"] == step and record.get("kind") in ("start", "train", "eval"))
 
 
 def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
