@@ -28,10 +28,10 @@ from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_s
                           raise_together)
 from .errors import Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
-from .preemption import StopRequest
-from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
+from .preemption import StopRequest
+from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
 
@@ -40,7 +40,6 @@ from .tracking import open_trackers
 # quick start's step at 0.52 s with 1 thread and 3.40 s with 2 (OpenMP threads waiting for a busy
 # core), and the quick start with torch's default threads took 44 CPU-minutes instead of 12.5.
 AUTO_THREADS_MIN_CORES = 4
-
 
 
 @dataclass
@@ -291,8 +290,8 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         log.write(record)
         if not math.isfinite(loss):
             raise fail(step, f"the validation loss at step {step} is {loss}: the model diverged and is not exported; "
-                             f"{newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check the data) and resume from a checkpoint "
-                             "before the divergence with --resume DIR --allow-config-change")
+                             f"{newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check the data) "
+                             "and resume from a checkpoint before the divergence with --resume DIR --allow-config-change")
         return record
 
     bad_steps = 0
@@ -384,11 +383,12 @@ def set_threads(cfg: Config, runtime: Runtime) -> None:
     """CPU threads of this process: ``train.threads``, or (0) what measured fastest; see TrainConfig.threads."""
     if runtime.device.type != "cpu" or (not cfg.train.threads and "OMP_NUM_THREADS" in os.environ):
         return  # an explicit OMP_NUM_THREADS stands unless train.threads is set
-    torch.set_num_threads(cfg.train.threads or default_threads(runtime))
+    torch.set_num_threads(cfg.train.threads or default_threads())
 
 
-def default_threads(runtime: Runtime) -> int:
-    """One thread per process unless the process has more than AUTO_THREADS_MIN_CORES cores to itself."""
+def default_threads() -> int:
+    """One thread per process unless it has AUTO_THREADS_MIN_CORES cores or more to itself (torchrun's
+    LOCAL_WORLD_SIZE processes share this machine's cores)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return per_rank if per_rank >= AUTO_THREADS_MIN_CORES else 1
