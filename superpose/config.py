@@ -73,7 +73,7 @@ class TrainConfig:
     micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # CPU threads per process; 0 = 1, or all of this rank's cores when it has >= 4 (OMP_NUM_THREADS, if set, stands)
+    threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
     eval_every: int = 100

@@ -8,6 +8,7 @@ phase 2 differ only in the ``Stage`` the lookup returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -28,20 +29,12 @@ from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_s
                           raise_together)
 from .errors import Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
-from .preemption import StopRequest
-from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
+from .preemption import StopRequest
+from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
-
-# train.threads = 0 gives each process one CPU thread unless it has this many cores to itself:
-# bench/bench_threads.py on the project's 2-core machine (shared with one other process) timed the
-# quick start's step at 0.52 s with 1 thread and 3.40 s with 2 (OpenMP threads waiting for a busy
-# core), and the quick start with torch's default threads took 44 CPU-minutes instead of 12.5.
-AUTO_THREADS_MIN_CORES = 4
-
-
 
 @dataclass
 class StepResult:
@@ -222,7 +215,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
     if cfg.train.batch_size % runtime.world:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
-    set_threads(cfg, runtime)
+    set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
@@ -316,8 +309,8 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         log.write(record)
         if not math.isfinite(loss):
             raise fail(step, f"the validation loss at step {step} is {loss}: the model diverged and is not exported; "
-                             f"{newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check the data) and resume from a checkpoint "
-                             "before the divergence with --resume DIR --allow-config-change")
+                             f"{newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check the data) "
+                             "and resume from a checkpoint before the divergence with --resume DIR --allow-config-change")
         return record
 
     bad_steps = 0
@@ -405,15 +398,32 @@ class Pace:
                 f"{left / 60:.1f} min for the remaining {self.steps - done} steps (validation not included)")
 
 
-def set_threads(cfg: Config, runtime: Runtime) -> None:
-    """CPU threads of this process: ``train.threads``, or (0) what measured fastest; see TrainConfig.threads."""
+def set_threads(cfg: Config, runtime: Runtime, say) -> None:
+    """CPU threads of this process: ``train.threads``, or (0) the cores no one else is using."""
     if runtime.device.type != "cpu" or (not cfg.train.threads and "OMP_NUM_THREADS" in os.environ):
         return  # an explicit OMP_NUM_THREADS stands unless train.threads is set
-    torch.set_num_threads(cfg.train.threads or default_threads(runtime))
+    threads = cfg.train.threads or default_threads()
+    torch.set_num_threads(threads)
+    if not cfg.train.threads:
+        cores, load = machine_load()
+        say(f"{threads} CPU thread(s) per process ({cores} cores, load average {load:.1f} when superpose started; "
+            "train.threads sets it)")
 
 
-def default_threads(runtime: Runtime) -> int:
-    """One thread per process unless the process has more than AUTO_THREADS_MIN_CORES cores to itself."""
+@functools.cache
+def machine_load() -> tuple[int, float]:
+    """(cores this process may use, the 1-minute load average) when first asked: cached, so that every
+    run of one command (the arms of a comparison) takes the same decision."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return per_rank if per_rank >= AUTO_THREADS_MIN_CORES else 1
+    return cores, os.getloadavg()[0]
+
+
+def default_threads() -> int:
+    """All of this rank's share of the free cores, at least 1. bench/bench_threads.py on the
+    project's 2-core machine: a quick-start step took 0.51 s with 1 thread and 0.31 s with 2 when
+    the machine was otherwise idle, but 0.52 s and 3.40 s when one other process ran (OpenMP
+    threads waiting for a busy core); the quick start with torch's default 2 threads on a shared
+    machine took 44 CPU-minutes instead of 12.5. The load average says which case this is."""
+    cores, load = machine_load()
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share its cores
+    return max(1, min(cores // ranks, round(max(0.0, cores - load) / ranks)))

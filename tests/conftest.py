@@ -1,9 +1,16 @@
 import json
+import os
 from pathlib import Path
 
-import pytest
+# One CPU thread in this process and every process a test starts, set before torch is imported:
+# tiny models gain nothing from a second thread, and on a busy 2-core machine it makes a test many
+# times slower. An explicit OMP_NUM_THREADS also keeps train.threads = 0 from choosing per machine
+# load (tests of that choice set it themselves).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from superpose.data import prepare, shakespeare_files
+import pytest  # noqa: E402
+
+from superpose.data import prepare, shakespeare_files  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]

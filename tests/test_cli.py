@@ -85,3 +85,14 @@ def test_pace_estimates_the_rest_of_the_run_once():
     lines = [pace.update(done, 2.0 if done == 11 else 0.5) for done in range(11, 30)]
     assert [line for line in lines if line] == [
         "0.500 s/step over steps 12-16: about 0.8 min for the remaining 94 steps (validation not included)"]
+
+
+@pytest.mark.parametrize("cores, load, ranks, threads", [(2, 0.1, 1, 2), (2, 1.0, 1, 1), (2, 3.5, 1, 1),
+                                                          (16, 4.0, 1, 12), (16, 0.0, 8, 2), (2, 0.0, 2, 1)])
+def test_default_threads_take_the_free_cores(monkeypatch, cores, load, ranks, threads):
+    """train.threads = 0: all free cores when the machine is idle, 1 thread when others use it."""
+    from superpose import train as train_mod
+
+    monkeypatch.setattr(train_mod, "machine_load", lambda: (cores, load))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert train_mod.default_threads() == threads
