@@ -71,10 +71,12 @@ def _on_scratch(init, module: nn.Module, owners: dict) -> None:
         init(module)
     for name, full in scratch.items():
         param = params[name]
-        written = ~full.isnan()
-        if owners[id(param)] is not module or not written.any():
+        if owners[id(param)] is not module:
             continue
-        if not written.all():
+        unwritten = int(full.isnan().count_nonzero())  # its [*shape] bool mask lives for this line only
+        if unwritten == full.numel():
+            continue
+        if unwritten:
             raise ModelError(f"the init of {type(module).__name__}.{name} writes only part of it; build this model without meta-device initialisation (distributed.strategy = ddp)")
         _copy_shard(param, full)
 

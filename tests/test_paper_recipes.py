@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from superpose.config import load_config
 from superpose.model import PRESETS, build_model, count_parameters
@@ -58,8 +57,7 @@ def test_paper_recipe_matches_the_paper(name):
     assert cfg.data.corpus == "" and cfg.distributed.strategy == "fsdp"
     assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
 
-    with torch.device("meta"):
-        lm = build_model(cfg.model.preset, LLAMA3_VOCAB, cfg.data.seq_len, cfg.model.attn_implementation)
+    lm = build_model(cfg.model.preset, LLAMA3_VOCAB, cfg.data.seq_len, cfg.model.attn_implementation, meta=True)
     counts = count_parameters(lm)
     assert counts["total"] == closed_form_parameters(name, LLAMA3_VOCAB)
     assert abs(counts["total"] / size - 1) < SIZE_TOLERANCE, counts
