@@ -2,6 +2,7 @@
 
     python bench/bench_init_memory.py --preset llama-600m                 # both paths, 2 CPU ranks (gloo)
     python bench/bench_init_memory.py --preset llama-3b --paths meta      # the meta path alone
+    python bench/bench_init_memory.py --preset llama-3b --paths full --ranks 1   # one full build, unsharded
 
 Two ways to reach the same sharded model (the training path of ``superpose train`` with
 ``distributed.strategy = fsdp``, Llama-3 vocabulary, fp32):
@@ -34,6 +35,7 @@ def peak_rss_bytes() -> int:
 def rank_main(preset: str, path: str, vocab: int, seq_len: int, out: Path) -> None:
     """One rank: build and shard as train._train does, then write this rank's measurements."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     from superpose.distributed import init_runtime, parallelize, shutdown
     from superpose.model import TSTModel, build_model
@@ -45,7 +47,7 @@ def rank_main(preset: str, path: str, vocab: int, seq_len: int, out: Path) -> No
     lm = build_model(preset, vocab, seq_len, meta=path == "meta")
     model = parallelize(TSTModel(lm), runtime, "fsdp", "fp32", "fp32")
     seconds = time.perf_counter() - start
-    shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    shard_bytes = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in model.parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     record = {"rank": runtime.rank, "peak_rss_after_imports": after_imports, "peak_rss": peak_rss_bytes(),
               "shard_bytes": shard_bytes, "model_bytes": total_bytes, "seconds": seconds}

@@ -55,6 +55,15 @@ def test_meta_build_initialised_in_place_is_the_single_process_model(preset, tmp
     assert torch.equal(torch.get_rng_state(), rng_after)  # what the run draws next is unchanged too
 
 
+def test_a_model_with_weights_loads_them_instead_of_building_on_meta(tmp_path, one_thread):
+    torch.manual_seed(SEED)
+    saved = build_model("tiny", VOCAB, SEQ_LEN)
+    saved.save_pretrained(tmp_path / "weights")
+    lm = build_model(str(tmp_path / "weights"), VOCAB, SEQ_LEN, meta=True)
+    assert not is_on_meta(lm)
+    assert_identical(saved.state_dict(), lm.state_dict())
+
+
 def test_an_init_that_writes_part_of_a_parameter_is_refused():
     class Partial(nn.Module):
         def __init__(self):
