@@ -8,7 +8,8 @@ as each Hugging Face (sub-)model's construction ends, its ``initialize_weights``
 Each step runs on full-size CPU scratch tensors of one module's own parameters, and the rank
 keeps its shard of each. Every rank draws the same numbers as one process (all seeded alike), so
 the initial weights do not depend on the world size, and at most one module's parameters exist
-in full at a time (the largest: the embedding, ``V x d``).
+in full at a time (the largest: the embedding, ``V x d``, or an MoE layer's fused experts). The
+price is time: every rank draws every parameter, on CPU.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def _on_scratch(init, module: nn.Module, owners: dict) -> None:
         if unwritten == full.numel():
             continue
         if unwritten:
-            raise ModelError(f"the init of {type(module).__name__}.{name} writes only part of it; build this model without meta-device initialisation (distributed.strategy = ddp)")
+            raise ModelError(f"the init of {type(module).__name__}.{name} writes only part of it, so it cannot be built on "
+                             "the meta device; save the initial model with save_pretrained and give that directory as model.preset")
         _copy_shard(param, full)
 
 
