@@ -168,8 +168,6 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
     """
     from transformers import PreTrainedTokenizerFast
 
-    from .data import EOS
-
     full = get_model_state_dict(model, options=_GATHER)
     if runtime.is_main:
         weights = {name.removeprefix("lm."): tensor for name, tensor in full.items()}
@@ -187,7 +185,8 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
         try:
             with hf_progress_bars(progress):
                 lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+            eos = tokenizer.id_to_token(eos_id)  # the data's end-of-document token (<|endoftext|>, Llama 3's <|end_of_text|>)
+            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, pad_token=eos)
             fast.save_pretrained(tmp)
             (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
             write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint

@@ -29,6 +29,8 @@ from .errors import DataError
 from .files import atomic_write_text, writable_dir
 
 EOS = "<|endoftext|>"
+# End-of-document tokens of other tokenizers, tried after EOS: Llama 3's (the paper's tokenizer).
+OTHER_EOS = ("<|end_of_text|>",)
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 TABLE_SUFFIXES = (".parquet", ".arrow")  # read with Hugging Face `datasets` (superpose.hf_datasets)
@@ -154,10 +156,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise DataError(f"tokenizer {path} not found: give a tokenizer.json or a directory with vocab.json + merges.txt")
 
 
+def find_eos(tokenizer: Tokenizer) -> int | None:
+    """The id of the token that closes every document: ``EOS``, else the first of ``OTHER_EOS`` it has."""
+    return next((tokenizer.token_to_id(t) for t in (EOS, *OTHER_EOS) if tokenizer.token_to_id(t) is not None), None)
+
+
 def eos_id(tokenizer: Tokenizer) -> int:
-    token_id = tokenizer.token_to_id(EOS)
+    token_id = find_eos(tokenizer)
     if token_id is None:
-        raise DataError(f"tokenizer has no {EOS} token to separate documents")
+        raise DataError(f"tokenizer has none of {', '.join((EOS, *OTHER_EOS))} to separate documents")
     return token_id
 
 
@@ -337,10 +344,10 @@ class TokenData:
             if not shards:
                 raise DataError(f"{meta_path} lists no {split} shards; prepare the directory again")
         tok = self.tokenizer()
-        if (tok.get_vocab_size(), tok.token_to_id(EOS)) != (self.vocab_size, self.eos_id):
+        if (tok.get_vocab_size(), find_eos(tok)) != (self.vocab_size, self.eos_id):
             raise DataError(
-                f"{self.dir / self.meta['tokenizer']} has {tok.get_vocab_size()} tokens ({EOS} = {tok.token_to_id(EOS)}) but "
-                f"the shards were written with {self.vocab_size} ({EOS} = {self.eos_id}): the tokenizer does not "
+                f"{self.dir / self.meta['tokenizer']} has {tok.get_vocab_size()} tokens (end of document = {find_eos(tok)}) but "
+                f"the shards were written with {self.vocab_size} (end of document = {self.eos_id}): the tokenizer does not "
                 "belong to this data; prepare the directory again"
             )
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError
+from .meta_init import initialize_like_one_process, is_on_meta
 
 
 @dataclass(frozen=True)
@@ -92,27 +93,50 @@ def raise_together(error: Exception | None) -> None:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def shards_parameters(runtime: Runtime, strategy: str) -> bool:
+    """Does ``parallelize`` shard the model (so that it can be built on the meta device)?"""
+    return runtime.world > 1 and strategy == "fsdp"
+
+
 def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: str, reduce_dtype: str) -> nn.Module:
-    """DDP, or FSDP2 with every transformer block sharded on its own and the rest (embeddings,
-    head, final norm: tied weights included) in the root group. Both average gradients over
-    ranks, so the trainer scales each rank's loss by the world size (see ``train.train_step``).
+    """The model on ``runtime.device``: as it is (1 process), in DDP, or in FSDP2 with every
+    transformer block sharded on its own and the rest (embeddings, head, final norm: tied weights
+    included) in the root group. DDP and FSDP average gradients over ranks, so the trainer scales
+    each rank's loss by the world size (see ``train.train_step``).
+
+    A model built on the meta device (``build_model(meta=True)``) is sharded first, then each rank
+    allocates its shards and fills them as one process would (``superpose.meta_init``): no rank
+    ever holds the whole model, and the initial weights do not depend on the world size.
 
     Every parameter gets a gradient in every step (MoE experts are fused 3-D tensors in
     transformers >= 5), so DDP runs without ``find_unused_parameters`` and the FSDP2
     reduce-scatters of all ranks carry the same tensors. Mixed precision applies to FSDP only."""
-    if runtime.world == 1:
-        return model
-    if strategy == "ddp":
+    if not shards_parameters(runtime, strategy):
+        model = _materialize(model, runtime.device)
+        if runtime.world == 1:
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not is_on_meta(model):
+        model = model.to(runtime.device)
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
+    return _materialize(fully_shard(model, mp_policy=policy), runtime.device)
+
+
+def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """A model on the meta device allocated on ``device`` (only its shards, once sharded) and
+    initialised as one process would; any other model moved to ``device``."""
+    if not is_on_meta(model):
+        return model.to(device)
+    model.to_empty(device=device)
+    initialize_like_one_process(model.lm)
+    return model
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

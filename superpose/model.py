@@ -99,8 +99,11 @@ def model_config(preset: str, vocab_size: int) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def build_model(preset: str, vocab_size: int, seq_len: int, attn_implementation: str = "sdpa") -> nn.Module:
-    """A fresh causal LM (or the weights of a local HF model directory), checked against the data."""
+def build_model(preset: str, vocab_size: int, seq_len: int, attn_implementation: str = "sdpa", meta: bool = False) -> nn.Module:
+    """A fresh causal LM (or the weights of a local HF model directory), checked against the data.
+
+    ``meta``: a fresh model is built on the meta device, without memory or random draws, to be
+    sharded and then initialised (``superpose.meta_init``); weights from a directory load as they are."""
     config = model_config(preset, vocab_size)
     config._attn_implementation = attn_implementation
     path = Path(preset)
@@ -115,7 +118,8 @@ def build_model(preset: str, vocab_size: int, seq_len: int, attn_implementation:
         raise ModelError(f"data.seq_len = {seq_len} exceeds the model's max_position_embeddings = {max_pos}")
     if has_weights:
         return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 class TSTModel(nn.Module):

@@ -26,7 +26,7 @@ from . import data as data_mod
 from .checkpoint import export_model, load_checkpoint, save_checkpoint, select_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_sync, init_runtime, parallelize,
-                          raise_together)
+                          raise_together, shards_parameters)
 from .errors import Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
 from .method import split_window, window_length
@@ -220,9 +220,10 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
 
-    torch.manual_seed(cfg.train.seed)
-    lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation)
-    model = TSTModel(lm, cfg.model.loss_chunk_size).to(runtime.device)
+    torch.manual_seed(cfg.train.seed)  # the initial weights; under FSDP built on meta, drawn in parallelize alike
+    lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation,
+                     meta=shards_parameters(runtime, cfg.distributed.strategy))
+    model = TSTModel(lm, cfg.model.loss_chunk_size)
     if cfg.train.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
     model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype, cfg.distributed.reduce_dtype)

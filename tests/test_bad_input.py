@@ -338,7 +338,7 @@ def test_tokenizer_without_end_of_document_token(tmp_path, capsys):
 
     path = tmp_path / "tok.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(path))
-    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), extra=("--tokenizer", path)), capsys, "has no <|endoftext|> token")
+    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), extra=("--tokenizer", path)), capsys, "has none of <|endoftext|>, <|end_of_text|>")
 
 
 def test_prepare_output_not_writable(tmp_path, capsys):

@@ -3,6 +3,7 @@ import gzip
 import json
 
 import numpy as np
+import torch
 import pytest
 from conftest import SHARED_DATA
 
@@ -130,3 +131,35 @@ def test_research_levers_are_stages():
 def test_bad_levers_are_rejected(override):
     with pytest.raises(ConfigError):
         load_config(None, [override])
+
+
+def test_llama3_style_tokenizer_ends_documents_with_end_of_text(tmp_path):
+    """Llama 3's tokenizer (the paper's) has <|end_of_text|>, not <|endoftext|>: prepare, the data
+    check and the exported tokenizer all use it, and the vocabulary keeps its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from superpose.checkpoint import export_model
+    from superpose.distributed import Runtime
+    from superpose.model import TSTModel, build_model
+
+    texts = [f"Document number {i}: the quick brown fox jumps over the lazy dog." for i in range(20)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    end = tok.token_to_id("<|end_of_text|>")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    meta = prepare(tmp_path / "out", inputs=[str(tmp_path / "docs.jsonl")], tokenizer=str(tmp_path / "tokenizer.json"),
+                   val_fraction=0.3, progress=False)
+    data = TokenData(tmp_path / "out")
+    assert meta["eos_id"] == data.eos_id == end and meta["vocab_size"] == tok.get_vocab_size()
+    train_tokens = np.concatenate([np.asarray(s) for s in data.splits["train"]])
+    assert (train_tokens == end).sum() == meta["splits"]["train"]["documents"]
+
+    lm = build_model("tiny", data.vocab_size, 32)
+    export_model(TSTModel(lm), lm, data.tokenizer(), data.eos_id, tmp_path / "model", {}, Runtime(0, 1, torch.device("cpu")), False)
+    exported = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert exported.eos_token == "<|end_of_text|>" and exported.eos_token_id == end and len(exported) == data.vocab_size
