@@ -37,6 +37,7 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
+from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS  # noqa: E402
 from superpose.report import load_run, non_embedding_parameters, phase1_diagnostic  # noqa: E402
 from superpose.runs import is_finished  # noqa: E402
 
@@ -233,8 +234,7 @@ def map_rows(root: Path) -> list[dict]:
     return rows
 
 
-MAP_COLUMNS = ["preset", "params", "non_embedding_params", "steps", "batch", "seq_len", "tokens_per_step", "tokens",
-               "tokens_per_param", "baseline", *ARMS, "best_full", "best_full_gap", "best", "best_gap"]
+MAP_COLUMNS = [*SHAPE_COLUMNS, *ARMS, *BEST_COLUMNS]
 
 
 def best_arms(row: dict) -> dict:

@@ -19,6 +19,10 @@ import statistics
 from dataclasses import dataclass
 
 GAP = "TST minus baseline final validation loss at equal FLOPs"
+# map.csv: these columns, then one gap column per TST arm, then the best arms
+SHAPE_COLUMNS = ("preset", "params", "non_embedding_params", "steps", "batch", "seq_len", "tokens_per_step", "tokens",
+                 "tokens_per_param", "baseline")
+BEST_COLUMNS = ("best_full", "best_full_gap", "best", "best_gap")
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,7 @@ def measured_points() -> list[Point]:
     """The map's points and the paper's (single runs at 2M tokens per step, where the validation
     noise is far below their gaps: each a gain)."""
     map_rows = read_table("map.csv")
-    meta = {"preset", "params", "non_embedding_params", "steps", "batch", "seq_len", "tokens_per_step", "tokens",
-            "tokens_per_param", "baseline", "best_full", "best_full_gap", "best", "best_gap"}
-    arms = [key for key in (map_rows[0] if map_rows else {}) if key not in meta]
+    arms = [key for key in (map_rows[0] if map_rows else {}) if key not in SHAPE_COLUMNS + BEST_COLUMNS]
     paper = [Point(r["name"], int(r["non_embedding_params"]), int(r["params"]), int(r["steps"]), int(r["tokens_per_step"]),
                    r["arm"], float(r["gap"]), None, 1, "gain", "paper") for r in read_table("paper.csv")]
     return map_points(map_rows, read_table("seeds.csv"), arms) + paper
