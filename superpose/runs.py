@@ -11,7 +11,7 @@ steps done when it was written:
     start    parameters, active_matmul_parameters, flops_per_step, positions_per_step, world_size, stages
     stage    stage, bag_size, mode (the first step of a stage)
     resume   checkpoint, rejected: [{checkpoint, problem}] (newer checkpoints that failed verification)
-    train    stage, bag_size, loss, lr, grad_norm, applied, tokens_seen, tokens_per_s, step_seconds, elapsed
+    train    stage, phase, bag_size, loss, lr, grad_norm, applied, tokens_seen, tokens_per_s, step_seconds, elapsed
     eval     val_loss, val_bpb, tokens_seen, elapsed, flops (+ diagnostics of a superposition stage)
     failed   error (the run stopped: non-finite losses)
     end      val_loss, val_bpb, tokens_seen, elapsed, stages, steps

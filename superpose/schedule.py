@@ -35,6 +35,12 @@ class Stage:
     anneal: bool = False  # slot weights move linearly to next-token-only over the stage
     blend: bool = False  # steps turn from this stage's bags into next-token steps (smooth switch)
 
+    @property
+    def phase(self) -> str:
+        """What the step trains, whatever the stage is called: superposition (phase 1, any stage of a
+        curriculum), blend (a smooth switch's bag steps) or next-token (phase 2)."""
+        return "next-token" if self.bag_size == 1 else "blend" if self.blend else "superposition"
+
     def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
         """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
         weighting = self.weighting[:slots] if isinstance(self.weighting, tuple) else self.weighting

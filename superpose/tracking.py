@@ -2,8 +2,9 @@
 
 Every numeric field of a ``train`` or ``eval`` record becomes a scalar ``<kind>/<field>`` at the
 record's step (``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/bag_size``,
-``train/tokens_per_s``, ``eval/val_loss``, ``eval/val_bpb``, ...), plus ``train/phase`` (1 =
-superposition, 2 = next-token). The JSONL stays the run's record; trackers only mirror it.
+``train/tokens_per_s``, ``eval/val_loss``, ``eval/val_bpb``, ...), plus ``train/phase`` from the
+record's ``Stage.phase`` (1 = superposition, any stage of a curriculum; 1.5 = the bag steps of a
+blend; 2 = next-token). The JSONL stays the run's record; trackers only mirror it.
 
 Defaults: TensorBoard on (a local file under ``RUN/tensorboard``, no account, no network; view
 with ``tensorboard --logdir RUN``), W&B off (``train.wandb = true``; ``train.wandb_mode =
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError
 
-PHASES = {"superposition": 1, "next-token": 2}
+PHASES = {"superposition": 1, "blend": 1.5, "next-token": 2}  # Stage.phase -> the train/phase scalar
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -31,8 +32,9 @@ def scalars(record: dict) -> dict[str, float]:
         for key, value in record.items()
         if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
     }
-    if record.get("stage") in PHASES:
-        values[f"{kind}/phase"] = float(PHASES[record["stage"]])
+    phase = record.get("phase", record.get("stage"))  # runs logged before records named their phase
+    if phase in PHASES:
+        values[f"{kind}/phase"] = float(PHASES[phase])
     return values
 
 

@@ -338,7 +338,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
             bad_steps = 0 if result.applied else bad_steps + 1
             done = step + 1
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or not result.applied:
-                log.write({"kind": "train", "step": done, "stage": stage.name, "bag_size": stage.bag_size,
+                log.write({"kind": "train", "step": done, "stage": stage.name, "phase": stage.phase, "bag_size": stage.bag_size,
                            "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                            "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
                            "step_seconds": seconds, "elapsed": elapsed})

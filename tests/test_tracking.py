@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import tiny_overrides
 from superpose.config import load_config
+from superpose.schedule import build_stages, stage_at
 from superpose.tracking import scalars
 from superpose.train import train
 
@@ -60,3 +61,15 @@ def test_wandb_offline_run_without_account(small_data, tmp_path, monkeypatch):
     run(small_data, out, "--train.wandb=true", "--train.wandb_mode=offline", "--train.steps=2", resume="auto")
     assert (out / "wandb-id").read_text() == run_id
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+
+
+def test_curriculum_and_blend_steps_get_a_phase_scalar():
+    """Stage.phase, not the stage's name, gives train/phase: a curriculum's stages are all phase 1."""
+    cfg = load_config(None, ["--tst.curriculum=[[4, 0.2], [2, 0.2]]", "--tst.blend_steps=4", "--train.steps=40"])
+    stages = build_stages(cfg.tst, cfg.train.steps)  # s=4 for steps 0-7, s=2 for 8-11, blend 12-15, then next-token
+    steps = [stage_at(stages, step) for step in range(40)]
+    assert {s.name for s in steps} == {"superposition-1", "superposition-2", "blend", "next-token"}
+    phases = [scalars({"kind": "train", "step": i + 1, "stage": s.name, "phase": s.phase, "loss": 1.0})["train/phase"]
+              for i, s in enumerate(steps)]
+    assert phases[:12] == [1.0] * 12 and phases[16:] == [2.0] * 24
+    assert set(phases[12:16]) == {1.5, 2.0}  # the blend's bag steps, and its next-token steps
