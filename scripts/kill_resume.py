@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from superpose.integrity import problem  # noqa: E402  (torch-free: the parent never imports torch)
-from superpose.runs import checkpoint_dirs, logged_step, read_records  # noqa: E402
+from superpose.runs import STATE_FILE, checkpoint_dirs, logged_step, read_records  # noqa: E402
 
 DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
 STEPS, RATIO, CHECKPOINT_EVERY, EVAL_EVERY = 24, 0.5, 4, 8
@@ -175,7 +175,7 @@ def damage_point(rng: random.Random, trial: int) -> str:
 def damage(run_dir: Path, kind: str, rng: random.Random) -> str:
     """Damage the newest checkpoint as a bad disk or a careless hand would; returns what was done."""
     newest = checkpoint_dirs(run_dir)[-1]
-    state = newest / "state.pt"
+    state = newest / STATE_FILE
     if kind == "flip":  # 1-3 byte ranges inverted in place: same size, other content
         raw = bytearray(state.read_bytes())
         ranges = [(start, rng.randrange(1, 4097)) for start in rng.sample(range(len(raw) - 4096), rng.randrange(1, 4))]
@@ -340,7 +340,7 @@ def main() -> int:
             if status == -signal.SIGKILL or (kind == "ddp" and status != 0):
                 kills += 1
                 tmp = run_dir / "checkpoints" / f".tmp-step-{int(point[5:]):08d}" if point.startswith("ckpt:") else None
-                if tmp is not None and kind == "train" and not (tmp / "state.pt").is_file():
+                if tmp is not None and kind == "train" and not (tmp / STATE_FILE).is_file():
                     problems.append(f"trial {trial}: {point} left no partial {tmp}")
                 if point.startswith("damage-"):
                     pending = damage(run_dir, point[7:].partition(":")[0], rng)

@@ -28,13 +28,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .distributed import Runtime, barrier, broadcast_object
+from .distributed import Runtime, barrier, broadcast_object, raise_together
 from .errors import CheckpointError
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
 from .model import hf_progress_bars
-from .runs import checkpoint_dirs
+from .runs import STATE_FILE, checkpoint_dirs
 
-STATE_FILE = "state.pt"
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -45,16 +44,14 @@ def select_checkpoint(run_dir: Path, resume: str, runtime: Runtime) -> tuple[Pat
     there are checkpoints but none verifies). A directory: that one, which must verify; one
     without a manifest (written before checksums existed) is loaded with a warning. Collective:
     rank 0 reads and hashes, the others receive its choice."""
-    choice = None
+    choice, error = None, None
     if runtime.is_main:
         try:
-            choice = ("ok", *_select(Path(run_dir), resume))
+            choice = _select(Path(run_dir), resume)
         except CheckpointError as err:
-            choice = ("error", str(err))
-    choice = broadcast_object(choice)
-    if choice[0] == "error":
-        raise CheckpointError(choice[1])
-    return choice[1], choice[2]
+            error = err
+    raise_together(error)
+    return broadcast_object(choice)
 
 
 def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:

@@ -68,12 +68,12 @@ def cmd_compare(args) -> None:
             shutdown()
     if summary is not None:
         print_summary(summary, out)
-        _fail_if_arms_failed(summary)
+        _fail_if_arms_failed(summary["failed"])
 
 
-def _fail_if_arms_failed(summary: dict) -> None:
-    if summary["failed"]:
-        raise TrainingError(f"arm(s) {', '.join(summary['failed'])} failed; the report lists them without their curves")
+def _fail_if_arms_failed(failed: dict[str, str]) -> None:
+    if failed:
+        raise TrainingError(f"arm(s) {', '.join(failed)} failed; the report lists them without their curves")
 
 
 def cmd_sweep(args) -> None:
@@ -89,7 +89,7 @@ def cmd_sweep(args) -> None:
         shutdown()
     if rows:
         print_sweep(rows, root, failed)
-        _fail_if_arms_failed({"failed": failed})
+        _fail_if_arms_failed(failed)
 
 
 def cmd_report(args) -> None:

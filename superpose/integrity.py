@@ -17,8 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
-from .runs import CHECKPOINTS, CONFIG, METRICS, MODEL, checkpoint_dirs
+from .errors import ConfigError
+from .runs import CHECKPOINTS, CONFIG, METRICS, MODEL, STATE_FILE, checkpoint_dirs
 
 MANIFEST = "manifest.json"
 NO_MANIFEST = f"{MANIFEST} is missing"  # what ``problem`` says of a directory without one
@@ -98,18 +98,11 @@ def problem(directory: str | Path) -> str | None:
         target = directory / name
         if not target.is_file():
             return f"{name} is missing"
-        if target.stat().st_size != want["size"]:
-            return f"{name} has {target.stat().st_size} bytes, the manifest says {want['size']}"
+        if (size := target.stat().st_size) != want["size"]:
+            return f"{name} has {size} bytes, the manifest says {want['size']}"
         if file_entry(target)[ALGORITHM] != want[ALGORITHM]:
             return f"{name} does not match its {ALGORITHM} checksum (the file is damaged)"
     return None
-
-
-def verify(directory: str | Path, what: str) -> None:
-    """Raise ``CheckpointError`` naming the damaged file unless ``directory`` verifies."""
-    found = problem(directory)
-    if found is not None:
-        raise CheckpointError(f"{what} {directory} failed verification: {found}")
 
 
 def verify_targets(path: str | Path) -> list[tuple[Path, str | None]]:
@@ -122,7 +115,7 @@ def verify_targets(path: str | Path) -> list[tuple[Path, str | None]]:
         dirs = checkpoint_dirs(path) + ([path / MODEL] if (path / MODEL).is_dir() else [])
         if not dirs:
             raise ConfigError(f"run {path} has no checkpoint in {CHECKPOINTS}/ and no {MODEL}/ to verify")
-    elif any((path / name).is_file() for name in (MANIFEST, "state.pt", "config.json")):
+    elif any((path / name).is_file() for name in (MANIFEST, STATE_FILE, "config.json")):
         dirs = [path]
     else:
         raise ConfigError(f"{path} is neither a run directory nor a checkpoint or model directory")

@@ -28,6 +28,7 @@ from .errors import ConfigError
 from .files import atomic_write_text
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
+STATE_FILE = "state.pt"  # of a checkpoint directory (written and read by superpose.checkpoint)
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {

@@ -13,13 +13,10 @@ import pytest
 
 from superpose.cli import main
 from superpose.integrity import MANIFEST, file_entry, problem, write_manifest
+from superpose.runs import is_finished, read_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 TIMING = {"tokens_per_s", "step_seconds", "elapsed"}
@@ -27,7 +24,7 @@ TIMING = {"tokens_per_s", "step_seconds", "elapsed"}
 
 def outcome(run: Path) -> list[dict]:
     """Every record but the resume notes, without the timings (which differ between any two runs)."""
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records(run) if r["kind"] != "resume"]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(run) if r["kind"] != "resume"]
 
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -129,7 +126,7 @@ def test_resume_auto_falls_back_to_the_newest_good_checkpoint(reference, tmp_pat
     err = capsys.readouterr().err
     assert "step-00000006 failed verification" in err and "step-00000004 failed verification" in err, err
     assert "resuming from step 2" in err
-    rejected = [r for r in records(run) if r["kind"] == "resume"]
+    rejected = [r for r in read_records(run) if r["kind"] == "resume"]
     assert len(rejected) == 1 and [Path(r["checkpoint"]).name for r in rejected[0]["rejected"]] == ["step-00000006", "step-00000004"]
     assert outcome(run) == outcome(reference)  # every loss, gradient norm, LR and validation loss, bit for bit
     assert (run / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
@@ -174,7 +171,7 @@ def test_diverged_run_fails_and_is_not_exported(small_data, tmp_path, capsys, di
     assert f"the newest checkpoint is {run / 'checkpoints' / 'step-00000002'}" in err
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
     assert not (run / "model").exists()
-    assert records(run)[-1]["kind"] == "failed" and records(run)[-1]["step"] == 4
+    assert read_records(run)[-1]["kind"] == "failed" and read_records(run)[-1]["step"] == 4
 
 
 def test_compare_reports_a_failed_arm_and_exits_non_zero(small_data, tmp_path, capsys, diverges_after):
@@ -213,7 +210,7 @@ def test_second_writer_fails_at_once_and_a_killed_holder_never_blocks(small_data
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     main(run_args(small_data, run, "--train.steps=2"))  # the kernel released the dead holder's lock
-    assert records(run)[-1]["kind"] == "end"
+    assert read_records(run)[-1]["kind"] == "end"
 
 
 def test_failed_train_removes_the_directory_it_created(tmp_path, capsys):
@@ -228,8 +225,6 @@ def test_failed_train_removes_the_directory_it_created(tmp_path, capsys):
 def test_a_log_cut_off_by_a_kill_reads_as_unfinished(reference, tmp_path):
     """A kill in the middle of a metrics.jsonl write leaves half a line: readers skip it, and
     `compare` sees an unfinished arm to resume instead of failing on the JSON."""
-    from superpose.runs import is_finished, read_records
-
     run = Path(shutil.copytree(reference, tmp_path / "run"))
     assert is_finished(run)
     lines = (run / "metrics.jsonl").read_text().splitlines()
