@@ -109,9 +109,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (method.slot_weights)
+MODES = ("full", "input", "output")  # what a stage bags: inputs and targets, inputs only, targets only
 CHOICES = {
-    ("tst", "weighting"): ("uniform", "power", "exp", "first"),
-    ("tst", "mode"): ("full", "input", "output"),
+    ("tst", "weighting"): WEIGHTINGS,
+    ("tst", "mode"): MODES,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("fp32", "bf16"),
     ("train", "wandb_mode"): ("online", "offline"),

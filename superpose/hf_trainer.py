@@ -27,7 +27,8 @@ from torch import nn
 from transformers import Trainer
 
 from .config import Config, DataConfig, TSTConfig, validate
-from .method import embed_bags, multi_hot_cross_entropy, split_window, window_length
+from .method import split_window, window_length
+from .model import tst_inputs, tst_loss_sum
 from .schedule import Stage, build_stages, stage_at
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,12 @@ class TSTTrainer(Trainer):
         window = self.stage_window(inputs["input_ids"], stage, step)  # [b, W_stage]
         x, y = split_window(window, stage.bag_size, stage.mode)  # [b, L, k], [b, L, m]
         lm = self.accelerator.unwrap_model(model)
-        embeds = embed_bags(lm.get_input_embeddings(), x)  # [b, L, d]
-        moe = hasattr(lm.config, "router_aux_loss_coef")
-        # Through the (possibly DDP-wrapped) model, so that gradient synchronisation sees the forward.
-        outputs = model(inputs_embeds=embeds, use_cache=False, **({"output_router_logits": True} if moe else {}))
-        loss = multi_hot_cross_entropy(outputs.logits, y, stage.weights(step, y.shape[-1], device=y.device))
-        if moe and model.training and getattr(outputs, "aux_loss", None) is not None:
-            loss = loss + lm.config.router_aux_loss_coef * outputs.aux_loss
+        # The whole causal LM, through the (possibly DDP-wrapped) model, so that gradient
+        # synchronisation sees the forward; the loss is the one `superpose train` scores.
+        outputs = model(**tst_inputs(lm, x))
+        weights = stage.weights(step, y.shape[-1], device=y.device)  # [m], sums to 1
+        loss_sum, weight = tst_loss_sum(lm, outputs, y, weights, model.training)
+        loss = loss_sum / weight.clamp(min=torch.finfo(torch.float32).tiny)
         return (loss, outputs) if return_outputs else loss
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:

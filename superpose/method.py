@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import MODES, WEIGHTINGS
 from .loss import MultiHotCrossEntropy, slot_table
-
-WEIGHTINGS = ("uniform", "power", "exp", "first")
-MODES = ("full", "input", "output")
 
 
 def slot_weights(weighting: str | Sequence[float], bag_size: int, device=None) -> torch.Tensor:
