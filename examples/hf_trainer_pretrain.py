@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerFast, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from superpose.config import TSTConfig
-from superpose.data import EOS, shakespeare_files, train_tokenizer
+from superpose.corpus import shakespeare_files
+from superpose.data import EOS, train_tokenizer
 from superpose.hf_trainer import TSTTrainer, window_tokens  # TST
 from superpose.model import build_model
 

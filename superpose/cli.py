@@ -93,9 +93,9 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .compare import print_summary, report
+    from .compare import print_summary, report_runs
 
-    summary, out = report(args.runs, out=args.out)
+    summary, out = report_runs(args.runs, out=args.out)
     print_summary(summary, out)
 
 

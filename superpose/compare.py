@@ -116,7 +116,7 @@ def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path 
     return write_report([base, tst], out), out
 
 
-def report(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[dict, Path]:
+def report_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[dict, Path]:
     """Report on any runs: the first baseline among them is the reference, the rest are compared to it."""
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]

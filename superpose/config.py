@@ -109,7 +109,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (method.slot_weights)
+WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (loss.slot_weights)
 MODES = ("full", "input", "output")  # what a stage bags: inputs and targets, inputs only, targets only
 CHOICES = {
     ("tst", "weighting"): WEIGHTINGS,

@@ -138,7 +138,7 @@ def evaluate(model: str | Path, tasks: list[str] = (), eval_dir: str | None = No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import expand_inputs
+    from .corpus import expand_inputs
 
     directory = resolve_model_dir(model)
     mc_files = resolve_tasks(list(tasks), eval_dir)

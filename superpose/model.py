@@ -18,8 +18,8 @@ from transformers.utils import logging as hf_logging
 
 from .distributed import all_reduce_sum
 from .errors import ModelError
-from .loss import chunked_head_mce_sum
-from .method import embed_bags, multi_hot_cross_entropy_sum
+from .loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum
+from .method import embed_bags
 
 
 @contextlib.contextmanager

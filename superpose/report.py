@@ -338,13 +338,13 @@ def paired_final_eval(reference: Run, candidate: Run) -> dict | None:
     """Both exported final models on the same validation windows: the mean per-window loss
     difference and its standard error, which says whether a final difference is above the
     noise of the validation set. None when a model or the data directory is missing."""
-    from . import data as data_mod
+    from .data import TokenData, validation_windows
 
     dirs = [reference.path / "model", candidate.path / "model"]
     if not all((d / "config.json").is_file() for d in dirs) or not (Path(reference.config.data.dir) / "meta.json").is_file():
         return None
-    data = data_mod.TokenData(reference.config.data.dir)
-    windows = data_mod.validation_windows(data.splits["val"], reference.config.data.seq_len, reference.config.train.eval_tokens)
+    data = TokenData(reference.config.data.dir)
+    windows = validation_windows(data.splits["val"], reference.config.data.seq_len, reference.config.train.eval_tokens)
     ref, cand = (window_losses(d, windows) for d in dirs)
     diff = cand - ref
     return {

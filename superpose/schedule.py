@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import OptimConfig, TSTConfig
-from .method import slot_weights
+from .loss import slot_weights
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ pytest.importorskip("accelerate")
 from transformers import TrainerCallback, TrainingArguments
 
 from superpose.config import TSTConfig
-from superpose.data import shakespeare_files
+from superpose.corpus import shakespeare_files
 from superpose.hf_trainer import TSTTrainer, window_tokens
 from superpose.method import split_window
 from superpose.model import TSTModel, build_model
