@@ -21,7 +21,9 @@ from pathlib import Path
 from .config import Config, ConfigError, validate
 from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
-from .report import config_differences, load_run, method_name, summary_table, write_report
+from .plots import plot_sweep
+from .report import summary_table, write_report
+from .runs import config_differences, load_run, method_name
 from .runs import is_finished, load_run_config
 from .schedule import build_stages, has_superposition
 from .train import config_changes, train
@@ -60,7 +62,7 @@ def run_arms(arms: list[tuple[str, Config]], command: str) -> dict[str, str]:
     what to rerun after an interrupt."""
     trained, spent, failed = 0, 0.0, {}
     for i, (name, cfg) in enumerate(arms):
-        method = method_name([vars(s) for s in build_stages(cfg.tst, cfg.train.steps)], cfg.train.steps)
+        method = method_name(build_stages(cfg.tst, cfg.train.steps), cfg.train.steps)
         label = f"[{i + 1}/{len(arms)}] {name}" + ("" if method == "baseline" else f" {method}")
         todo = sum(not is_finished(a.train.out_dir) for _, a in arms[i:])
         if trained and todo:
@@ -190,28 +192,6 @@ def sweep_rows(summary: dict) -> list[dict]:
     return rows
 
 
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    """Final validation loss vs bag size, one line per ratio, the baseline as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = next(r for r in rows if r["bag_size"] == 1)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for ratio in sorted({r["ratio"] for r in rows if r["bag_size"] > 1}):
-        points = sorted((r["bag_size"], r["final_val_loss"]) for r in rows if r["ratio"] == ratio and r["bag_size"] > 1)
-        ax.plot(*zip(*points), "o-", label=f"TST r = {ratio:g}")
-    ax.axhline(base["final_val_loss"], color="black", ls="--", label=f"baseline ({base['final_val_loss']:.3f})")
-    ax.set_xticks(sorted({r["bag_size"] for r in rows if r["bag_size"] > 1}))
-    ax.set_xlabel("bag size s")
-    ax.set_ylabel(f"final validation loss after {base['steps']} steps (nats)")
-    ax.set_title("TST sweep at equal FLOPs: final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_summary(summary: dict, report_dir: Path) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import OptimConfig, TSTConfig
-from .loss import slot_weights
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,16 @@ class Stage:
         curriculum), blend (a smooth switch's bag steps) or next-token (phase 2)."""
         return "next-token" if self.bag_size == 1 else "blend" if self.blend else "superposition"
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Stage":
+        """A stage as ``metrics.jsonl`` records it (its fields; JSON turns a weight tuple into a list)."""
+        weighting = record["weighting"]
+        return cls(**{**record, "weighting": tuple(weighting) if isinstance(weighting, list) else weighting})
+
     def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
         """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
+        from .loss import slot_weights  # imports torch: a run's stages are read without it (superpose.runs)
+
         weighting = self.weighting[:slots] if isinstance(self.weighting, tuple) else self.weighting
         base = slot_weights(weighting if slots == self.bag_size else "first", slots, device)
         base = base / base.sum()
