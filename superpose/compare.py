@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, resolved
 from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
 from .plots import plot_sweep
 from .report import summary_table, write_report
-from .runs import config_differences, load_run, method_name
-from .runs import is_finished, load_run_config
+from .runs import config_differences, is_finished, load_run, load_run_config, method_name
 from .schedule import build_stages, has_superposition
 from .train import config_changes, train
 
@@ -34,11 +33,10 @@ def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float
     arm = copy.deepcopy(cfg)
     arm.train.out_dir = str(Path(cfg.train.out_dir) / name)
     if bag_size is not None:
-        arm.tst.bag_size = bag_size
+        arm.tst.bag_size, arm.tst.stages = bag_size, []
     if ratio is not None:
-        arm.tst.ratio, arm.tst.curriculum = ratio, []  # a curriculum would replace (s, r)
-    validate(arm)
-    return arm
+        arm.tst.ratio, arm.tst.curriculum, arm.tst.stages = ratio, [], []  # a stage list or curriculum would replace (s, r)
+    return resolved(arm)
 
 
 def run_arm(cfg: Config, label: str) -> None:

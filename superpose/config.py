@@ -50,6 +50,41 @@ class TSTConfig:
     lr_scale: float = 1.0  # LR multiplier during phase 1
     reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
     rewarmup_steps: int = 0  # linear LR re-warmup over the first next-token steps
+    # The stage list itself ([[tst.stages]] tables, see STAGE_KEYS); the keys above are its shorthand.
+    # Empty: expanded from the shorthand when the config is loaded, and a run's config.toml records it.
+    stages: list = field(default_factory=list)
+
+
+# The keys of one [[tst.stages]] table and their defaults. A stage runs for `steps` steps or a
+# `fraction` of train.steps (one of the two; the last stage may give neither: the steps left).
+STAGE_KEYS = {
+    "bag_size": None,  # required: s (1 = next-token prediction)
+    "steps": 0,
+    "fraction": 0.0,
+    "mode": "full",
+    "weighting": "uniform",  # a name of WEIGHTINGS, or a list of >= s slot weights
+    "anneal": False,  # slot weights move linearly to next-token-only over the stage
+    "lr_scale": 1.0,
+    "blend_steps": 0,  # the stage's last K steps turn gradually into next-token steps
+    "rewarmup_steps": 0,  # linear LR re-warmup over the stage's first steps
+}
+SHORTHAND = ("bag_size", "ratio", "weighting", "mode", "curriculum", "slot_weights", "anneal_to_ntp", "blend_steps",
+             "lr_scale", "rewarmup_steps")
+
+
+def stage_tables(tst: TSTConfig) -> list[dict]:
+    """The stage list of a [tst] section: ``tst.stages`` (each table with every key of STAGE_KEYS),
+    or, when it is empty, the expansion of the shorthand: one superposition stage of bag_size for a
+    fraction ratio (or one per curriculum entry), then next-token prediction for the steps left."""
+    if tst.stages:
+        return [{**STAGE_KEYS, **table} for table in tst.stages]
+    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
+    weighting = list(tst.slot_weights) if tst.slot_weights else tst.weighting
+    tables = [{**STAGE_KEYS, "bag_size": s, "fraction": float(r), "mode": tst.mode, "weighting": weighting,
+               "anneal": tst.anneal_to_ntp, "lr_scale": tst.lr_scale} for s, r in plan if s > 1 and r > 0]
+    if tables:
+        tables[-1]["blend_steps"] = tst.blend_steps
+    return tables + [{**STAGE_KEYS, "bag_size": 1, "rewarmup_steps": tst.rewarmup_steps if tables else 0}]
 
 
 @dataclass
@@ -191,8 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _apply(cfg, read_toml(path), str(path))
     for text in overrides:
         _apply(cfg, parse_override(text), "command line")
-    validate(cfg)
-    return cfg
+    return resolved(cfg)
 
 
 def read_toml(path: Path) -> dict:
@@ -206,7 +240,13 @@ def read_toml(path: Path) -> dict:
 def config_from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data, "saved config")
+    return resolved(cfg)
+
+
+def resolved(cfg: Config) -> Config:
+    """``cfg`` validated, with ``tst.stages`` expanded from the shorthand if it was not given."""
     validate(cfg)
+    cfg.tst.stages = stage_tables(cfg.tst)
     return cfg
 
 
@@ -244,7 +284,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    _validate_levers(cfg.tst)
+    _validate_levers(cfg.tst, cfg.train.steps)
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
@@ -252,7 +292,7 @@ def validate(cfg: Config) -> None:
         )
 
 
-def _validate_levers(tst: TSTConfig) -> None:
+def _validate_levers(tst: TSTConfig, steps: int) -> None:
     for entry in tst.curriculum:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and entry[0] >= 2
                 and isinstance(entry[1], (int, float)) and 0 < entry[1] <= 1):
@@ -270,3 +310,46 @@ def _validate_levers(tst: TSTConfig) -> None:
         raise ConfigError("tst.blend_steps and tst.rewarmup_steps must be >= 0")
     if tst.lr_scale <= 0:
         raise ConfigError("tst.lr_scale must be > 0")
+    if tst.stages:
+        _validate_stages(tst, steps)
+
+
+def _validate_stages(tst: TSTConfig, steps: int) -> None:
+    """Each [[tst.stages]] table is complete and sane, the list fits train.steps, and the shorthand
+    keys are either untouched or say the same thing (as in a run's own config.toml)."""
+    total = 0
+    for index, table in enumerate(tst.stages, 1):
+        where = f"tst.stages[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table ([[tst.stages]] with bag_size = ...)")
+        unknown = set(table) - set(STAGE_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}; known: {', '.join(STAGE_KEYS)}")
+        stage = {**STAGE_KEYS, **table}
+        size, weighting = stage["bag_size"], stage["weighting"]
+        last = index == len(tst.stages)
+        checks = [
+            (isinstance(size, int) and not isinstance(size, bool) and size >= 1, "bag_size must be an integer >= 1"),
+            (isinstance(stage["steps"], int) and stage["steps"] >= 0, "steps must be an integer >= 0"),
+            (isinstance(stage["fraction"], (int, float)) and 0 <= stage["fraction"] <= 1, "fraction must be in [0, 1]"),
+            (not (stage["steps"] and stage["fraction"]), "give steps or fraction, not both"),
+            (last or stage["steps"] or stage["fraction"], "needs steps or fraction (only the last stage may take the steps left)"),
+            (stage["mode"] in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (weighting in WEIGHTINGS or (isinstance(weighting, list) and len(weighting) >= (size or 1) and weighting[0] > 0
+                                         and all(isinstance(w, (int, float)) and w >= 0 for w in weighting)),
+             f"weighting must be one of {', '.join(WEIGHTINGS)} or >= bag_size non-negative numbers, the first positive"),
+            (isinstance(stage["anneal"], bool), "anneal must be true or false"),
+            (isinstance(stage["lr_scale"], (int, float)) and stage["lr_scale"] > 0, "lr_scale must be > 0"),
+            (isinstance(stage["blend_steps"], int) and stage["blend_steps"] >= 0, "blend_steps must be an integer >= 0"),
+            (isinstance(stage["rewarmup_steps"], int) and stage["rewarmup_steps"] >= 0, "rewarmup_steps must be an integer >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{where}: {message}")
+        total += stage["steps"] or round(stage["fraction"] * steps)
+    if total > steps:
+        raise ConfigError(f"tst.stages take {total} steps, more than train.steps = {steps}")
+    defaults = TSTConfig()
+    touched = [key for key in SHORTHAND if getattr(tst, key) != getattr(defaults, key)]
+    if touched and stage_tables(dataclasses.replace(tst, stages=[])) != stage_tables(tst):
+        raise ConfigError(f"tst.stages is given, so tst.{touched[0]} (its shorthand) must not be set as well")

@@ -20,13 +20,14 @@ Both phases run the model on L positions per sample, so FLOPs per step are equal
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from .config import Config, DataConfig, TSTConfig, validate
+from .config import Config, DataConfig, TrainConfig, TSTConfig, stage_tables, validate
 from .method import split_window, window_length
 from .model import tst_inputs, tst_loss_sum
 from .schedule import Stage, build_stages, stage_at
@@ -38,8 +39,7 @@ NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", 0)  # evaluation is alway
 
 def window_tokens(seq_len: int, tst: TSTConfig) -> int:
     """Tokens per dataset sample: the widest window any stage of the run reads."""
-    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
-    widths = [window_length(seq_len, s, tst.mode) for s, ratio in plan if s > 1 and ratio > 0]
+    widths = [window_length(seq_len, t["bag_size"], t["mode"]) for t in stage_tables(tst) if t["bag_size"] > 1]
     return max(widths + [seq_len + 1])
 
 
@@ -54,11 +54,13 @@ class TSTTrainer(Trainer):
     """
 
     def __init__(self, *args, tst: TSTConfig, seq_len: int, **kwargs):
-        validate(Config(tst=tst, data=DataConfig(seq_len=seq_len)))  # the same checks as `superpose train`
-        if tst.lr_scale != 1.0 or tst.rewarmup_steps or tst.reset_optimizer:
-            raise ValueError("tst.lr_scale, tst.rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
-                             "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
         super().__init__(*args, **kwargs)
+        # The same checks as `superpose train`; a stage list of absolute steps must fit max_steps, if given.
+        steps = self.args.max_steps if self.args.max_steps > 0 else sys.maxsize
+        validate(Config(tst=tst, data=DataConfig(seq_len=seq_len), train=TrainConfig(steps=steps)))
+        if tst.reset_optimizer or any(t["lr_scale"] != 1.0 or t["rewarmup_steps"] for t in stage_tables(tst)):
+            raise ValueError("lr_scale, rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
+                             "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
         self.tst, self.seq_len = tst, seq_len
         self.width = window_tokens(seq_len, tst)
         # Our loss is a mean over the micro-batch; Trainer then divides by the accumulation steps.
@@ -83,7 +85,7 @@ class TSTTrainer(Trainer):
                 f"samples of {input_ids.shape[1]} tokens are too short for the {stage.name} stage "
                 f"(needs {need}); group the dataset into blocks of window_tokens(seq_len, tst) = {self.width}"
             )
-        start = (step % (input_ids.shape[1] // need)) * need if stage.bag_size == 1 else 0
+        start = (step % (input_ids.shape[1] // need)) * need if stage.phase == "next-token" else 0
         return input_ids[:, start : start + need]
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 from .config import Config, config_from_dict, read_toml
 from .errors import ConfigError
@@ -86,6 +87,11 @@ def is_finished(run_dir: str | Path) -> bool:
     if not (Path(run_dir) / METRICS).is_file():
         return False
     return any(r.get("kind") == "end" for r in read_records(run_dir)[-3:])
+
+
+def write_run_config(run_dir: str | Path, cfg: Config) -> None:
+    """Save the resolved config (its stage list expanded) as the run's ``config.toml``."""
+    atomic_write_text(Path(run_dir) / CONFIG, tomli_w.dumps(cfg.to_dict()))
 
 
 def load_run_config(run_dir: str | Path) -> Config:

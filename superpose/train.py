@@ -8,6 +8,7 @@ phase 2 differ only in the ``Stage`` the lookup returns.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -17,22 +18,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import export_model, load_checkpoint, save_checkpoint, select_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .config import SHORTHAND, Config, ConfigError, config_from_dict, resolved
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_sync, init_runtime, parallelize,
                           raise_together, shards_parameters)
 from .errors import DataError, Interrupted, TrainingError
-from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
+from .files import LOCK_FILE, DirectoryLock, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .preemption import StopRequest
-from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
+from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs, write_run_config
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
 
@@ -152,15 +152,18 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
     saved config lacks (a run saved before the key existed) counts as its default value; between
     two plain next-token runs (no superposition stage) the [tst] keys make no difference."""
-    before = config_from_dict(saved)
+    before, cfg = config_from_dict(saved), resolved(copy.deepcopy(cfg))
     plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
     old, new = before.to_dict(), cfg.to_dict()
-    return [
-        f"{section}.{key}: {old[section][key]!r} -> {value!r}"
+    changes = [
+        (f"{section}.{key}", f"{section}.{key}: {old[section][key]!r} -> {value!r}")
         for section, values in new.items()
         for key, value in values.items()
         if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
     ]
+    # A changed shorthand key (tst.ratio, ...) changes the stage list too: name only the shorthand.
+    shorthand = any(key in (f"tst.{name}" for name in SHORTHAND) for key, _ in changes)
+    return [text for key, text in changes if not (shorthand and key == "tst.stages")]
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
@@ -183,6 +186,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
 
     Rank 0 holds the run directory's lock for the whole run. A run that fails before it wrote
     anything removes the directory it created, so a typo leaves no empty run behind."""
+    cfg = resolved(copy.deepcopy(cfg))  # a Config built in Python gets its stage list as a loaded one has it
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     created = not run_dir.exists()
@@ -252,7 +256,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         print(f"{label}: {run_dir} has no checkpoint to resume from; starting again from step 0", file=sys.stderr)
 
     if runtime.is_main:
-        atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg.to_dict()))
+        write_run_config(run_dir, cfg)
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
     if rejected:
