@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, resolved
+from .config import Config, ConfigError, SweepOptions, resolved
 from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
 from .plots import plot_sweep
@@ -149,9 +149,12 @@ def parse_list(text: str, kind: type, name: str) -> list:
     return values
 
 
-def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[dict], Path, dict[str, str]]:
-    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget; write sweep.csv and sweep.png.
-    Returns the rows, the sweep directory and ``{arm: error}`` of the arms that failed."""
+def sweep(cfg: Config, bag_sizes: list[int] | None = None, ratios: list[float] | None = None) -> tuple[list[dict], Path, dict[str, str]]:
+    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget (default: ``SweepOptions``);
+    write sweep.csv and sweep.png. Returns the rows, the sweep directory and ``{arm: error}`` of the
+    arms that failed."""
+    bag_sizes = SweepOptions().bag_sizes if bag_sizes is None else bag_sizes
+    ratios = SweepOptions().ratios if ratios is None else ratios
     if any(s < 2 for s in bag_sizes):
         raise ConfigError("--bag-sizes must all be >= 2 (the baseline is run anyway)")
     if any(not 0 < r < 1 for r in ratios):

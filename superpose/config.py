@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -144,8 +145,45 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Options of the commands that take no run config: the defaults of the CLI flags and of the
+# library functions behind them (superpose.data.prepare, compare.sweep, generate, evaluation).
+
+
+@dataclass
+class PrepareOptions:
+    vocab_size: int = DataConfig.vocab_size  # size of the byte-level BPE to train (without --tokenizer)
+    text_field: str = "text"  # JSONL field or Parquet/Arrow column holding the text
+    val_fraction: float = 0.05  # documents held out for validation when no --valid inputs are given
+    seed: int = 0  # seed of the held-out document draw
+    num_proc: int = 1  # > 1: tokenise in this many processes with Hugging Face datasets
+
+
+@dataclass
+class SweepOptions:
+    bag_sizes: list = field(default_factory=lambda: [2, 4, 6, 8])  # bag sizes s of the grid
+    ratios: list = field(default_factory=lambda: [0.2, 0.3, 0.5])  # phase-1 ratios r of the grid
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str = ""  # text to continue ("" = start from the end-of-document token)
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = no top-k filter
+    samples: int = 1
+    seed: int = 0
+
+
+@dataclass
+class EvalOptions:
+    text_field: str = "text"  # JSONL field or table column holding the text of --text files
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda
+
+
 WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (loss.slot_weights)
 MODES = ("full", "input", "output")  # what a stage bags: inputs and targets, inputs only, targets only
+CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name
 CHOICES = {
     ("tst", "weighting"): WEIGHTINGS,
     ("tst", "mode"): MODES,
@@ -259,6 +297,8 @@ def validate(cfg: Config) -> None:
         (cfg.tst.bag_size >= 1, "tst.bag_size must be an integer >= 1 (1 = plain next-token baseline)"),
         (0.0 <= cfg.tst.ratio <= 1.0, "tst.ratio must be in [0, 1] (the fraction of steps in phase 1)"),
         (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
+        (cfg.data.corpus in CORPORA + ("",), f"data.corpus = {cfg.data.corpus!r}: only {', '.join(map(repr, CORPORA))} is embedded "
+         "(\"\" = never prepare); run `superpose prepare` for other data"),
         (cfg.model.loss_chunk_size >= 0, "model.loss_chunk_size must be >= 0 (0 = the full logits at once)"),
         (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
@@ -285,6 +325,9 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     _validate_levers(cfg.tst, cfg.train.steps)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes torchrun launched for this config
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({world})")
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .config import PrepareOptions
 from .corpus import TABLE_SUFFIXES, DocumentCorpus, expand_inputs, shakespeare_files
 from .errors import DataError
 from .files import atomic_write_text, writable_dir
@@ -84,12 +85,12 @@ def prepare(
     inputs: list[str] | None = None,
     valid_inputs: list[str] | None = None,
     tokenizer: str | None = None,
-    vocab_size: int = 8192,
-    text_field: str = "text",
-    val_fraction: float = 0.05,
-    seed: int = 0,
+    vocab_size: int = PrepareOptions.vocab_size,
+    text_field: str = PrepareOptions.text_field,
+    val_fraction: float = PrepareOptions.val_fraction,
+    seed: int = PrepareOptions.seed,
     progress: bool = True,
-    num_proc: int = 1,
+    num_proc: int = PrepareOptions.num_proc,
 ) -> dict:
     """Tokenise a corpus into ``out_dir``; returns the metadata written to ``meta.json``.
 

@@ -138,9 +138,7 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtim
 def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
     """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only)."""
     directory = Path(cfg.data.dir)
-    if not (directory / "meta.json").is_file() and cfg.data.corpus:
-        if cfg.data.corpus != "shakespeare":
-            raise ConfigError(f"data.corpus = {cfg.data.corpus!r}: only 'shakespeare' is embedded; run `superpose prepare` for other data")
+    if not (directory / "meta.json").is_file() and cfg.data.corpus:  # the embedded corpus (validate allows no other)
         if runtime.is_main:
             print(f"preparing the embedded Shakespeare corpus in {directory} ...", file=sys.stderr)
             prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
@@ -217,8 +215,6 @@ def _remove_if_unused(run_dir: Path) -> None:
 def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
-    if cfg.train.batch_size % runtime.world:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)

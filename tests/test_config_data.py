@@ -41,6 +41,17 @@ def test_bad_config_is_rejected_with_the_key(override, message):
         load_config(None, [override, *extra])
 
 
+def test_run_checks_fail_when_the_config_loads(monkeypatch):
+    """Checks that need no data or model answer before any work starts: an unknown embedded corpus,
+    and a global batch that the ranks torchrun launched cannot split."""
+    with pytest.raises(ConfigError, match="data.corpus = 'shakespear': only 'shakespeare' is embedded"):
+        load_config(None, ["--data.corpus=shakespear"])
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"train.batch_size \(16\) must be divisible by the world size \(3\)"):
+        load_config(None, [])
+    assert load_config(None, ["--train.batch_size=12"]).train.batch_size == 12
+
+
 def test_resume_check_defaults_missing_keys_and_ignores_tst_between_baselines():
     """A run saved before a config key existed resumes unless the key is set to a non-default;
     two plain next-token runs are the same run whatever their (unused) bag size."""
