@@ -5,6 +5,7 @@ A plain `datasets` + `transformers.Trainer` pre-training script; the TST-specifi
 
     python examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300
     python examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300 --resume   # continue after a kill
+    torchrun --nproc-per-node 2 examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300   # DDP
     tensorboard --logdir runs/hf-tst/runs
 
 Inputs: .txt/.md (one document per file), .jsonl or .parquet (a ``text`` column); default: the
@@ -115,6 +116,7 @@ def main(argv=None) -> TSTTrainer:
         report_to=args.report_to,
         seed=args.seed,
         dataloader_drop_last=True,
+        ddp_find_unused_parameters=False,  # under torchrun: every parameter gets a gradient in every stage
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per loader)
     )
     trainer = TSTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,

@@ -61,6 +61,10 @@ class TSTTrainer(Trainer):
         if tst.reset_optimizer or any(t["lr_scale"] != 1.0 or t["rewarmup_steps"] for t in stage_tables(tst)):
             raise ValueError("lr_scale, rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
                              "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
+            raise ValueError("TSTTrainer does not run under Trainer's FSDP or DeepSpeed ZeRO-3: the bag embedding is taken "
+                             "outside the sharded model's forward; use DDP, or `superpose train` with distributed.strategy = 'fsdp'")
         self.tst, self.seq_len = tst, seq_len
         self.width = window_tokens(seq_len, tst)
         # Our loss is a mean over the micro-batch; Trainer then divides by the accumulation steps.
