@@ -7,8 +7,12 @@ overrides. Unknown sections or keys and values of the wrong type are rejected wi
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import json
 import math
 import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,38 +58,38 @@ class TSTConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate, reached after the warmup
     min_lr_ratio: float = 0.0  # the LR decays linearly to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear warmup from 0 over the first steps
     decay_fraction: float = 0.1  # warmup-stable-decay: linear decay over the last fraction of steps
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/tiny"
-    steps: int = 600
+    out_dir: str = "runs/tiny"  # the run directory (compare and sweep: the parent of one directory per arm)
+    steps: int = 600  # optimizer steps in all, both phases included
     batch_size: int = 16  # global batch, in samples (windows), over all ranks and micro-batches
     micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
-    seed: int = 0
+    seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
-    eval_every: int = 100
+    eval_every: int = 100  # validate every this many steps, and after the last one
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
-    log_every: int = 10
+    log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
     checkpoint_every: int = 200  # 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
-    progress: bool = True
+    progress: bool = True  # tqdm progress bars (rank 0 only)
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
     wandb: bool = False  # also log to Weights & Biases (pip install 'superpose[wandb]')
-    wandb_project: str = "superpose"
+    wandb_project: str = "superpose"  # W&B project of the run
     wandb_mode: str = "online"  # online | offline (no account needed; upload later with `wandb sync`)
 
 
@@ -268,3 +272,37 @@ def _validate_levers(tst: TSTConfig) -> None:
         raise ConfigError("tst.blend_steps and tst.rewarmup_steps must be >= 0")
     if tst.lr_scale <= 0:
         raise ConfigError("tst.lr_scale must be > 0")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the source of dataclass ``cls``: the config's own
+    documentation, read by ``reference_markdown`` so that the reference cannot drift from the code."""
+    fields, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    name, first = None, True  # the field that the current logical line defines; at its first token
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NEWLINE:
+            name, first = None, True
+        elif tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL) or (first and tok.type == tokenize.COMMENT):
+            continue  # a comment on a line of its own belongs to no field
+        elif first:
+            name, first = tok.string if tok.type == tokenize.NAME and tok.string in fields else None, False
+        elif tok.type == tokenize.COMMENT and name is not None:
+            comments[name] = " ".join(filter(None, [comments.get(name), tok.string.lstrip("#").strip()]))
+    return comments
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/reference.md, below its marker): every section and key of
+    ``Config`` with its type, default, comment and allowed choices. Written by scripts/reference.py."""
+    lines = []
+    for section, cls in typing.get_type_hints(Config).items():
+        hints, comments, defaults = typing.get_type_hints(cls), field_comments(cls), cls()
+        lines += [f"## [{section}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            meaning = comments.get(f.name, "").replace("|", "\\|")  # a bare | would end the table cell
+            if (section, f.name) in CHOICES:
+                meaning += "; one of " + ", ".join(f"`{c}`" for c in CHOICES[section, f.name])
+            default = json.dumps(getattr(defaults, f.name))  # a TOML literal for every type used here
+            lines.append(f"| `{section}.{f.name}` | {hints[f.name].__name__} | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
