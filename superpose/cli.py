@@ -210,29 +210,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def join_overrides(argv: list[str]) -> list[str]:
-    """``--section.key value`` -> ``--section.key=value``: both forms are accepted, as most CLIs do.
-    Only dotted flags are overrides, so ``--out dir`` and friends are left alone."""
-    out, i = [], 0
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the config overrides): ``--section.key=value`` and ``--section.key value``
+    (joined into the first form) are overrides, taken out before argparse sees them, so a value
+    may hold spaces (argparse would take such an argument for the config file). Only dotted flags
+    are overrides: ``--out dir`` and friends are left alone, and a dotted flag without a value too."""
+    rest, overrides, i = [], [], 0
     while i < len(argv):
-        arg = argv[i]
-        dotted = arg.startswith("--") and "=" not in arg and "." in arg
-        if dotted and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append(f"{arg}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(arg)
+        arg = str(argv[i])
+        dotted = arg.startswith("--") and "." in arg.split("=", 1)[0]
+        if dotted and "=" in arg:
+            overrides.append(arg)
+        elif dotted and i + 1 < len(argv) and not str(argv[i + 1]).startswith("--"):
+            overrides.append(f"{arg}={argv[i + 1]}")
             i += 1
-    return out
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, overrides
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args, extra = parser.parse_known_args(join_overrides(sys.argv[1:] if argv is None else argv))
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
-    if bad or (extra and args.command not in ("train", "compare", "sweep")):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
-    args.overrides = extra
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    if overrides and args.command not in ("train", "compare", "sweep"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         args.func(args)
     except Interrupted as stop:

@@ -7,9 +7,13 @@ overrides. Unknown sections or keys and values of the wrong type are rejected wi
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import json
 import math
 import os
 import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,24 +55,27 @@ class TSTConfig:
     lr_scale: float = 1.0  # LR multiplier during phase 1
     reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
     rewarmup_steps: int = 0  # linear LR re-warmup over the first next-token steps
-    # The stage list itself ([[tst.stages]] tables, see STAGE_KEYS); the keys above are its shorthand.
-    # Empty: expanded from the shorthand when the config is loaded, and a run's config.toml records it.
-    stages: list = field(default_factory=list)
+    # The keys above are the shorthand of this list; a run's config.toml records it expanded.
+    stages: list = field(default_factory=list)  # [[tst.stages]] tables (see below): the stages literally; empty = expand the shorthand
 
 
-# The keys of one [[tst.stages]] table and their defaults. A stage runs for `steps` steps or a
-# `fraction` of train.steps (one of the two; the last stage may give neither: the steps left).
-STAGE_KEYS = {
-    "bag_size": None,  # required: s (1 = next-token prediction)
-    "steps": 0,
-    "fraction": 0.0,
-    "mode": "full",
-    "weighting": "uniform",  # a name of WEIGHTINGS, or a list of >= s slot weights
-    "anneal": False,  # slot weights move linearly to next-token-only over the stage
-    "lr_scale": 1.0,
-    "blend_steps": 0,  # the stage's last K steps turn gradually into next-token steps
-    "rewarmup_steps": 0,  # linear LR re-warmup over the stage's first steps
-}
+@dataclass
+class StageTable:
+    """One [[tst.stages]] table. A stage runs for `steps` steps or a `fraction` of train.steps (one
+    of the two; the last stage may give neither: it takes the steps left)."""
+
+    bag_size: int = 0  # required: s, the tokens of one bag (1 = next-token prediction)
+    steps: int = 0  # the stage's length in steps
+    fraction: float = 0.0  # or its length as a fraction of train.steps
+    mode: str = "full"  # full | input | output (what the stage bags)
+    weighting: str | list = "uniform"  # a slot weighting (uniform | power | exp | first) or >= s slot weights
+    anneal: bool = False  # slot weights move linearly to next-token-only over the stage
+    lr_scale: float = 1.0  # LR multiplier during the stage
+    blend_steps: int = 0  # the stage's last K steps turn gradually into next-token steps
+    rewarmup_steps: int = 0  # linear LR re-warmup over the stage's first steps
+
+
+STAGE_KEYS = {f.name: f.default for f in dataclasses.fields(StageTable)}  # every key of a table, with its default
 SHORTHAND = ("bag_size", "ratio", "weighting", "mode", "curriculum", "slot_weights", "anneal_to_ntp", "blend_steps",
              "lr_scale", "rewarmup_steps")
 
@@ -90,38 +97,38 @@ def stage_tables(tst: TSTConfig) -> list[dict]:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate, reached after the warmup
     min_lr_ratio: float = 0.0  # the LR decays linearly to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear warmup from 0 over the first steps
     decay_fraction: float = 0.1  # warmup-stable-decay: linear decay over the last fraction of steps
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/tiny"
-    steps: int = 600
+    out_dir: str = "runs/tiny"  # the run directory (compare and sweep: the parent of one directory per arm)
+    steps: int = 600  # optimizer steps in all, both phases included
     batch_size: int = 16  # global batch, in samples (windows), over all ranks and micro-batches
     micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
-    seed: int = 0
+    seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
-    eval_every: int = 100
+    eval_every: int = 100  # validate every this many steps, and after the last one
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
-    log_every: int = 10
+    log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
     checkpoint_every: int = 200  # 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
-    progress: bool = True
+    progress: bool = True  # tqdm progress bars (rank 0 only)
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
     wandb: bool = False  # also log to Weights & Biases (pip install 'superpose[wandb]')
-    wandb_project: str = "superpose"
+    wandb_project: str = "superpose"  # W&B project of the run
     wandb_mode: str = "online"  # online | offline (no account needed; upload later with `wandb sync`)
 
 
@@ -160,25 +167,28 @@ class PrepareOptions:
 
 @dataclass
 class SweepOptions:
-    bag_sizes: list = field(default_factory=lambda: [2, 4, 6, 8])  # bag sizes s of the grid
-    ratios: list = field(default_factory=lambda: [0.2, 0.3, 0.5])  # phase-1 ratios r of the grid
+    bag_sizes: list = field(default_factory=lambda: [2, 4, 6, 8])  # bag sizes s of the grid (the flag: comma-separated)
+    ratios: list = field(default_factory=lambda: [0.2, 0.3, 0.5])  # phase-1 ratios r of the grid (the flag: comma-separated)
 
 
 @dataclass
 class GenerateOptions:
     prompt: str = ""  # text to continue ("" = start from the end-of-document token)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens sampled after the prompt
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 50  # 0 = no top-k filter
-    samples: int = 1
-    seed: int = 0
+    samples: int = 1  # continuations of the prompt
+    seed: int = 0  # seed of the sampling
 
 
 @dataclass
 class EvalOptions:
     text_field: str = "text"  # JSONL field or table column holding the text of --text files
-    batch_size: int = 16
+    batch_size: int = 16  # windows per forward
     device: str = "auto"  # auto | cpu | cuda
+
+
+COMMAND_OPTIONS = {"prepare": PrepareOptions, "sweep": SweepOptions, "generate": GenerateOptions, "eval": EvalOptions}
 
 
 WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (loss.slot_weights)
@@ -396,3 +406,43 @@ def _validate_stages(tst: TSTConfig, steps: int) -> None:
     touched = [key for key in SHORTHAND if getattr(tst, key) != getattr(defaults, key)]
     if touched and stage_tables(dataclasses.replace(tst, stages=[])) != stage_tables(tst):
         raise ConfigError(f"tst.stages is given, so tst.{touched[0]} (its shorthand) must not be set as well")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the source of dataclass ``cls``: the config's own
+    documentation, read by ``reference_markdown`` so that the reference cannot drift from the code."""
+    fields, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    name, first = None, True  # the field that the current logical line defines; at its first token
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NEWLINE:
+            name, first = None, True
+        elif tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL) or (first and tok.type == tokenize.COMMENT):
+            continue  # a comment on a line of its own belongs to no field
+        elif first:
+            name, first = tok.string if tok.type == tokenize.NAME and tok.string in fields else None, False
+        elif tok.type == tokenize.COMMENT and name is not None:
+            comments[name] = " ".join(filter(None, [comments.get(name), tok.string.lstrip("#").strip()]))
+    return comments
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/reference.md, below its marker): every section and key of
+    ``Config``, the keys of a [[tst.stages]] table and the flags of the commands that take no run
+    config, each with its type, default, comment and allowed choices. Written by scripts/reference.py."""
+    tables = [(f"[{section}]", section + ".", cls) for section, cls in typing.get_type_hints(Config).items()]
+    tables.append(("[[tst.stages]], one table per stage", "tst.stages[].", StageTable))
+    tables += [(f"`superpose {command}` flags", "--", cls) for command, cls in COMMAND_OPTIONS.items()]
+    lines = []
+    for title, prefix, cls in tables:
+        hints, comments, defaults = typing.get_type_hints(cls), field_comments(cls), cls()
+        lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            meaning = comments.get(f.name, "").replace("|", "\\|")  # a bare | would end the table cell
+            if (prefix[:-1], f.name) in CHOICES:
+                meaning += "; one of " + ", ".join(f"`{c}`" for c in CHOICES[prefix[:-1], f.name])
+            default = json.dumps(getattr(defaults, f.name))  # a TOML literal for every type used here
+            key = prefix + (f.name.replace("_", "-") if prefix == "--" else f.name)
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("|", "or")
+            lines.append(f"| `{key}` | {kind} | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
