@@ -177,7 +177,7 @@ def test_moe_two_ranks_equal_one_process(runs, small_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, layout", [(2, ["--distributed.strategy=fsdp"]),
-                                           (4, ["--distributed.strategy=hsdp", "--distributed.shard_size=2"])])
+                                           (4, ["--distributed.strategy=hsdp", "--distributed.shard_size=2"])], ids=["fsdp", "hsdp"])
 def test_bf16_mixed_precision_tracks_fp32(runs, small_data, tmp_path, ranks, layout):
     launch(tmp_path / "bf16", small_data, ranks, *layout, "--distributed.param_dtype=bf16", "--distributed.reduce_dtype=bf16")
     single, bf16 = steps(runs["single"]), steps(tmp_path / "bf16")
