@@ -12,15 +12,15 @@ on the decoder blocks).
   whose other jobs stretch the wall time, so the ratio to ``none`` is taken of CPU times.
 - Peak memory: each mode in a fresh process with large allocations forced to mmap (so that the
   resident set follows live memory); after a warm-up step (the optimizer state exists then) it
-  reports the peak resident set (``ru_maxrss``) over a second step and how far that rises above
-  the resident set before it (activations kept for backward, gradients, temporaries).
+  resets the resident set's high-water mark and reports the peak (``VmHWM``) over a second step
+  and how far that rises above the resident set before it (activations kept for backward,
+  gradients, temporaries).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -70,19 +70,21 @@ def time_interleaved(steps: dict, rounds: int) -> dict[str, dict[str, float]]:
     return {mode: {kind: min(values) for kind, values in t.items()} for mode, t in times.items()}
 
 
-def resident_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its high-water mark) of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not in /proc/self/status")
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(mode: str, args) -> dict:
     step = step_fn(mode, args)
     step()  # warm-up: AdamW's moments are allocated in the first step
-    before = resident_bytes()
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the resident set now
+    before = status_bytes("VmRSS")
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = status_bytes("VmHWM")
     return {"peak_rss": peak, "step_peak_above_resident": peak - before}
 
 
@@ -114,8 +116,9 @@ def main() -> None:
     print(f"{'mode':<10} {'peak RSS MiB':>13} {'step peak above resident MiB':>29} {'step wall s':>12} {'step CPU s':>11} "
           f"{'CPU / none':>11}")
     for mode in MODES:
-        print(f"{mode:<10} {memory[mode]['peak_rss'] / MIB:>13.0f} {memory[mode]['step_peak_above_resident'] / MIB:>29.0f} "
-              f"{times[mode]['wall_s']:>12.2f} {times[mode]['cpu_s']:>11.2f} {times[mode]['cpu_s'] / times['none']['cpu_s']:>10.2f}x")
+        mem, t = memory[mode], times[mode]
+        print(f"{mode:<10} {mem['peak_rss'] / MIB:>13.0f} {mem['step_peak_above_resident'] / MIB:>29.0f} "
+              f"{t['wall_s']:>12.2f} {t['cpu_s']:>11.2f} {t['cpu_s'] / times['none']['cpu_s']:>10.2f}x")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     strategy: str = "ddp"  # ddp | fsdp | hsdp (used when launched with torchrun and WORLD_SIZE > 1)
-    shard_size: int = 0  # hsdp: ranks per shard group (e.g. GPUs per node), replicated across WORLD_SIZE / shard_size groups
+    shard_size: int = 0  # hsdp: ranks per shard group (e.g. GPUs per node); the WORLD_SIZE / shard_size groups replicate
     param_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
     reduce_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
 
@@ -240,7 +240,8 @@ def validate(cfg: Config) -> None:
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
         (cfg.distributed.strategy != "ddp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
-         "distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 (use train.precision=bf16)"),
+         "distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 "
+         "(use train.precision=bf16)"),
         (cfg.distributed.strategy == "hsdp" or cfg.distributed.shard_size == 0,
          "distributed.shard_size applies to strategy hsdp only; set distributed.strategy=hsdp or drop shard_size"),
         (cfg.distributed.strategy != "hsdp" or cfg.distributed.shard_size >= 1,

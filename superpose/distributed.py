@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError
+from .errors import ModelError
 from .meta_init import initialize_like_one_process, is_on_meta
 
 
@@ -165,7 +166,7 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     for child in body.children():
         if isinstance(child, nn.ModuleList):
             return child
-    raise ValueError(f"cannot find the transformer blocks of {type(body).__name__} to shard")
+    raise ModelError(f"cannot find the transformer blocks (a ModuleList) of {type(body).__name__} to shard or checkpoint")
 
 
 @contextlib.contextmanager
