@@ -119,6 +119,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
+    activation_checkpointing: str = "none"  # none | full | selective: recompute each decoder block's activations in backward
     eval_every: int = 100  # validate every this many steps, and after the last one
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
     log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
@@ -134,9 +135,10 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp | fsdp (used when launched with torchrun and WORLD_SIZE > 1)
-    param_dtype: str = "fp32"  # fsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
-    reduce_dtype: str = "fp32"  # fsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
+    strategy: str = "ddp"  # ddp | fsdp | hsdp (used when launched with torchrun and WORLD_SIZE > 1)
+    shard_size: int = 0  # hsdp: ranks per shard group (e.g. GPUs per node); the WORLD_SIZE / shard_size groups replicate
+    param_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
+    reduce_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
 
 
 @dataclass
@@ -199,8 +201,9 @@ CHOICES = {
     ("tst", "mode"): MODES,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("train", "activation_checkpointing"): ("none", "full", "selective"),
     ("train", "wandb_mode"): ("online", "offline"),
-    ("distributed", "strategy"): ("ddp", "fsdp"),
+    ("distributed", "strategy"): ("ddp", "fsdp", "hsdp"),
     ("distributed", "param_dtype"): ("fp32", "bf16"),
     ("distributed", "reduce_dtype"): ("fp32", "bf16"),
 }
@@ -328,8 +331,13 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
-        (cfg.distributed.strategy == "fsdp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
-         "distributed.param_dtype/reduce_dtype apply to strategy fsdp only; DDP keeps fp32 (use train.precision=bf16)"),
+        (cfg.distributed.strategy != "ddp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
+         "distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 "
+         "(use train.precision=bf16)"),
+        (cfg.distributed.strategy == "hsdp" or cfg.distributed.shard_size == 0,
+         "distributed.shard_size applies to strategy hsdp only; set distributed.strategy=hsdp or drop shard_size"),
+        (cfg.distributed.strategy != "hsdp" or cfg.distributed.shard_size >= 1,
+         "distributed.strategy = hsdp needs distributed.shard_size >= 1 (ranks per shard group, e.g. GPUs per node)"),
     ]
     for ok, message in checks:
         if not ok:
