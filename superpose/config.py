@@ -402,6 +402,7 @@ def _validate_stages(tst: TSTConfig, steps: int) -> None:
             (isinstance(stage["anneal"], bool), "anneal must be true or false"),
             (isinstance(stage["lr_scale"], (int, float)) and stage["lr_scale"] > 0, "lr_scale must be > 0"),
             (isinstance(stage["blend_steps"], int) and stage["blend_steps"] >= 0, "blend_steps must be an integer >= 0"),
+            (size != 1 or not stage["blend_steps"], "blend_steps turn bag steps into next-token steps: a bag_size 1 stage has none"),
             (isinstance(stage["rewarmup_steps"], int) and stage["rewarmup_steps"] >= 0, "rewarmup_steps must be an integer >= 0"),
         ]
         for ok, message in checks:
