@@ -26,11 +26,10 @@ from .distributed import transformer_blocks
 
 _aten = torch.ops.aten
 # What ``selective`` keeps: the ops whose recompute would cost FLOPs (matmuls, attention).
-SAVED_OPS = frozenset({
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._grouped_mm.default,
-    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default,
-})
+# The ops are looked up by name: an older torch lacks some of them (_grouped_mm: torch >= 2.8).
+SAVED_OPS = frozenset(getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(_aten, name))
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:

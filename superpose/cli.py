@@ -83,8 +83,8 @@ def cmd_sweep(args) -> None:
     from .distributed import shutdown
 
     cfg = load_config(args.config, args.overrides)
-    bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes else None
-    ratios = parse_list(args.ratios, float, "--ratios") if args.ratios else None
+    bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes is not None else None
+    ratios = parse_list(args.ratios, float, "--ratios") if args.ratios is not None else None
     try:
         rows, root, failed = sweep(cfg, bag_sizes, ratios)
     finally:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, SweepOptions, resolved
+from .config import Config, ConfigError, SweepOptions, validate
 from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
 from .plots import plot_sweep
@@ -33,10 +33,14 @@ def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float
     arm = copy.deepcopy(cfg)
     arm.train.out_dir = str(Path(cfg.train.out_dir) / name)
     if bag_size is not None:
-        arm.tst.bag_size, arm.tst.stages = bag_size, []
+        if cfg.tst.stages:
+            raise ConfigError("sweep varies tst.bag_size and tst.ratio, the shorthand of the stage list: give [tst] in "
+                              "that form, not as [[tst.stages]] tables (whose other settings the grid could not keep)")
+        arm.tst.bag_size = bag_size
     if ratio is not None:
         arm.tst.ratio, arm.tst.curriculum, arm.tst.stages = ratio, [], []  # a stage list or curriculum would replace (s, r)
-    return resolved(arm)
+    validate(arm)
+    return arm
 
 
 def run_arm(cfg: Config, label: str) -> None:
@@ -93,7 +97,8 @@ def compare(cfg: Config) -> tuple[dict | None, Path]:
     """Baseline then TST into ``train.out_dir/{baseline,tst}``; the report goes to ``.../report``."""
     if not has_superposition(cfg.tst, cfg.train.steps):
         raise ConfigError("compare needs a TST config with at least one superposition step: tst.bag_size >= 2 and "
-                          "round(tst.ratio * train.steps) >= 1, or a tst.curriculum (the baseline is derived from it)")
+                          "round(tst.ratio * train.steps) >= 1, a tst.curriculum or [[tst.stages]] with bag_size >= 2 "
+                          "(the baseline is derived from it)")
     arms = [("baseline", arm_config(cfg, "baseline", ratio=0.0)), ("tst", arm_config(cfg, "tst"))]
     failed = run_arms(arms, "compare")
     out = Path(cfg.train.out_dir) / "report"
@@ -191,8 +196,6 @@ def sweep_rows(summary: dict) -> list[dict]:
             "tokens_seen": r["tokens_seen"], "elapsed_s": round(r["elapsed_s"], 2), "flops": r["flops"],
         })
     return rows
-
-
 
 
 def print_summary(summary: dict, report_dir: Path) -> None:

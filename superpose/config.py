@@ -11,7 +11,6 @@ import inspect
 import io
 import json
 import math
-import os
 import sys
 import tokenize
 import typing
@@ -55,8 +54,8 @@ class TSTConfig:
     lr_scale: float = 1.0  # LR multiplier during phase 1
     reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
     rewarmup_steps: int = 0  # linear LR re-warmup over the first next-token steps
-    # The keys above are the shorthand of this list; a run's config.toml records it expanded.
-    stages: list = field(default_factory=list)  # [[tst.stages]] tables (see below): the stages literally; empty = expand the shorthand
+    # The keys above are the shorthand of this list (config.stage_tables); a run's config.toml records it expanded.
+    stages: list = field(default_factory=list)  # [[tst.stages]] tables (see below): the stages literally; empty = the shorthand's
 
 
 @dataclass
@@ -64,7 +63,7 @@ class StageTable:
     """One [[tst.stages]] table. A stage runs for `steps` steps or a `fraction` of train.steps (one
     of the two; the last stage may give neither: it takes the steps left)."""
 
-    bag_size: int = 0  # required: s, the tokens of one bag (1 = next-token prediction)
+    bag_size: int = 0  # s, the tokens of one bag (1 = next-token prediction); every table must give it
     steps: int = 0  # the stage's length in steps
     fraction: float = 0.0  # or its length as a fraction of train.steps
     mode: str = "full"  # full | input | output (what the stage bags)
@@ -277,7 +276,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _apply(cfg, read_toml(path), str(path))
     for text in overrides:
         _apply(cfg, parse_override(text), "command line")
-    return resolved(cfg)
+    validate(cfg)
+    return cfg
 
 
 def read_toml(path: Path) -> dict:
@@ -291,13 +291,7 @@ def read_toml(path: Path) -> dict:
 def config_from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data, "saved config")
-    return resolved(cfg)
-
-
-def resolved(cfg: Config) -> Config:
-    """``cfg`` validated, with ``tst.stages`` expanded from the shorthand if it was not given."""
     validate(cfg)
-    cfg.tst.stages = stage_tables(cfg.tst)
     return cfg
 
 
@@ -343,9 +337,6 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     _validate_levers(cfg.tst, cfg.train.steps)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes torchrun launched for this config
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({world})")
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
@@ -376,45 +367,58 @@ def _validate_levers(tst: TSTConfig, steps: int) -> None:
 
 
 def _validate_stages(tst: TSTConfig, steps: int) -> None:
-    """Each [[tst.stages]] table is complete and sane, the list fits train.steps, and the shorthand
-    keys are either untouched or say the same thing (as in a run's own config.toml)."""
-    total = 0
-    for index, table in enumerate(tst.stages, 1):
+    """Each [[tst.stages]] table is complete and sane, the list covers train.steps, phase 1 comes
+    first, and the shorthand keys are untouched or say the same (as in a run's own config.toml)."""
+    covered, tables = 0.0, stage_tables(tst)  # in units of train.steps
+    for index, (table, stage) in enumerate(zip(tst.stages, tables), 1):
         where = f"tst.stages[{index}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where} must be a table ([[tst.stages]] with bag_size = ...)")
         unknown = set(table) - set(STAGE_KEYS)
         if unknown:
             raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}; known: {', '.join(STAGE_KEYS)}")
-        stage = {**STAGE_KEYS, **table}
-        size, weighting = stage["bag_size"], stage["weighting"]
-        last = index == len(tst.stages)
-        checks = [
-            (isinstance(size, int) and not isinstance(size, bool) and size >= 1, "bag_size must be an integer >= 1"),
-            (isinstance(stage["steps"], int) and stage["steps"] >= 0, "steps must be an integer >= 0"),
-            (isinstance(stage["fraction"], (int, float)) and 0 <= stage["fraction"] <= 1, "fraction must be in [0, 1]"),
-            (not (stage["steps"] and stage["fraction"]), "give steps or fraction, not both"),
-            (last or stage["steps"] or stage["fraction"], "needs steps or fraction (only the last stage may take the steps left)"),
-            (stage["mode"] in MODES, f"mode must be one of {', '.join(MODES)}"),
-            (weighting in WEIGHTINGS or (isinstance(weighting, list) and len(weighting) >= (size or 1) and weighting[0] > 0
-                                         and all(isinstance(w, (int, float)) and w >= 0 for w in weighting)),
+        integer = lambda key, low: _integer(stage[key]) and stage[key] >= low  # noqa: E731
+        weighting = stage["weighting"]
+        checks = [  # in order, each one only once the ones before it hold (later ones rely on the types)
+            (lambda: integer("bag_size", 1), "bag_size must be an integer >= 1"),
+            (lambda: integer("steps", 0), "steps must be an integer >= 0"),
+            (lambda: _number(stage["fraction"]) and 0 <= stage["fraction"] <= 1, "fraction must be a number in [0, 1]"),
+            (lambda: not (stage["steps"] and stage["fraction"]), "give steps or fraction, not both"),
+            (lambda: index == len(tables) or stage["steps"] or stage["fraction"],
+             "needs steps or fraction (only the last stage may run to the end without them)"),
+            (lambda: stage["mode"] in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (lambda: weighting in WEIGHTINGS or (isinstance(weighting, list) and len(weighting) >= stage["bag_size"]
+                                                 and all(_number(w) and w >= 0 for w in weighting) and weighting[0] > 0),
              f"weighting must be one of {', '.join(WEIGHTINGS)} or >= bag_size non-negative numbers, the first positive"),
-            (isinstance(stage["anneal"], bool), "anneal must be true or false"),
-            (isinstance(stage["lr_scale"], (int, float)) and stage["lr_scale"] > 0, "lr_scale must be > 0"),
-            (isinstance(stage["blend_steps"], int) and stage["blend_steps"] >= 0, "blend_steps must be an integer >= 0"),
-            (size != 1 or not stage["blend_steps"], "blend_steps turn bag steps into next-token steps: a bag_size 1 stage has none"),
-            (isinstance(stage["rewarmup_steps"], int) and stage["rewarmup_steps"] >= 0, "rewarmup_steps must be an integer >= 0"),
+            (lambda: isinstance(stage["anneal"], bool), "anneal must be true or false"),
+            (lambda: _number(stage["lr_scale"]) and stage["lr_scale"] > 0, "lr_scale must be a number > 0"),
+            (lambda: integer("blend_steps", 0), "blend_steps must be an integer >= 0"),
+            (lambda: stage["bag_size"] > 1 or not stage["blend_steps"],
+             "blend_steps turn bag steps into next-token steps: a bag_size 1 stage has none"),
+            (lambda: integer("rewarmup_steps", 0), "rewarmup_steps must be an integer >= 0"),
+            (lambda: stage["bag_size"] == 1 or all(t["bag_size"] > 1 for t in tables[: index - 1]),
+             "a superposition stage after next-token training: phase 1 (bag_size > 1) comes first"),
         ]
         for ok, message in checks:
-            if not ok:
+            if not ok():
                 raise ConfigError(f"{where}: {message}")
-        total += stage["steps"] or round(stage["fraction"] * steps)
-    if total > steps:
-        raise ConfigError(f"tst.stages take {total} steps, more than train.steps = {steps}")
+        covered += stage["fraction"] + stage["steps"] / steps
+    open_end = not (tables[-1]["steps"] or tables[-1]["fraction"])
+    if covered > 1 + 1e-9 or (not open_end and covered < 1 - 0.5 / steps):
+        raise ConfigError(f"tst.stages cover {covered * steps:g} of train.steps = {steps} steps; they must cover them all "
+                          "(a last stage without steps or fraction runs to the end)")
     defaults = TSTConfig()
     touched = [key for key in SHORTHAND if getattr(tst, key) != getattr(defaults, key)]
-    if touched and stage_tables(dataclasses.replace(tst, stages=[])) != stage_tables(tst):
+    if touched and stage_tables(dataclasses.replace(tst, stages=[])) != tables:
         raise ConfigError(f"tst.stages is given, so tst.{touched[0]} (its shorthand) must not be set as well")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def field_comments(cls: type) -> dict[str, str]:

@@ -99,8 +99,11 @@ def shards_parameters(runtime: Runtime, strategy: str) -> bool:
     return runtime.world > 1 and strategy in ("fsdp", "hsdp")
 
 
-def check_mesh(runtime: Runtime, strategy: str, shard_size: int) -> None:
-    """The world-size part of the config checks, made once the runtime is known and before any model is built."""
+def check_world(runtime: Runtime, batch_size: int, strategy: str, shard_size: int) -> None:
+    """The world-size part of the config checks, made first thing in a run (a saved config stays
+    readable whatever the world size of the process that reads it)."""
+    if batch_size % runtime.world:
+        raise ConfigError(f"train.batch_size ({batch_size}) must be divisible by the world size ({runtime.world})")
     if shards_parameters(runtime, strategy) and strategy == "hsdp" and runtime.world % shard_size:
         raise ConfigError(f"distributed.shard_size ({shard_size}) must divide the world size ({runtime.world}): "
                           "hsdp replicates the model across WORLD_SIZE / shard_size groups of shard_size ranks")

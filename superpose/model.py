@@ -145,6 +145,7 @@ class TSTModel(nn.Module):
 
 
 def is_moe(lm: nn.Module) -> bool:
+    """A mixture of experts, which adds its load-balancing loss in training (Qwen3-MoE and kin)."""
     return hasattr(lm.config, "router_aux_loss_coef")
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from .config import Config, config_from_dict, read_toml
+from .config import Config, config_from_dict, read_toml, stage_tables
 from .errors import ConfigError
 from .files import atomic_write_text
 from .schedule import Stage
@@ -90,8 +90,11 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
-    """Save the resolved config (its stage list expanded) as the run's ``config.toml``."""
-    atomic_write_text(Path(run_dir) / CONFIG, tomli_w.dumps(cfg.to_dict()))
+    """Save the resolved config as the run's ``config.toml``, its stage list written out
+    (``tst.stages``: the tables the shorthand expands to, when it was not given literally)."""
+    resolved = cfg.to_dict()
+    resolved["tst"]["stages"] = stage_tables(cfg.tst)
+    atomic_write_text(Path(run_dir) / CONFIG, tomli_w.dumps(resolved))
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -182,7 +185,6 @@ class Run:
     trains: list[dict]
     ended: bool
     curve: Curve = field(init=False)
-
     stages: list[Stage] = field(init=False)
 
     def __post_init__(self):
@@ -254,17 +256,20 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         ended=any(r["kind"] == "end" for r in records),
     )
 
+
 def non_embedding_parameters(run: Run) -> int:
     """The run's parameters less the input embedding and an untied output head (the count that
-    places a run on the regime map), from its exported model's config; the total if it exported none."""
-    from transformers import AutoConfig
-
+    places a run on the regime map), from its exported model's ``config.json``; the total if it
+    exported none."""
     total = int(run.start["parameters"])
-    if not (run.path / "model" / "config.json").is_file():
+    path = run.path / MODEL / "config.json"
+    if not path.is_file():
         return total
-    config = AutoConfig.from_pretrained(run.path / "model", local_files_only=True)
-    config = getattr(config, "text_config", None) or config
-    return total - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    config = json.loads(path.read_text())
+    config = config.get("text_config") or config  # a multimodal config nests the language model's
+    tied = config.get("tie_word_embeddings", True)  # the transformers default
+    return total - config["vocab_size"] * config["hidden_size"] * (1 if tied else 2)
+
 
 def config_differences(reference: Config, other: Config, ignore_tst: bool = True) -> list[str]:
     """Keys that make two runs not comparable ("section.key: a -> b"); logging, output directory and
@@ -284,6 +289,7 @@ def config_differences(reference: Config, other: Config, ignore_tst: bool = True
                 continue
             diffs.append(f"{name}: {value!r} -> {oth[section][key]!r}")
     return diffs
+
 
 def _same_data(a: Config, b: Config) -> bool:
     meta_a, meta_b = Path(a.data.dir) / "meta.json", Path(b.data.dir) / "meta.json"

@@ -43,10 +43,12 @@ class Stage:
         return "next-token" if self.bag_size == 1 else "blend" if self.blend else "superposition"
 
     @classmethod
-    def from_record(cls, record: dict) -> "Stage":
-        """A stage as ``metrics.jsonl`` records it (its fields; JSON turns a weight tuple into a list)."""
-        weighting = record["weighting"]
-        return cls(**{**record, "weighting": tuple(weighting) if isinstance(weighting, list) else weighting})
+    def from_record(cls, record: dict) -> Stage:
+        """A stage as ``metrics.jsonl`` records it: its fields (JSON turns a weight tuple into a
+        list); keys of another version that this one does not know are left out."""
+        known = {k: v for k, v in record.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        weighting = known["weighting"]
+        return cls(**{**known, "weighting": tuple(weighting) if isinstance(weighting, list) else weighting})
 
     def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
         """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
@@ -62,34 +64,34 @@ class Stage:
 
 
 def build_stages(tst: TSTConfig, steps: int) -> list[Stage]:
-    """The stages of a run of ``steps`` steps, one per table of ``stage_tables(tst)`` in order
-    (a fraction is ``round(fraction * steps)`` steps; a last table without either takes the steps
-    left; a stage of no steps is dropped). A table's ``blend_steps`` split its last steps off into
-    a blend stage. Superposition stages are named superposition, or superposition-i in a list of several."""
+    """The stages of a run of ``steps`` steps, one per table of ``stage_tables(tst)`` in order: a
+    fraction is ``round(fraction * steps)`` steps, every stage ends by the end of the run, the last
+    one runs to it, and a stage of no steps is dropped. A table's ``blend_steps`` split its last
+    steps off into a blend stage (those of a table that got no steps, the previous stage's: the
+    blend ends phase 1). A re-warmup needs a stage before it. Superposition stages are named
+    superposition, or superposition-i (the i-th table) in a list of several."""
     tables = stage_tables(tst)
     several = sum(table["bag_size"] > 1 for table in tables) > 1
     stages, start, index = [], 0, 0
     for number, table in enumerate(tables):
-        length = table["steps"] or round(table["fraction"] * steps)
-        if number == len(tables) - 1 and not (table["steps"] or table["fraction"]):
-            length = steps - start
-        end = min(steps, start + length)
-        if end <= start:
-            continue
+        last = number == len(tables) - 1
+        end = steps if last else min(steps, start + (table["steps"] or round(table["fraction"] * steps)))
         weighting = tuple(table["weighting"]) if isinstance(table["weighting"], list) else table["weighting"]
         if table["bag_size"] == 1:
             name = "next-token"
         else:
             index += 1
             name = f"superposition-{index}" if several else "superposition"
-        stage = Stage(name, table["bag_size"], table["mode"], weighting, end, start, table["lr_scale"],
-                      table["rewarmup_steps"], table["anneal"])
-        cut = max(start, end - table["blend_steps"]) if table["bag_size"] > 1 else end
-        if cut > start:
-            stages.append(dataclasses.replace(stage, end_step=cut))
-        if cut < end:
+        if end > start:
+            stages.append(Stage(name, table["bag_size"], table["mode"], weighting, end, start, table["lr_scale"],
+                                table["rewarmup_steps"] if stages else 0, table["anneal"]))
+            start = end
+        if table["blend_steps"] and stages and stages[-1].bag_size > 1 and not stages[-1].blend:
+            stage = stages.pop()
+            cut = max(stage.start_step, stage.end_step - table["blend_steps"])
+            if cut > stage.start_step:
+                stages.append(dataclasses.replace(stage, end_step=cut))
             stages.append(dataclasses.replace(stage, name="blend", start_step=cut, blend=True))
-        start = end
     return stages
 
 

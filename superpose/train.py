@@ -8,7 +8,6 @@ phase 2 differ only in the ``Stage`` the lookup returns.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
 import os
@@ -24,9 +23,9 @@ from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import export_model, load_checkpoint, save_checkpoint, select_checkpoint
-from .config import SHORTHAND, Config, ConfigError, config_from_dict, resolved
+from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
-from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_mesh, gradient_sync, init_runtime, parallelize,
+from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
                           raise_together, shards_parameters)
 from .errors import DataError, Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, writable_dir
@@ -150,18 +149,22 @@ def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
     saved config lacks (a run saved before the key existed) counts as its default value; between
-    two plain next-token runs (no superposition stage) the [tst] keys make no difference."""
-    before, cfg = config_from_dict(saved), resolved(copy.deepcopy(cfg))
+    two plain next-token runs (no superposition stage) the [tst] keys make no difference; the
+    stage list counts, not how it was written (a stage list or the shorthand it expands to)."""
+    before = config_from_dict(saved)
     plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
+    same_stages = stage_tables(before.tst) == stage_tables(cfg.tst)
+    stage_keys = {f"tst.{name}" for name in (*SHORTHAND, "stages")}
     old, new = before.to_dict(), cfg.to_dict()
     changes = [
         (f"{section}.{key}", f"{section}.{key}: {old[section][key]!r} -> {value!r}")
         for section, values in new.items()
         for key, value in values.items()
         if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
+        and not (same_stages and f"{section}.{key}" in stage_keys)
     ]
-    # A changed shorthand key (tst.ratio, ...) changes the stage list too: name only the shorthand.
-    shorthand = any(key in (f"tst.{name}" for name in SHORTHAND) for key, _ in changes)
+    # Other stages written in the shorthand: name the shorthand keys, not the whole list.
+    shorthand = any(key in stage_keys - {"tst.stages"} for key, _ in changes)
     return [text for key, text in changes if not (shorthand and key == "tst.stages")]
 
 
@@ -185,7 +188,6 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
 
     Rank 0 holds the run directory's lock for the whole run. A run that fails before it wrote
     anything removes the directory it created, so a typo leaves no empty run behind."""
-    cfg = resolved(copy.deepcopy(cfg))  # a Config built in Python gets its stage list as a loaded one has it
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     created = not run_dir.exists()
@@ -216,7 +218,7 @@ def _remove_if_unused(run_dir: Path) -> None:
 def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
-    check_mesh(runtime, cfg.distributed.strategy, cfg.distributed.shard_size)
+    check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)

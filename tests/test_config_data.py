@@ -7,7 +7,7 @@ import torch
 import pytest
 from conftest import SHARED_DATA
 
-from superpose.config import Config, ConfigError, load_config
+from superpose.config import Config, ConfigError, load_config, stage_tables, validate
 from superpose.config import OptimConfig, TSTConfig
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
 from superpose.schedule import build_stages, lr_at, stage_at
@@ -41,15 +41,10 @@ def test_bad_config_is_rejected_with_the_key(override, message):
         load_config(None, [override, *extra])
 
 
-def test_run_checks_fail_when_the_config_loads(monkeypatch):
-    """Checks that need no data or model answer before any work starts: an unknown embedded corpus,
-    and a global batch that the ranks torchrun launched cannot split."""
+def test_an_unknown_corpus_fails_when_the_config_loads():
+    """A config check that needs no data: an unknown embedded corpus answers before any work starts."""
     with pytest.raises(ConfigError, match="data.corpus = 'shakespear': only 'shakespeare' is embedded"):
         load_config(None, ["--data.corpus=shakespear"])
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match=r"train.batch_size \(16\) must be divisible by the world size \(3\)"):
-        load_config(None, [])
-    assert load_config(None, ["--train.batch_size=12"]).train.batch_size == 12
 
 
 def test_resume_check_defaults_missing_keys_and_ignores_tst_between_baselines():
@@ -169,12 +164,13 @@ def test_a_literal_stage_list_is_the_stages_its_shorthand_expands_to(tmp_path):
     assert [(s.name, s.bag_size, s.start_step, s.end_step, s.lr_scale) for s in build_stages(literal.tst, 100)] == [
         ("superposition-1", 4, 0, 20, 2.0), ("superposition-2", 2, 20, 36, 2.0), ("blend", 2, 36, 40, 2.0),
         ("next-token", 1, 40, 100, 1.0)]
-    assert [t["bag_size"] for t in shorthand.tst.stages] == [4, 2, 1]  # expanded when loaded
     recorded = tmp_path / "run"
     recorded.mkdir()
     write_run_config(recorded, shorthand)
-    assert "[[tst.stages]]" in (recorded / "config.toml").read_text()
-    assert load_run_config(recorded).to_dict() == shorthand.to_dict()
+    assert "[[tst.stages]]" in (recorded / "config.toml").read_text()  # recorded expanded
+    again = load_run_config(recorded)
+    assert [t["bag_size"] for t in again.tst.stages] == [4, 2, 1] and again.tst.stages == stage_tables(shorthand.tst)
+    assert build_stages(again.tst, 100) == build_stages(shorthand.tst, 100)
     assert build_stages(TSTConfig(bag_size=6, ratio=0.3), 100) == build_stages(load_config(None, ["--tst.bag_size=6"]).tst, 100)
 
 
@@ -185,7 +181,7 @@ def test_a_literal_stage_list_is_the_stages_its_shorthand_expands_to(tmp_path):
     ("bag_size = 4\nsize = 3\nfraction = 0.2", r"unknown key tst.stages\[1\].size"),
     ("bag_size = 4\nmode = 'both'\nfraction = 0.2", "mode must be one of full, input, output"),
     ("bag_size = 4\nweighting = [1.0]\nfraction = 0.2", "weighting must be one of"),
-    ("bag_size = 4\nsteps = 700", "tst.stages take 700 steps, more than train.steps = 600"),
+    ("bag_size = 4\nsteps = 700", "tst.stages cover 700 of train.steps = 600 steps"),
     ("bag_size = 1\nblend_steps = 5", "a bag_size 1 stage has none"),
     ("bag_size = 4\n[[tst.stages]]\nbag_size = 1", r"tst.stages\[1\]: needs steps or fraction"),
 ])
@@ -194,6 +190,43 @@ def test_bad_stage_tables_are_rejected_with_the_key(tmp_path, table, message):
     path.write_text("[[tst.stages]]\n" + table + "\n")
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_a_recorded_shorthand_reads_back_and_a_loaded_config_stays_editable(tmp_path):
+    """The expanded list a run records reads back even where the rounded fractions add up to more
+    than train.steps (each stage ends by the end of the run, as before); a loaded config keeps its
+    shorthand, so changing it in Python changes the stages."""
+    cfg = load_config(None, ["--tst.curriculum=[[4, 0.5], [2, 0.5]]", "--train.steps=7"])
+    write_run_config(tmp_path, cfg)
+    again = load_run_config(tmp_path)
+    assert build_stages(again.tst, 7) == build_stages(cfg.tst, 7)
+    assert [(s.bag_size, s.start_step, s.end_step) for s in build_stages(again.tst, 7)] == [(4, 0, 4), (2, 4, 7)]
+    assert config_changes(again.to_dict(), cfg) == []  # the recorded list is the same stages as the shorthand
+    cfg.tst.curriculum, cfg.tst.ratio = [], 0.5
+    validate(cfg)
+    assert [s.end_step for s in build_stages(cfg.tst, 7)] == [4, 7]
+
+
+@pytest.mark.parametrize("tables, message", [
+    ("[[tst.stages]]\nbag_size = 4\nsteps = 10", "tst.stages cover 10 of train.steps = 600 steps"),
+    ("[[tst.stages]]\nbag_size = 4\nfraction = 0.3\n[[tst.stages]]\nbag_size = 1\nfraction = 0.5", "cover 480 of"),
+    ("[[tst.stages]]\nbag_size = 1\nfraction = 0.5\n[[tst.stages]]\nbag_size = 4", r"phase 1 \(bag_size > 1\) comes first"),
+    ("[[tst.stages]]\nbag_size = '4'\nweighting = [1.0]\nfraction = 0.5", "bag_size must be an integer >= 1"),
+    ("[[tst.stages]]\nbag_size = 2\nweighting = ['a', 'b']\nfraction = 0.5", "weighting must be one of"),
+])
+def test_a_stage_list_must_cover_the_run_in_order(tmp_path, tables, message):
+    path = tmp_path / "stages.toml"
+    path.write_text(tables + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_the_last_stage_runs_to_the_end(tmp_path):
+    path = tmp_path / "stages.toml"
+    path.write_text("[[tst.stages]]\nbag_size = 4\nfraction = 0.25\n[[tst.stages]]\nbag_size = 2\nfraction = 0.25\n"
+                    "[[tst.stages]]\nbag_size = 1\nfraction = 0.5\n")
+    cfg = load_config(path, ["--train.steps=10"])  # round(2.5) + round(2.5) + round(5) = 9: the last takes the 10th
+    assert [(s.bag_size, s.start_step, s.end_step) for s in build_stages(cfg.tst, 10)] == [(4, 0, 2), (2, 2, 4), (1, 4, 10)]
 
 
 def test_a_stage_list_and_a_conflicting_shorthand_are_rejected(tmp_path):

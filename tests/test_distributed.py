@@ -21,7 +21,7 @@ import torch
 from conftest import tiny_overrides
 
 from superpose.config import ConfigError, load_config
-from superpose.distributed import Runtime, check_mesh
+from superpose.distributed import Runtime, check_world
 from superpose.model import TSTModel, build_model, router_balance_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,9 +247,11 @@ def test_shard_size_is_checked_with_the_config(overrides, message):
         load_config(None, overrides)
 
 
-def test_shard_size_must_divide_the_world_size():
+def test_batch_and_shard_size_must_divide_the_world_size():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"shard_size \(3\) must divide the world size \(4\)"):
-        check_mesh(Runtime(0, 4, cpu), "hsdp", 3)
+        check_world(Runtime(0, 4, cpu), 16, "hsdp", 3)
     for world, shard_size in [(4, 2), (4, 4), (4, 1), (1, 8)]:  # one process: hsdp, like fsdp, does not apply
-        check_mesh(Runtime(0, world, cpu), "hsdp", shard_size)
+        check_world(Runtime(0, world, cpu), 16, "hsdp", shard_size)
+    with pytest.raises(ConfigError, match=r"train.batch_size \(16\) must be divisible by the world size \(3\)"):
+        check_world(Runtime(0, 3, cpu), 16, "ddp", 0)

@@ -99,8 +99,10 @@ def test_stage_losses_match_naive_references(tmp_path):
 
 
 def test_moe_loss_is_the_loss_of_superpose_train(tmp_path):
-    """One TST loss: the Trainer scores a phase-1 MoE batch (multi-hot loss plus the global-batch
-    load-balancing loss) exactly as ``TSTModel``, the forward of ``superpose train``."""
+    """One TST loss: the Trainer scores a phase-1 MoE batch (multi-hot loss plus load-balancing
+    loss) exactly as ``TSTModel``, the forward of ``superpose train``. On one process the balance
+    loss equals transformers' own; that it is the global batch's is the slow 2-rank test of
+    tests/test_hf_trainer_distributed.py."""
     tst = TSTConfig(bag_size=S, ratio=0.5)
     trainer = make_trainer(tmp_path, steps=10, tst=tst)
     trainer.state.max_steps, trainer.state.global_step = 10, 2

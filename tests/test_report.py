@@ -6,6 +6,8 @@ import copy
 import csv
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,17 @@ from superpose.runs import Run, config_differences, load_run
 from superpose.stats import Curve, difference_at, first_at_or_below, iso_loss_speedup, switch_spike, training_gap, value_at
 from superpose.regime import Point, map_points, measured_points, regime
 from superpose.schedule import build_stages, has_superposition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reading_and_reporting_runs_imports_neither_torch_nor_transformers():
+    """A report, the kill-resume parent and the regime tables read runs on machines (and in processes)
+    that should not pay for torch: the run directory's reader and the report stay free of it."""
+    code = ("import sys\nimport superpose.runs, superpose.report, superpose.stats, superpose.plots, superpose.regime\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def curve(steps, losses, seconds_per_step=1.0, tokens_per_step=100.0):
