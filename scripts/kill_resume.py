@@ -110,12 +110,14 @@ def child(kill: str, argv: list[str]) -> None:
 
         train_mod.MetricsLog.write = write_or_die
     elif kind == "ckpt":
-        save_checkpoint, torch_save, armed = train_mod.save_checkpoint, torch.save, []
+        import superpose.checkpoint as checkpoint_mod
 
-        def save_checkpoint_armed(run_dir, step, *args, **kwargs):
+        save, torch_save, armed = checkpoint_mod.Checkpoints.save, torch.save, []
+
+        def save_armed(self, step, *args, **kwargs):
             if step == int(arg):
                 armed.append(step)
-            return save_checkpoint(run_dir, step, *args, **kwargs)
+            return save(self, step, *args, **kwargs)
 
         def torch_save_half(obj, handle, *args, **kwargs):
             if not armed:
@@ -126,7 +128,7 @@ def child(kill: str, argv: list[str]) -> None:
             handle.flush()
             die()
 
-        train_mod.save_checkpoint, torch.save = save_checkpoint_armed, torch_save_half
+        checkpoint_mod.Checkpoints.save, torch.save = save_armed, torch_save_half
     elif kind == "final":
         train_mod.export_model = lambda *args, **kwargs: die()
     elif kind == "export":  # the weights and tokenizer are in .tmp-model, the manifest and rename are not

@@ -2,7 +2,8 @@
 
     RUN/config.toml       the resolved config
     RUN/metrics.jsonl     one JSON record per line (start, stage, resume, train, eval, failed, end)
-    RUN/checkpoints/step-NNNNNNNN/   state.pt + manifest.json (superpose.checkpoint, superpose.integrity)
+    RUN/checkpoints/step-NNNNNNNN/   a checkpoint + manifest.json (superpose.checkpoint, superpose.integrity):
+                          gathered: state.pt; sharded: trainer.pt + DCP's .metadata and *.distcp (superpose.sharded)
     RUN/model/            the Hugging Face export + manifest.json
     RUN/.lock             held by the process that writes the run (superpose.files.DirectoryLock)
 
@@ -28,14 +29,16 @@ from .errors import ConfigError
 from .files import atomic_write_text
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
-STATE_FILE = "state.pt"  # of a checkpoint directory (written and read by superpose.checkpoint)
+STATE_FILE = "state.pt"  # of a gathered checkpoint (written and read by superpose.checkpoint)
+TRAINER_FILE = "trainer.pt"  # of a sharded checkpoint, beside DCP's files (superpose.sharded)
+CHECKPOINT_FILES = (STATE_FILE, TRAINER_FILE)  # a directory holding one of them is a checkpoint
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {
     "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
-    "train.compile", "model.loss_chunk_size", "train.threads",
+    "train.compile", "model.loss_chunk_size", "train.threads", "train.checkpoint_format", "train.async_checkpoint",
 }
 
 
