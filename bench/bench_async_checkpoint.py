@@ -86,7 +86,8 @@ def main() -> None:
         steps = result["step_seconds"]
         after = [steps[i] for i in range(args.every, len(steps), args.every)]  # the first step after each save
         plain = [s for i, s in enumerate(steps) if i % args.every and i > 0]  # neither the first step nor one after a save
-        print(f"{args.preset} {mode:5s}: checkpoint {result['checkpoint_bytes'] / 1e9:.2f} GB; step median {statistics.median(plain):.3f} s; "
+        print(f"{args.preset} {mode:5s}: checkpoint {result['checkpoint_bytes'] / 1e9:.2f} GB; "
+              f"step median {statistics.median(plain):.3f} s; "
               f"save call {', '.join(f'{s:.3f}' for s in result['save_seconds'])} s; "
               f"step after a save {', '.join(f'{s:.3f}' for s in after) or '-'} s; wait at the end {result['final_wait']:.3f} s")
 

@@ -126,9 +126,10 @@ class Checkpoints:
                               "gives gathered ones here (sharded only under FSDP); set train.checkpoint_format = 'sharded'")
         self.root, self.format, self.keep, self.runtime = Path(run_dir) / CHECKPOINTS, checkpoint_format, keep, runtime
         self.sharded = ShardedWriter(asynchronous) if checkpoint_format == "sharded" else None
-        self.pending = None  # (step, future of this rank's manifest entries) of the save in flight
+        self.pending = None  # (step, rank 0's manifest entries, future of this rank's) of the save in flight
 
     def save(self, step: int, model: nn.Module, optimizer, trainer_state: dict) -> None:
+        """Checkpoint ``step``, after publishing the save before it (so one is in flight at most)."""
         self.wait()
         if self.format == "gathered":
             state = {"model": get_model_state_dict(model, options=_GATHER),

@@ -114,7 +114,8 @@ def test_compiled_two_ranks_equal_eager_one_process(runs, small_data, tmp_path, 
 def assert_identical(a: Path, b: Path, step_range) -> None:
     """The same losses and gradient norms, bit for bit, and the same exported weights."""
     first, second = steps(a), steps(b)
-    assert [(first[s]["loss"], first[s]["grad_norm"]) for s in step_range] == [(second[s]["loss"], second[s]["grad_norm"]) for s in step_range]
+    for step in step_range:
+        assert (first[step]["loss"], first[step]["grad_norm"]) == (second[step]["loss"], second[step]["grad_norm"]), step
     assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
 
 
