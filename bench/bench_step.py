@@ -47,8 +47,8 @@ from torch import nn
 
 from superpose.config import Config
 from superpose.distributed import Runtime
-from superpose.loss import chunked_head_mce_sum
-from superpose.method import embed_bags, multi_hot_cross_entropy_sum, slot_weights, window_length
+from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weights
+from superpose.method import embed_bags, window_length
 from superpose.model import TSTModel, build_model, flops_per_step
 from superpose.schedule import Stage
 from superpose.train import autocast, make_optimizer, train_step

@@ -52,8 +52,8 @@ from superpose import loss as loss_mod
 from superpose.config import Config
 from superpose.data import WindowLoader, to_device
 from superpose.distributed import Runtime
-from superpose.loss import chunked_head_mce_sum
-from superpose.method import multi_hot_cross_entropy_sum, slot_weights, split_window, window_length
+from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weights
+from superpose.method import split_window, window_length
 from superpose.model import PRESETS, TSTModel, build_model
 from superpose.schedule import build_stages, lr_at, stage_at
 from superpose.train import autocast, make_optimizer, train_step

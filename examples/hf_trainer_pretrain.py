@@ -5,6 +5,7 @@ A plain `datasets` + `transformers.Trainer` pre-training script; the TST-specifi
 
     python examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300
     python examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300 --resume   # continue after a kill
+    torchrun --nproc-per-node 2 examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300   # DDP
     tensorboard --logdir runs/hf-tst/runs
 
 Inputs: .txt/.md (one document per file), .jsonl or .parquet (a ``text`` column); default: the
@@ -23,7 +24,8 @@ from transformers import PreTrainedTokenizerFast, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from superpose.config import TSTConfig
-from superpose.data import EOS, shakespeare_files, train_tokenizer
+from superpose.corpus import shakespeare_files
+from superpose.data import EOS, train_tokenizer
 from superpose.hf_trainer import TSTTrainer, window_tokens  # TST
 from superpose.model import build_model
 
@@ -114,6 +116,7 @@ def main(argv=None) -> TSTTrainer:
         report_to=args.report_to,
         seed=args.seed,
         dataloader_drop_last=True,
+        ddp_find_unused_parameters=False,  # under torchrun: every parameter gets a gradient in every stage
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per loader)
     )
     trainer = TSTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,

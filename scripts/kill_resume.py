@@ -265,7 +265,8 @@ def compare(reference: Path, run_dir: Path, report) -> int:
 
 def prepare_data(work: Path) -> Path:
     """A small prepared corpus: three Shakespeare plays, 512-token BPE (about a second)."""
-    from superpose.data import prepare, shakespeare_files  # imports torch: only when no --data is given
+    from superpose.corpus import shakespeare_files
+    from superpose.data import prepare  # imports torch: only when no --data is given
 
     data = work / "data"
     if not (data / "meta.json").exists():

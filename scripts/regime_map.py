@@ -38,8 +38,8 @@ from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
 from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS  # noqa: E402
-from superpose.report import load_run, non_embedding_parameters, phase1_diagnostic  # noqa: E402
-from superpose.runs import is_finished  # noqa: E402
+from superpose.report import phase1_diagnostic  # noqa: E402
+from superpose.runs import is_finished, load_run, non_embedding_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Where each table lives, and the columns that name a row: map and seeds ship with the package (the

@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "config": ("Config", "ConfigError", "load_config"),
-    "method": ("bag_embeddings", "embed_bags", "multi_hot_cross_entropy", "multi_hot_cross_entropy_sum",
-               "slot_weights", "split_window", "window_length"),
+    "loss": ("multi_hot_cross_entropy", "multi_hot_cross_entropy_sum", "slot_weights"),
+    "method": ("bag_embeddings", "embed_bags", "split_window", "window_length"),
     "model": ("PRESETS", "TSTModel", "build_model"),
     "schedule": ("Stage", "build_stages", "lr_at", "stage_at"),
 }

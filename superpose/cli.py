@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import __version__
+from .config import EvalOptions, GenerateOptions, PrepareOptions, SweepOptions  # torch-free
 from .errors import Interrupted, TrainingError, UserError
 
 # OSError: a full disk, a missing file, no permission; the message names the path.
@@ -82,7 +83,8 @@ def cmd_sweep(args) -> None:
     from .distributed import shutdown
 
     cfg = load_config(args.config, args.overrides)
-    bag_sizes, ratios = parse_list(args.bag_sizes, int, "--bag-sizes"), parse_list(args.ratios, float, "--ratios")
+    bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes else None
+    ratios = parse_list(args.ratios, float, "--ratios") if args.ratios else None
     try:
         rows, root, failed = sweep(cfg, bag_sizes, ratios)
     finally:
@@ -93,9 +95,9 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .compare import print_summary, report
+    from .compare import print_summary, report_runs
 
-    summary, out = report(args.runs, out=args.out)
+    summary, out = report_runs(args.runs, out=args.out)
     print_summary(summary, out)
 
 
@@ -141,6 +143,8 @@ def cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The commands and their flags; the defaults of the flags are the config module's option tables."""
+    prep, grid, gen, ev = PrepareOptions(), SweepOptions(), GenerateOptions(), EvalOptions()
     parser = argparse.ArgumentParser(prog="superpose", description="Token Superposition Training for causal LMs")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"superpose {__version__}")
@@ -151,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", help="file, directory or glob (.txt .md .jsonl .jsonl.gz .parquet .arrow); repeatable; default: embedded Shakespeare")
     p.add_argument("--valid", action="append", help="held-out validation inputs (default: hold out --val-fraction of the documents)")
     p.add_argument("--tokenizer", help="tokenizer.json or vocab.json+merges.txt directory (default: train a byte-level BPE)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE to train")
-    p.add_argument("--text-field", "--text-column", default="text", help="JSONL field or Parquet/Arrow column holding the text")
-    p.add_argument("--num-proc", type=int, default=1, help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=prep.vocab_size, help="size of the BPE to train")
+    p.add_argument("--text-field", "--text-column", default=prep.text_field, help="JSONL field or Parquet/Arrow column holding the text")
+    p.add_argument("--num-proc", type=int, default=prep.num_proc, help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
+    p.add_argument("--val-fraction", type=float, default=prep.val_fraction)
+    p.add_argument("--seed", type=int, default=prep.seed)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -175,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train a grid of (bag size, ratio) plus a baseline at the same budget",
                        epilog="override any key: --section.key=value; finished grid points are not rerun")
     p.add_argument("config", nargs="?", help="TOML config (runs go to train.out_dir/<arm>)")
-    p.add_argument("--bag-sizes", default="2,4,6,8", help="comma-separated bag sizes s (default 2,4,6,8)")
-    p.add_argument("--ratios", default="0.2,0.3,0.5", help="comma-separated phase-1 ratios r (default 0.2,0.3,0.5)")
+    p.add_argument("--bag-sizes", help=f"comma-separated bag sizes s (default {','.join(map(str, grid.bag_sizes))})")
+    p.add_argument("--ratios", help=f"comma-separated phase-1 ratios r (default {','.join(map(str, grid.ratios))})")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="regenerate the comparison report from existing run directories")
@@ -196,12 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
     p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=gen.prompt)
+    p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=gen.top_k)
+    p.add_argument("--samples", type=int, default=gen.samples)
+    p.add_argument("--seed", type=int, default=gen.seed)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="zero-shot multiple-choice accuracy and held-out loss with lm-evaluation-harness")
@@ -209,39 +213,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated {query, choices, gold} JSONL tasks: NAME (EVAL_DIR/NAME.jsonl) or a path")
     p.add_argument("--eval-dir", help="directory holding NAME.jsonl for each task name")
     p.add_argument("--text", action="append", help="held-out text (.txt .md .jsonl(.gz) .parquet .arrow) for loss, perplexity, bits/byte; repeatable")
-    p.add_argument("--text-field", default="text", help="JSONL field or table column holding the text")
+    p.add_argument("--text-field", default=ev.text_field, help="JSONL field or table column holding the text")
     p.add_argument("--limit", type=int, help="only the first N examples of each task (documents of --text)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=ev.batch_size)
+    p.add_argument("--device", default=ev.device, help="auto | cpu | cuda")
     p.add_argument("--max-length", type=int, help="positions per window for --text (default: the run's data.seq_len)")
     p.add_argument("--out", help="also write the results as JSON to this file")
     p.set_defaults(func=cmd_eval)
     return parser
 
 
-def join_overrides(argv: list[str]) -> list[str]:
-    """``--section.key value`` -> ``--section.key=value``: both forms are accepted, as most CLIs do.
-    Only dotted flags are overrides, so ``--out dir`` and friends are left alone."""
-    out, i = [], 0
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the other arguments, the config overrides): ``--section.key=value`` and ``--section.key value``
+    (joined into the first form) are overrides, taken out before argparse sees them, so a value
+    may hold spaces (argparse would take such an argument for the config file). Only dotted flags
+    are overrides: ``--out dir`` and friends are left alone, and a dotted flag without a value too."""
+    rest, overrides, i = [], [], 0
     while i < len(argv):
-        arg = argv[i]
-        dotted = arg.startswith("--") and "=" not in arg and "." in arg
-        if dotted and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append(f"{arg}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(arg)
+        arg = str(argv[i])
+        dotted = arg.startswith("--") and "." in arg.split("=", 1)[0]
+        if dotted and "=" in arg:
+            overrides.append(arg)
+        elif dotted and i + 1 < len(argv) and not str(argv[i + 1]).startswith("--"):
+            overrides.append(f"{arg}={argv[i + 1]}")
             i += 1
-    return out
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, overrides
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args, extra = parser.parse_known_args(join_overrides(sys.argv[1:] if argv is None else argv))
-    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=")[0])]
-    if bad or (extra and args.command not in ("train", "compare", "sweep")):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
-    args.overrides = extra
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    if overrides and args.command not in ("train", "compare", "sweep"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         args.func(args)
     except Interrupted as stop:

@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, SweepOptions, resolved
 from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
-from .report import config_differences, load_run, method_name, summary_table, write_report
-from .runs import is_finished, load_run_config
+from .plots import plot_sweep
+from .report import summary_table, write_report
+from .runs import config_differences, is_finished, load_run, load_run_config, method_name
 from .schedule import build_stages, has_superposition
 from .train import config_changes, train
 
@@ -32,11 +33,10 @@ def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float
     arm = copy.deepcopy(cfg)
     arm.train.out_dir = str(Path(cfg.train.out_dir) / name)
     if bag_size is not None:
-        arm.tst.bag_size = bag_size
+        arm.tst.bag_size, arm.tst.stages = bag_size, []
     if ratio is not None:
-        arm.tst.ratio, arm.tst.curriculum = ratio, []  # a curriculum would replace (s, r)
-    validate(arm)
-    return arm
+        arm.tst.ratio, arm.tst.curriculum, arm.tst.stages = ratio, [], []  # a stage list or curriculum would replace (s, r)
+    return resolved(arm)
 
 
 def run_arm(cfg: Config, label: str) -> None:
@@ -60,7 +60,7 @@ def run_arms(arms: list[tuple[str, Config]], command: str) -> dict[str, str]:
     what to rerun after an interrupt."""
     trained, spent, failed = 0, 0.0, {}
     for i, (name, cfg) in enumerate(arms):
-        method = method_name([vars(s) for s in build_stages(cfg.tst, cfg.train.steps)], cfg.train.steps)
+        method = method_name(build_stages(cfg.tst, cfg.train.steps), cfg.train.steps)
         label = f"[{i + 1}/{len(arms)}] {name}" + ("" if method == "baseline" else f" {method}")
         todo = sum(not is_finished(a.train.out_dir) for _, a in arms[i:])
         if trained and todo:
@@ -116,7 +116,7 @@ def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path 
     return write_report([base, tst], out), out
 
 
-def report(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[dict, Path]:
+def report_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[dict, Path]:
     """Report on any runs: the first baseline among them is the reference, the rest are compared to it."""
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
@@ -149,9 +149,12 @@ def parse_list(text: str, kind: type, name: str) -> list:
     return values
 
 
-def sweep(cfg: Config, bag_sizes: list[int], ratios: list[float]) -> tuple[list[dict], Path, dict[str, str]]:
-    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget; write sweep.csv and sweep.png.
-    Returns the rows, the sweep directory and ``{arm: error}`` of the arms that failed."""
+def sweep(cfg: Config, bag_sizes: list[int] | None = None, ratios: list[float] | None = None) -> tuple[list[dict], Path, dict[str, str]]:
+    """Train one baseline and every (s, r) of the grid at ``cfg``'s budget (default: ``SweepOptions``);
+    write sweep.csv and sweep.png. Returns the rows, the sweep directory and ``{arm: error}`` of the
+    arms that failed."""
+    bag_sizes = SweepOptions().bag_sizes if bag_sizes is None else bag_sizes
+    ratios = SweepOptions().ratios if ratios is None else ratios
     if any(s < 2 for s in bag_sizes):
         raise ConfigError("--bag-sizes must all be >= 2 (the baseline is run anyway)")
     if any(not 0 < r < 1 for r in ratios):
@@ -190,28 +193,6 @@ def sweep_rows(summary: dict) -> list[dict]:
     return rows
 
 
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    """Final validation loss vs bag size, one line per ratio, the baseline as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = next(r for r in rows if r["bag_size"] == 1)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for ratio in sorted({r["ratio"] for r in rows if r["bag_size"] > 1}):
-        points = sorted((r["bag_size"], r["final_val_loss"]) for r in rows if r["ratio"] == ratio and r["bag_size"] > 1)
-        ax.plot(*zip(*points), "o-", label=f"TST r = {ratio:g}")
-    ax.axhline(base["final_val_loss"], color="black", ls="--", label=f"baseline ({base['final_val_loss']:.3f})")
-    ax.set_xticks(sorted({r["bag_size"] for r in rows if r["bag_size"] > 1}))
-    ax.set_xlabel("bag size s")
-    ax.set_ylabel(f"final validation loss after {base['steps']} steps (nats)")
-    ax.set_title("TST sweep at equal FLOPs: final validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_summary(summary: dict, report_dir: Path) -> None:

@@ -7,8 +7,13 @@ overrides. Unknown sections or keys and values of the wrong type are rejected wi
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import json
 import math
+import os
 import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,44 +55,82 @@ class TSTConfig:
     lr_scale: float = 1.0  # LR multiplier during phase 1
     reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
     rewarmup_steps: int = 0  # linear LR re-warmup over the first next-token steps
+    # The keys above are the shorthand of this list; a run's config.toml records it expanded.
+    stages: list = field(default_factory=list)  # [[tst.stages]] tables (see below): the stages literally; empty = expand the shorthand
+
+
+@dataclass
+class StageTable:
+    """One [[tst.stages]] table. A stage runs for `steps` steps or a `fraction` of train.steps (one
+    of the two; the last stage may give neither: it takes the steps left)."""
+
+    bag_size: int = 0  # required: s, the tokens of one bag (1 = next-token prediction)
+    steps: int = 0  # the stage's length in steps
+    fraction: float = 0.0  # or its length as a fraction of train.steps
+    mode: str = "full"  # full | input | output (what the stage bags)
+    weighting: str | list = "uniform"  # a slot weighting (uniform | power | exp | first) or >= s slot weights
+    anneal: bool = False  # slot weights move linearly to next-token-only over the stage
+    lr_scale: float = 1.0  # LR multiplier during the stage
+    blend_steps: int = 0  # the stage's last K steps turn gradually into next-token steps
+    rewarmup_steps: int = 0  # linear LR re-warmup over the stage's first steps
+
+
+STAGE_KEYS = {f.name: f.default for f in dataclasses.fields(StageTable)}  # every key of a table, with its default
+SHORTHAND = ("bag_size", "ratio", "weighting", "mode", "curriculum", "slot_weights", "anneal_to_ntp", "blend_steps",
+             "lr_scale", "rewarmup_steps")
+
+
+def stage_tables(tst: TSTConfig) -> list[dict]:
+    """The stage list of a [tst] section: ``tst.stages`` (each table with every key of STAGE_KEYS),
+    or, when it is empty, the expansion of the shorthand: one superposition stage of bag_size for a
+    fraction ratio (or one per curriculum entry), then next-token prediction for the steps left."""
+    if tst.stages:
+        return [{**STAGE_KEYS, **table} for table in tst.stages]
+    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
+    weighting = list(tst.slot_weights) if tst.slot_weights else tst.weighting
+    tables = [{**STAGE_KEYS, "bag_size": s, "fraction": float(r), "mode": tst.mode, "weighting": weighting,
+               "anneal": tst.anneal_to_ntp, "lr_scale": tst.lr_scale} for s, r in plan if s > 1 and r > 0]
+    if tables:
+        tables[-1]["blend_steps"] = tst.blend_steps
+    return tables + [{**STAGE_KEYS, "bag_size": 1, "rewarmup_steps": tst.rewarmup_steps if tables else 0}]
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate, reached after the warmup
     min_lr_ratio: float = 0.0  # the LR decays linearly to lr * min_lr_ratio
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # linear warmup from 0 over the first steps
     decay_fraction: float = 0.1  # warmup-stable-decay: linear decay over the last fraction of steps
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/tiny"
-    steps: int = 600
+    out_dir: str = "runs/tiny"  # the run directory (compare and sweep: the parent of one directory per arm)
+    steps: int = 600  # optimizer steps in all, both phases included
     batch_size: int = 16  # global batch, in samples (windows), over all ranks and micro-batches
     micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
-    seed: int = 0
+    seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
-    eval_every: int = 100
+    eval_every: int = 100  # validate every this many steps, and after the last one
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
-    log_every: int = 10
+    log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
     checkpoint_every: int = 200  # 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
     checkpoint_format: str = "auto"  # auto (sharded under FSDP, else gathered) | sharded (DCP, every rank its shards) | gathered
     async_checkpoint: bool = False  # sharded checkpoints are written in the background while training goes on
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
-    progress: bool = True
+    progress: bool = True  # tqdm progress bars (rank 0 only)
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
     wandb: bool = False  # also log to Weights & Biases (pip install 'superpose[wandb]')
-    wandb_project: str = "superpose"
+    wandb_project: str = "superpose"  # W&B project of the run
     wandb_mode: str = "online"  # online | offline (no account needed; upload later with `wandb sync`)
 
 
@@ -111,9 +154,51 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Options of the commands that take no run config: the defaults of the CLI flags and of the
+# library functions behind them (superpose.data.prepare, compare.sweep, generate, evaluation).
+
+
+@dataclass
+class PrepareOptions:
+    vocab_size: int = DataConfig.vocab_size  # size of the byte-level BPE to train (without --tokenizer)
+    text_field: str = "text"  # JSONL field or Parquet/Arrow column holding the text
+    val_fraction: float = 0.05  # documents held out for validation when no --valid inputs are given
+    seed: int = 0  # seed of the held-out document draw
+    num_proc: int = 1  # > 1: tokenise in this many processes with Hugging Face datasets
+
+
+@dataclass
+class SweepOptions:
+    bag_sizes: list = field(default_factory=lambda: [2, 4, 6, 8])  # bag sizes s of the grid (the flag: comma-separated)
+    ratios: list = field(default_factory=lambda: [0.2, 0.3, 0.5])  # phase-1 ratios r of the grid (the flag: comma-separated)
+
+
+@dataclass
+class GenerateOptions:
+    prompt: str = ""  # text to continue ("" = start from the end-of-document token)
+    max_new_tokens: int = 64  # tokens sampled after the prompt
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = no top-k filter
+    samples: int = 1  # continuations of the prompt
+    seed: int = 0  # seed of the sampling
+
+
+@dataclass
+class EvalOptions:
+    text_field: str = "text"  # JSONL field or table column holding the text of --text files
+    batch_size: int = 16  # windows per forward
+    device: str = "auto"  # auto | cpu | cuda
+
+
+COMMAND_OPTIONS = {"prepare": PrepareOptions, "sweep": SweepOptions, "generate": GenerateOptions, "eval": EvalOptions}
+
+
+WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (loss.slot_weights)
+MODES = ("full", "input", "output")  # what a stage bags: inputs and targets, inputs only, targets only
+CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name
 CHOICES = {
-    ("tst", "weighting"): ("uniform", "power", "exp", "first"),
-    ("tst", "mode"): ("full", "input", "output"),
+    ("tst", "weighting"): WEIGHTINGS,
+    ("tst", "mode"): MODES,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("fp32", "bf16"),
     ("train", "wandb_mode"): ("online", "offline"),
@@ -192,8 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         _apply(cfg, read_toml(path), str(path))
     for text in overrides:
         _apply(cfg, parse_override(text), "command line")
-    validate(cfg)
-    return cfg
+    return resolved(cfg)
 
 
 def read_toml(path: Path) -> dict:
@@ -207,7 +291,13 @@ def read_toml(path: Path) -> dict:
 def config_from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data, "saved config")
+    return resolved(cfg)
+
+
+def resolved(cfg: Config) -> Config:
+    """``cfg`` validated, with ``tst.stages`` expanded from the shorthand if it was not given."""
     validate(cfg)
+    cfg.tst.stages = stage_tables(cfg.tst)
     return cfg
 
 
@@ -220,6 +310,8 @@ def validate(cfg: Config) -> None:
         (cfg.tst.bag_size >= 1, "tst.bag_size must be an integer >= 1 (1 = plain next-token baseline)"),
         (0.0 <= cfg.tst.ratio <= 1.0, "tst.ratio must be in [0, 1] (the fraction of steps in phase 1)"),
         (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
+        (cfg.data.corpus in CORPORA + ("",), f"data.corpus = {cfg.data.corpus!r}: only {', '.join(map(repr, CORPORA))} is embedded "
+         "(\"\" = never prepare); run `superpose prepare` for other data"),
         (cfg.model.loss_chunk_size >= 0, "model.loss_chunk_size must be >= 0 (0 = the full logits at once)"),
         (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
@@ -247,7 +339,10 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    _validate_levers(cfg.tst)
+    _validate_levers(cfg.tst, cfg.train.steps)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the processes torchrun launched for this config
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({world})")
     if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
@@ -255,7 +350,7 @@ def validate(cfg: Config) -> None:
         )
 
 
-def _validate_levers(tst: TSTConfig) -> None:
+def _validate_levers(tst: TSTConfig, steps: int) -> None:
     for entry in tst.curriculum:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and entry[0] >= 2
                 and isinstance(entry[1], (int, float)) and 0 < entry[1] <= 1):
@@ -273,3 +368,86 @@ def _validate_levers(tst: TSTConfig) -> None:
         raise ConfigError("tst.blend_steps and tst.rewarmup_steps must be >= 0")
     if tst.lr_scale <= 0:
         raise ConfigError("tst.lr_scale must be > 0")
+    if tst.stages:
+        _validate_stages(tst, steps)
+
+
+def _validate_stages(tst: TSTConfig, steps: int) -> None:
+    """Each [[tst.stages]] table is complete and sane, the list fits train.steps, and the shorthand
+    keys are either untouched or say the same thing (as in a run's own config.toml)."""
+    total = 0
+    for index, table in enumerate(tst.stages, 1):
+        where = f"tst.stages[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table ([[tst.stages]] with bag_size = ...)")
+        unknown = set(table) - set(STAGE_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}; known: {', '.join(STAGE_KEYS)}")
+        stage = {**STAGE_KEYS, **table}
+        size, weighting = stage["bag_size"], stage["weighting"]
+        last = index == len(tst.stages)
+        checks = [
+            (isinstance(size, int) and not isinstance(size, bool) and size >= 1, "bag_size must be an integer >= 1"),
+            (isinstance(stage["steps"], int) and stage["steps"] >= 0, "steps must be an integer >= 0"),
+            (isinstance(stage["fraction"], (int, float)) and 0 <= stage["fraction"] <= 1, "fraction must be in [0, 1]"),
+            (not (stage["steps"] and stage["fraction"]), "give steps or fraction, not both"),
+            (last or stage["steps"] or stage["fraction"], "needs steps or fraction (only the last stage may take the steps left)"),
+            (stage["mode"] in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (weighting in WEIGHTINGS or (isinstance(weighting, list) and len(weighting) >= (size or 1) and weighting[0] > 0
+                                         and all(isinstance(w, (int, float)) and w >= 0 for w in weighting)),
+             f"weighting must be one of {', '.join(WEIGHTINGS)} or >= bag_size non-negative numbers, the first positive"),
+            (isinstance(stage["anneal"], bool), "anneal must be true or false"),
+            (isinstance(stage["lr_scale"], (int, float)) and stage["lr_scale"] > 0, "lr_scale must be > 0"),
+            (isinstance(stage["blend_steps"], int) and stage["blend_steps"] >= 0, "blend_steps must be an integer >= 0"),
+            (isinstance(stage["rewarmup_steps"], int) and stage["rewarmup_steps"] >= 0, "rewarmup_steps must be an integer >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{where}: {message}")
+        total += stage["steps"] or round(stage["fraction"] * steps)
+    if total > steps:
+        raise ConfigError(f"tst.stages take {total} steps, more than train.steps = {steps}")
+    defaults = TSTConfig()
+    touched = [key for key in SHORTHAND if getattr(tst, key) != getattr(defaults, key)]
+    if touched and stage_tables(dataclasses.replace(tst, stages=[])) != stage_tables(tst):
+        raise ConfigError(f"tst.stages is given, so tst.{touched[0]} (its shorthand) must not be set as well")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the source of dataclass ``cls``: the config's own
+    documentation, read by ``reference_markdown`` so that the reference cannot drift from the code."""
+    fields, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    name, first = None, True  # the field that the current logical line defines; at its first token
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NEWLINE:
+            name, first = None, True
+        elif tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL) or (first and tok.type == tokenize.COMMENT):
+            continue  # a comment on a line of its own belongs to no field
+        elif first:
+            name, first = tok.string if tok.type == tokenize.NAME and tok.string in fields else None, False
+        elif tok.type == tokenize.COMMENT and name is not None:
+            comments[name] = " ".join(filter(None, [comments.get(name), tok.string.lstrip("#").strip()]))
+    return comments
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/reference.md, below its marker): every section and key of
+    ``Config``, the keys of a [[tst.stages]] table and the flags of the commands that take no run
+    config, each with its type, default, comment and allowed choices. Written by scripts/reference.py."""
+    tables = [(f"[{section}]", section + ".", cls) for section, cls in typing.get_type_hints(Config).items()]
+    tables.append(("[[tst.stages]], one table per stage", "tst.stages[].", StageTable))
+    tables += [(f"`superpose {command}` flags", "--", cls) for command, cls in COMMAND_OPTIONS.items()]
+    lines = []
+    for title, prefix, cls in tables:
+        hints, comments, defaults = typing.get_type_hints(cls), field_comments(cls), cls()
+        lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            meaning = comments.get(f.name, "").replace("|", "\\|")  # a bare | would end the table cell
+            if (prefix[:-1], f.name) in CHOICES:
+                meaning += "; one of " + ", ".join(f"`{c}`" for c in CHOICES[prefix[:-1], f.name])
+            default = json.dumps(getattr(defaults, f.name))  # a TOML literal for every type used here
+            key = prefix + (f.name.replace("_", "-") if prefix == "--" else f.name)
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("|", "or")
+            lines.append(f"| `{key}` | {kind} | `{default}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

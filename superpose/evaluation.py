@@ -19,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, EvalOptions
 from .data import DataError
 from .generate import resolve_model_dir
 
@@ -119,7 +119,8 @@ def run_max_length(model_dir: Path) -> int | None:
 
 
 def evaluate(model: str | Path, tasks: list[str] = (), eval_dir: str | None = None, text: list[str] = (),
-             text_field: str = "text", limit: int | None = None, batch_size: int = 16, device: str = "auto",
+             text_field: str = EvalOptions.text_field, limit: int | None = None, batch_size: int = EvalOptions.batch_size,
+             device: str = EvalOptions.device,
              max_length: int | None = None) -> dict:
     """Zero-shot multiple-choice accuracy and held-out text loss of an exported model (or a run's)."""
     if not tasks and not text:
@@ -138,7 +139,7 @@ def evaluate(model: str | Path, tasks: list[str] = (), eval_dir: str | None = No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import expand_inputs
+    from .corpus import expand_inputs
 
     directory = resolve_model_dir(model)
     mc_files = resolve_tasks(list(tasks), eval_dir)

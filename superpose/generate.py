@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import GenerateOptions
 from .errors import ConfigError
 
 
@@ -18,8 +19,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a run directory with model/ nor an HF model directory")
 
 
-def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 50, samples: int = 1, seed: int = 0) -> list[str]:
+def generate(path: str | Path, prompt: str = GenerateOptions.prompt, max_new_tokens: int = GenerateOptions.max_new_tokens,
+             temperature: float = GenerateOptions.temperature, top_k: int = GenerateOptions.top_k,
+             samples: int = GenerateOptions.samples, seed: int = GenerateOptions.seed) -> list[str]:
     for name, value, low in (("--max-new-tokens", max_new_tokens, 1), ("--samples", samples, 1), ("--top-k", top_k, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")

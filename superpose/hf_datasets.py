@@ -17,7 +17,8 @@ from typing import Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from .data import JSONL_SUFFIXES, TEXT_SUFFIXES, DataError, holdout
+from .corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, holdout
+from .errors import DataError
 
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow"} | dict.fromkeys(JSONL_SUFFIXES, "json") | dict.fromkeys(TEXT_SUFFIXES, "text")
 

@@ -20,14 +20,16 @@ Both phases run the model on L positions per sample, so FLOPs per step are equal
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from .config import Config, DataConfig, TSTConfig, validate
-from .method import embed_bags, multi_hot_cross_entropy, split_window, window_length
+from .config import Config, DataConfig, TrainConfig, TSTConfig, stage_tables, validate
+from .method import split_window, window_length
+from .model import tst_inputs, tst_loss_sum
 from .schedule import Stage, build_stages, stage_at
 
 logger = logging.getLogger(__name__)
@@ -37,8 +39,7 @@ NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", 0)  # evaluation is alway
 
 def window_tokens(seq_len: int, tst: TSTConfig) -> int:
     """Tokens per dataset sample: the widest window any stage of the run reads."""
-    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
-    widths = [window_length(seq_len, s, tst.mode) for s, ratio in plan if s > 1 and ratio > 0]
+    widths = [window_length(seq_len, t["bag_size"], t["mode"]) for t in stage_tables(tst) if t["bag_size"] > 1]
     return max(widths + [seq_len + 1])
 
 
@@ -53,11 +54,17 @@ class TSTTrainer(Trainer):
     """
 
     def __init__(self, *args, tst: TSTConfig, seq_len: int, **kwargs):
-        validate(Config(tst=tst, data=DataConfig(seq_len=seq_len)))  # the same checks as `superpose train`
-        if tst.lr_scale != 1.0 or tst.rewarmup_steps or tst.reset_optimizer:
-            raise ValueError("tst.lr_scale, tst.rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
-                             "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
         super().__init__(*args, **kwargs)
+        # The same checks as `superpose train`; a stage list of absolute steps must fit max_steps, if given.
+        steps = self.args.max_steps if self.args.max_steps > 0 else sys.maxsize
+        validate(Config(tst=tst, data=DataConfig(seq_len=seq_len), train=TrainConfig(steps=steps)))
+        if tst.reset_optimizer or any(t["lr_scale"] != 1.0 or t["rewarmup_steps"] for t in stage_tables(tst)):
+            raise ValueError("lr_scale, rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
+                             "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
+        deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
+            raise ValueError("TSTTrainer does not run under Trainer's FSDP or DeepSpeed ZeRO-3: the bag embedding is taken "
+                             "outside the sharded model's forward; use DDP, or `superpose train` with distributed.strategy = 'fsdp'")
         self.tst, self.seq_len = tst, seq_len
         self.width = window_tokens(seq_len, tst)
         # Our loss is a mean over the micro-batch; Trainer then divides by the accumulation steps.
@@ -82,7 +89,7 @@ class TSTTrainer(Trainer):
                 f"samples of {input_ids.shape[1]} tokens are too short for the {stage.name} stage "
                 f"(needs {need}); group the dataset into blocks of window_tokens(seq_len, tst) = {self.width}"
             )
-        start = (step % (input_ids.shape[1] // need)) * need if stage.bag_size == 1 else 0
+        start = (step % (input_ids.shape[1] // need)) * need if stage.phase == "next-token" else 0
         return input_ids[:, start : start + need]
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -95,13 +102,12 @@ class TSTTrainer(Trainer):
         window = self.stage_window(inputs["input_ids"], stage, step)  # [b, W_stage]
         x, y = split_window(window, stage.bag_size, stage.mode)  # [b, L, k], [b, L, m]
         lm = self.accelerator.unwrap_model(model)
-        embeds = embed_bags(lm.get_input_embeddings(), x)  # [b, L, d]
-        moe = hasattr(lm.config, "router_aux_loss_coef")
-        # Through the (possibly DDP-wrapped) model, so that gradient synchronisation sees the forward.
-        outputs = model(inputs_embeds=embeds, use_cache=False, **({"output_router_logits": True} if moe else {}))
-        loss = multi_hot_cross_entropy(outputs.logits, y, stage.weights(step, y.shape[-1], device=y.device))
-        if moe and model.training and getattr(outputs, "aux_loss", None) is not None:
-            loss = loss + lm.config.router_aux_loss_coef * outputs.aux_loss
+        # The whole causal LM, through the (possibly DDP-wrapped) model, so that gradient
+        # synchronisation sees the forward; the loss is the one `superpose train` scores.
+        outputs = model(**tst_inputs(lm, x))
+        weights = stage.weights(step, y.shape[-1], device=y.device)  # [m], sums to 1
+        loss_sum, weight = tst_loss_sum(lm, outputs, y, weights, model.training)
+        loss = loss_sum / weight.clamp(min=torch.finfo(torch.float32).tiny)
         return (loss, outputs) if return_outputs else loss
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:

@@ -1,5 +1,6 @@
-"""Fast multi-hot cross-entropy: one normalisation per position for the whole bag, the gradient
-in one pass, and a chunked head+loss that never holds the full logits.
+"""The multi-hot cross-entropy (MCE) that scores a bag: the public functions, then the fast
+kernels behind them (one normalisation per position for the whole bag, the gradient in one
+pass, and a chunked head+loss that never holds the full logits).
 
 The paper scores a bag with a loop of s ``F.cross_entropy`` calls; each call normalises the same
 logits again and keeps its own ``[N, V]`` log-probabilities for the backward. Here the forward
@@ -13,8 +14,78 @@ safe indices (ignored slots point at 0) and ``slot_w`` ``[N, m]`` fp32 is 0 on i
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from .config import WEIGHTINGS
+
+
+def slot_weights(weighting: str | Sequence[float], bag_size: int, device=None) -> torch.Tensor:
+    """Weights of the s target slots of a bag, fp32 ``[s]`` (paper, Appendix D).
+
+    uniform: 1; power: 1/j; exp: exp(-j); first: only slot 1 (j = 1..s). A sequence of s floats
+    is taken as given. Only ratios matter: the loss divides by the weight sum.
+    """
+    j = torch.arange(1, bag_size + 1, dtype=torch.float32, device=device)
+    if not isinstance(weighting, str):
+        weights = torch.as_tensor(weighting, dtype=torch.float32, device=device)
+        if weights.shape != (bag_size,) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"slot weights must be {bag_size} non-negative floats with a positive sum")
+        return weights
+    if weighting == "uniform":
+        return torch.ones_like(j)
+    if weighting == "power":
+        return 1.0 / j
+    if weighting == "exp":
+        return torch.exp(-j)
+    if weighting == "first":
+        return (j == 1).float()
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def multi_hot_cross_entropy_sum(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Un-normalised multi-hot cross-entropy: ``(sum of w*(lse - z[y]), sum of w)`` over valid slots.
+
+    logits ``[..., V]``, targets ``[..., m]`` int64, weights ``[m]`` fp32 (default uniform).
+    Returns two fp32 scalars so that a trainer can divide by a *global* weight (all ranks, all
+    micro-batches). Slots equal to ``ignore_index`` carry no weight. Each position is normalised
+    once in fp32 for all its slots and the gradient is written in one pass (the kernels below).
+    """
+    y, slot_w = slot_table(targets, weights, ignore_index)  # [N, m], [N, m]
+    z = logits.reshape(-1, logits.shape[-1])  # [N, V]
+    return MultiHotCrossEntropy.apply(z, y, slot_w), slot_w.sum()
+
+
+def multi_hot_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weighting: str | Sequence[float] = "uniform",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Multi-hot cross-entropy (MCE), the mean over valid (position, slot) weight.
+
+    Per position: ``logsumexp(z) - sum_j w_j z[y_j] / sum_j w_j``, which for uniform weights is
+    the mean of the s ordinary cross-entropies on the same logits. Duplicated tokens in a bag
+    count once per occurrence; ``ignore_index`` slots drop out; a position without any valid
+    slot contributes nothing. Like the paper, the value does NOT include the constant ``log s``
+    of the KL form: its minimum for a bag of s distinct tokens is log s, not 0. With s = 1 it is
+    exactly ``F.cross_entropy``.
+
+    logits ``[..., V]``, targets ``[..., s]`` -> fp32 scalar.
+    """
+    weights = slot_weights(weighting, targets.shape[-1], device=logits.device)
+    total, weight = multi_hot_cross_entropy_sum(logits, targets, weights, ignore_index)
+    return total / weight.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+# ---------------------------------------------------------------------------- kernels
 
 
 # fp32 elements of temporaries per row block. CPU: 1 MiB, which stays in cache (measured with

@@ -1,4 +1,5 @@
-"""Token Superposition Training as pure functions: bag the inputs, split windows, score bags.
+"""Token Superposition Training as pure functions: bag the inputs and split windows into
+(inputs, targets) for a stage; the bags are scored by ``superpose.loss``.
 
 Shapes: B batch, L model positions, s bag size, k tokens per input position (s when inputs are
 bagged, else 1), m target tokens per position (s when targets are bags, else 1), V vocabulary,
@@ -6,39 +7,11 @@ d model width. A position with k = m = 1 is ordinary next-token prediction.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import MultiHotCrossEntropy, slot_table
-
-WEIGHTINGS = ("uniform", "power", "exp", "first")
-MODES = ("full", "input", "output")
-
-
-def slot_weights(weighting: str | Sequence[float], bag_size: int, device=None) -> torch.Tensor:
-    """Weights of the s target slots of a bag, fp32 ``[s]`` (paper, Appendix D).
-
-    uniform: 1; power: 1/j; exp: exp(-j); first: only slot 1 (j = 1..s). A sequence of s floats
-    is taken as given. Only ratios matter: the loss divides by the weight sum.
-    """
-    j = torch.arange(1, bag_size + 1, dtype=torch.float32, device=device)
-    if not isinstance(weighting, str):
-        weights = torch.as_tensor(weighting, dtype=torch.float32, device=device)
-        if weights.shape != (bag_size,) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"slot weights must be {bag_size} non-negative floats with a positive sum")
-        return weights
-    if weighting == "uniform":
-        return torch.ones_like(j)
-    if weighting == "power":
-        return 1.0 / j
-    if weighting == "exp":
-        return torch.exp(-j)
-    if weighting == "first":
-        return (j == 1).float()
-    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+from .config import MODES
 
 
 def embed_bags(embedding: nn.Module | torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
@@ -74,46 +47,6 @@ def bag_embeddings(embedding: nn.Module | torch.Tensor, tokens: torch.Tensor, ba
     if length % bag_size:
         raise ValueError(f"token length {length} is not a multiple of bag_size {bag_size}")
     return embed_bags(embedding, tokens.view(batch, length // bag_size, bag_size))
-
-
-def multi_hot_cross_entropy_sum(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Un-normalised multi-hot cross-entropy: ``(sum of w*(lse - z[y]), sum of w)`` over valid slots.
-
-    logits ``[..., V]``, targets ``[..., m]`` int64, weights ``[m]`` fp32 (default uniform).
-    Returns two fp32 scalars so that a trainer can divide by a *global* weight (all ranks, all
-    micro-batches). Slots equal to ``ignore_index`` carry no weight. Each position is normalised
-    once in fp32 for all its slots and the gradient is written in one pass (``superpose.loss``).
-    """
-    y, slot_w = slot_table(targets, weights, ignore_index)  # [N, m], [N, m]
-    z = logits.reshape(-1, logits.shape[-1])  # [N, V]
-    return MultiHotCrossEntropy.apply(z, y, slot_w), slot_w.sum()
-
-
-def multi_hot_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weighting: str | Sequence[float] = "uniform",
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Multi-hot cross-entropy (MCE), the mean over valid (position, slot) weight.
-
-    Per position: ``logsumexp(z) - sum_j w_j z[y_j] / sum_j w_j``, which for uniform weights is
-    the mean of the s ordinary cross-entropies on the same logits. Duplicated tokens in a bag
-    count once per occurrence; ``ignore_index`` slots drop out; a position without any valid
-    slot contributes nothing. Like the paper, the value does NOT include the constant ``log s``
-    of the KL form: its minimum for a bag of s distinct tokens is log s, not 0. With s = 1 it is
-    exactly ``F.cross_entropy``.
-
-    logits ``[..., V]``, targets ``[..., s]`` -> fp32 scalar.
-    """
-    weights = slot_weights(weighting, targets.shape[-1], device=logits.device)
-    total, weight = multi_hot_cross_entropy_sum(logits, targets, weights, ignore_index)
-    return total / weight.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def window_length(seq_len: int, bag_size: int, mode: str = "full") -> int:

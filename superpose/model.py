@@ -18,8 +18,8 @@ from transformers.utils import logging as hf_logging
 
 from .distributed import all_reduce_sum
 from .errors import ModelError
-from .loss import chunked_head_mce_sum
-from .method import embed_bags, multi_hot_cross_entropy_sum
+from .loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum
+from .method import embed_bags
 
 
 @contextlib.contextmanager
@@ -140,17 +140,40 @@ class TSTModel(nn.Module):
             raise ModelError("model.loss_chunk_size needs an nn.Linear output head; set it to 0 for this model")
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
-        x = embed_bags(self.lm.get_input_embeddings(), inputs)  # [B, L, d]
-        moe = hasattr(self.lm.config, "router_aux_loss_coef")
-        out = self.lm.base_model(inputs_embeds=x, use_cache=False, **({"output_router_logits": True} if moe else {}))
-        head, hidden = self.lm.get_output_embeddings(), out.last_hidden_state  # [B, L, d]
-        if self.loss_chunk_size:
-            loss_sum, weight = chunked_head_mce_sum(hidden, head, targets, weights, self.loss_chunk_size)
+        out = self.lm.base_model(**tst_inputs(self.lm, inputs))  # the body only: the head runs in the loss
+        return tst_loss_sum(self.lm, out, targets, weights, self.training, self.loss_chunk_size)
+
+
+def is_moe(lm: nn.Module) -> bool:
+    return hasattr(lm.config, "router_aux_loss_coef")
+
+
+def tst_inputs(lm: nn.Module, inputs: torch.Tensor) -> dict:
+    """Keyword arguments of an HF forward (of the body or of the whole causal LM) for inputs
+    ``[B, L, k]``: the mean embedding of each bag, no KV cache, and the router logits of an MoE."""
+    embeds = embed_bags(lm.get_input_embeddings(), inputs)  # [B, L, d]
+    return {"inputs_embeds": embeds, "use_cache": False, **({"output_router_logits": True} if is_moe(lm) else {})}
+
+
+def tst_loss_sum(lm: nn.Module, out, targets: torch.Tensor, weights: torch.Tensor, training: bool,
+                 loss_chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TST loss of one forward as ``(sum, weight)`` (``multi_hot_cross_entropy_sum``), for
+    both ``TSTModel`` and ``TSTTrainer``: the multi-hot loss of targets ``[B, L, m]``, plus, for an
+    MoE in training, its load-balancing loss (``router_balance_loss``) times the weight.
+
+    ``out`` is the output of the body (``last_hidden_state``: the head runs here, ``loss_chunk_size``
+    positions at a time if > 0) or of the whole causal LM (``logits`` ``[B, L, V]``)."""
+    if getattr(out, "logits", None) is not None:
+        loss_sum, weight = multi_hot_cross_entropy_sum(out.logits, targets, weights)
+    else:
+        head, hidden = lm.get_output_embeddings(), out.last_hidden_state  # [B, L, d]
+        if loss_chunk_size:
+            loss_sum, weight = chunked_head_mce_sum(hidden, head, targets, weights, loss_chunk_size)
         else:
             loss_sum, weight = multi_hot_cross_entropy_sum(head(hidden), targets, weights)  # logits [B, L, V]
-        if moe and self.training:
-            loss_sum = loss_sum + self.lm.config.router_aux_loss_coef * router_balance_loss(self.lm, out) * weight
-        return loss_sum, weight
+    if training and is_moe(lm):
+        loss_sum = loss_sum + lm.config.router_aux_loss_coef * router_balance_loss(lm, out) * weight
+    return loss_sum, weight
 
 
 def router_balance_loss(lm: nn.Module, out) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A run directory: its layout, and reading what a run wrote, without importing torch.
+"""A run directory: its layout, the writer and readers of what a run wrote, and ``Run``, a finished
+run read for analysis (its config, curves and stages), all without importing torch.
 
     RUN/config.toml       the resolved config
     RUN/metrics.jsonl     one JSON record per line (start, stage, resume, train, eval, failed, end)
@@ -21,12 +22,20 @@ reader here skips such a line instead of failing on it. ``MetricsLog`` is the on
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import tomli_w
 
 from .config import Config, config_from_dict, read_toml
 from .errors import ConfigError
 from .files import atomic_write_text
+from .schedule import Stage
+from .stats import Curve, value_at
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
 STATE_FILE = "state.pt"  # of a gathered checkpoint (written and read by superpose.checkpoint)
@@ -83,6 +92,11 @@ def is_finished(run_dir: str | Path) -> bool:
     return any(r.get("kind") == "end" for r in read_records(run_dir)[-3:])
 
 
+def write_run_config(run_dir: str | Path, cfg: Config) -> None:
+    """Save the resolved config (its stage list expanded) as the run's ``config.toml``."""
+    atomic_write_text(Path(run_dir) / CONFIG, tomli_w.dumps(cfg.to_dict()))
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     """The resolved config a run saved (``config.toml``)."""
     path = Path(run_dir) / CONFIG
@@ -131,3 +145,149 @@ def _before(record: dict | None, step: int) -> bool:
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
         return False
     return record["step"] < step or (record["step"] == step and record.get("kind") in ("start", "train", "eval"))
+
+
+# ---------------------------------------------------------------------------- a run, read for analysis
+
+
+def stage_bag_sizes(stages: list[Stage]) -> list[int]:
+    """The bag sizes of the superposition stages in order (a curriculum has several)."""
+    return [size for size, _ in itertools.groupby(s.bag_size for s in stages if s.phase != "next-token")]
+
+
+def switch_step(stages: list[Stage]) -> int | None:
+    """First step of next-token training after superposition; None for a baseline or a run that never switches."""
+    return next((a.end_step for a, b in zip(stages, stages[1:]) if b.phase == "next-token" and a.phase != "next-token"), None)
+
+
+def method_name(stages: list[Stage], steps: int) -> str:
+    """"baseline", or the bag sizes of the superposition stages, the switch as a fraction r of the
+    ``steps`` and the ablation mode when it is not full TST: ``s=4, r=0.3``, ``s=2, r=0.2, output-only``."""
+    sizes = stage_bag_sizes(stages)
+    if not sizes:
+        return "baseline"
+    switch = switch_step(stages)
+    switch = steps if switch is None else switch
+    modes = [s.mode for s in stages if s.phase != "next-token"]
+    mode = "" if set(modes) == {"full"} else f", {'/'.join(dict.fromkeys(modes))}-only"
+    return f"s={'->'.join(map(str, sizes))}, r={switch / steps:g}{mode}"
+
+
+@dataclass
+class Run:
+    """One run directory: its config and the records of its (last) ``metrics.jsonl`` history."""
+
+    name: str
+    path: Path
+    config: Config
+    start: dict
+    evals: list[dict]
+    trains: list[dict]
+    ended: bool
+    curve: Curve = field(init=False)
+
+    stages: list[Stage] = field(init=False)
+
+    def __post_init__(self):
+        self.curve = Curve.from_evals(self.evals)
+        self.stages = [Stage.from_record(s) for s in self.start["stages"]]
+
+    @property
+    def switch_step(self) -> int | None:
+        return switch_step(self.stages)
+
+    @property
+    def is_baseline(self) -> bool:
+        return all(s.phase == "next-token" for s in self.stages)
+
+    @property
+    def bag_sizes(self) -> list[int]:
+        return stage_bag_sizes(self.stages)
+
+    @property
+    def ratio(self) -> float:
+        """The fraction of steps before the switch to next-token training (0 for a baseline)."""
+        if self.is_baseline:
+            return 0.0
+        switch = self.switch_step if self.switch_step is not None else self.config.train.steps
+        return switch / self.config.train.steps
+
+    @property
+    def method(self) -> str:
+        return method_name(self.stages, self.config.train.steps)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.is_baseline else f"{self.name} ({self.method})"
+
+    def at_step(self, key: str, step: float) -> float | None:
+        """``elapsed`` or ``tokens_seen`` at a step, interpolated over every train and eval record."""
+        points = sorted({r["step"]: r[key] for r in self.trains + self.evals}.items())
+        return value_at([p[0] for p in points], [p[1] for p in points], step)
+
+    def train_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Logged training records as (step, value) arrays; skipped (non-finite) steps dropped."""
+        rows = [(r["step"], r[key]) for r in self.trains if r.get("applied", True) and math.isfinite(r[key])]
+        return np.array([r[0] for r in rows], dtype=float), np.array([r[1] for r in rows], dtype=float)
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """Read a run directory written by ``superpose train``; a clear error if it holds no usable run."""
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(f"{path} is not a run directory (no metrics.jsonl)")
+    config = load_run_config(path)
+    records = read_records(path)
+    starts = [i for i, r in enumerate(records) if r["kind"] == "start"]
+    if not starts:
+        raise ConfigError(f"{metrics} has no start record")
+    records = records[starts[-1]:]  # a run restarted from scratch appends a new history
+    # A run resumed from its final checkpoint validates the last step again: keep one point per step.
+    evals = sorted({r["step"]: r for r in records if r["kind"] == "eval"}.values(), key=lambda r: r["step"])
+    if len(evals) < 2:
+        raise ConfigError(f"{path} has {len(evals)} validation point(s); a report needs at least 2")
+    return Run(
+        name=name or path.name,
+        path=path,
+        config=config,
+        start=records[0],
+        evals=evals,
+        trains=[r for r in records if r["kind"] == "train"],
+        ended=any(r["kind"] == "end" for r in records),
+    )
+
+def non_embedding_parameters(run: Run) -> int:
+    """The run's parameters less the input embedding and an untied output head (the count that
+    places a run on the regime map), from its exported model's config; the total if it exported none."""
+    from transformers import AutoConfig
+
+    total = int(run.start["parameters"])
+    if not (run.path / "model" / "config.json").is_file():
+        return total
+    config = AutoConfig.from_pretrained(run.path / "model", local_files_only=True)
+    config = getattr(config, "text_config", None) or config
+    return total - config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+
+def config_differences(reference: Config, other: Config, ignore_tst: bool = True) -> list[str]:
+    """Keys that make two runs not comparable ("section.key: a -> b"); logging, output directory and
+    (by default) the [tst] section are ignored. Data directories count as equal when their
+    ``meta.json`` files are identical (the same prepared data under two paths)."""
+    ref, oth = reference.to_dict(), other.to_dict()
+    skip = set(RESUME_SAFE_KEYS) | {"train.out_dir", "train.eval_every"}
+    diffs = []
+    for section, values in ref.items():
+        if ignore_tst and section == "tst":
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name in skip or oth[section][key] == value:
+                continue
+            if section == "data" and key in ("dir", "corpus", "vocab_size") and _same_data(reference, other):
+                continue
+            diffs.append(f"{name}: {value!r} -> {oth[section][key]!r}")
+    return diffs
+
+def _same_data(a: Config, b: Config) -> bool:
+    meta_a, meta_b = Path(a.data.dir) / "meta.json", Path(b.data.dir) / "meta.json"
+    return meta_a.is_file() and meta_b.is_file() and meta_a.read_text() == meta_b.read_text()

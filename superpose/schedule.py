@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from .config import OptimConfig, TSTConfig, stage_tables
 
-from .config import OptimConfig, TSTConfig
-from .method import slot_weights
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,16 @@ class Stage:
         curriculum), blend (a smooth switch's bag steps) or next-token (phase 2)."""
         return "next-token" if self.bag_size == 1 else "blend" if self.blend else "superposition"
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Stage":
+        """A stage as ``metrics.jsonl`` records it (its fields; JSON turns a weight tuple into a list)."""
+        weighting = record["weighting"]
+        return cls(**{**record, "weighting": tuple(weighting) if isinstance(weighting, list) else weighting})
+
     def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
         """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
+        from .loss import slot_weights  # imports torch: a run's stages are read without it (superpose.runs)
+
         weighting = self.weighting[:slots] if isinstance(self.weighting, tuple) else self.weighting
         base = slot_weights(weighting if slots == self.bag_size else "first", slots, device)
         base = base / base.sum()
@@ -53,26 +62,34 @@ class Stage:
 
 
 def build_stages(tst: TSTConfig, steps: int) -> list[Stage]:
-    """Superposition stages for the first ``round(r*T)`` steps (one per curriculum entry), then
-    next-token prediction (phase 2) to the end."""
-    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
-    weighting = tuple(tst.slot_weights) if tst.slot_weights else tst.weighting
-    stages, start = [], 0
-    for index, (bag_size, ratio) in enumerate(plan):
-        end = min(steps, start + round(ratio * steps))
-        if bag_size > 1 and end > start:
-            name = "superposition" if len(plan) == 1 else f"superposition-{index + 1}"
-            stages.append(Stage(name, bag_size, tst.mode, weighting, end, start, tst.lr_scale, anneal=tst.anneal_to_ntp))
-            start = end
-    if tst.blend_steps and stages:
-        last = stages.pop()
-        cut = max(last.start_step, last.end_step - tst.blend_steps)
-        if cut > last.start_step:
-            stages.append(dataclasses.replace(last, end_step=cut))
-        stages.append(dataclasses.replace(last, name="blend", start_step=cut, blend=True))
-    if start < steps:
-        stages.append(Stage("next-token", 1, "full", "uniform", steps, start,
-                            rewarmup_steps=tst.rewarmup_steps if stages else 0))
+    """The stages of a run of ``steps`` steps, one per table of ``stage_tables(tst)`` in order
+    (a fraction is ``round(fraction * steps)`` steps; a last table without either takes the steps
+    left; a stage of no steps is dropped). A table's ``blend_steps`` split its last steps off into
+    a blend stage. Superposition stages are named superposition, or superposition-i in a list of several."""
+    tables = stage_tables(tst)
+    several = sum(table["bag_size"] > 1 for table in tables) > 1
+    stages, start, index = [], 0, 0
+    for number, table in enumerate(tables):
+        length = table["steps"] or round(table["fraction"] * steps)
+        if number == len(tables) - 1 and not (table["steps"] or table["fraction"]):
+            length = steps - start
+        end = min(steps, start + length)
+        if end <= start:
+            continue
+        weighting = tuple(table["weighting"]) if isinstance(table["weighting"], list) else table["weighting"]
+        if table["bag_size"] == 1:
+            name = "next-token"
+        else:
+            index += 1
+            name = f"superposition-{index}" if several else "superposition"
+        stage = Stage(name, table["bag_size"], table["mode"], weighting, end, start, table["lr_scale"],
+                      table["rewarmup_steps"], table["anneal"])
+        cut = max(start, end - table["blend_steps"]) if table["bag_size"] > 1 else end
+        if cut > start:
+            stages.append(dataclasses.replace(stage, end_step=cut))
+        if cut < end:
+            stages.append(dataclasses.replace(stage, name="blend", start_step=cut, blend=True))
+        start = end
     return stages
 
 

@@ -8,6 +8,7 @@ phase 2 differ only in the ``Stage`` the lookup returns.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -17,22 +18,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import data as data_mod
 from .checkpoint import Checkpoints, export_model, load_checkpoint, resolve_format, select_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .config import SHORTHAND, Config, ConfigError, config_from_dict, resolved
+from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_sync, init_runtime, parallelize,
                           raise_together, shards_parameters)
-from .errors import Interrupted, TrainingError
-from .files import LOCK_FILE, DirectoryLock, atomic_write_text, writable_dir
+from .errors import DataError, Interrupted, TrainingError
+from .files import LOCK_FILE, DirectoryLock, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .preemption import StopRequest
-from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs
+from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs, write_run_config
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
 
@@ -70,7 +70,7 @@ def train_step(
     runtime: Runtime,
 ) -> StepResult:
     """One optimizer step on this rank's windows ``[B_local, W]`` for any stage."""
-    inputs, targets = split_window(data_mod.to_device(window, runtime.device), stage.bag_size, stage.mode)
+    inputs, targets = split_window(to_device(window, runtime.device), stage.bag_size, stage.mode)
     weights = stage.weights(step, targets.shape[-1], device=runtime.device)  # [m], sums to 1
     # Every slot of our windows is a real token, so the global weight (= the number of
     # positions of the global batch) is known before the forward.
@@ -105,7 +105,7 @@ def autocast(cfg: Config, runtime: Runtime):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime, stage: Stage | None = None,
+def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime, stage: Stage | None = None,
              step: int = 0) -> float:
     """Loss (nats) on fixed held-out windows, split across ranks: the next-token loss on windows
     ``[n, L+1]`` or, given a superposition ``stage``, that stage's own objective (MCE without
@@ -135,32 +135,33 @@ def evaluate(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runt
     return (total[0] / total[1]).item()
 
 
-def ensure_data(cfg: Config, runtime: Runtime) -> data_mod.TokenData:
+def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
     """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only)."""
     directory = Path(cfg.data.dir)
-    if not (directory / "meta.json").is_file() and cfg.data.corpus:
-        if cfg.data.corpus != "shakespeare":
-            raise ConfigError(f"data.corpus = {cfg.data.corpus!r}: only 'shakespeare' is embedded; run `superpose prepare` for other data")
+    if not (directory / "meta.json").is_file() and cfg.data.corpus:  # the embedded corpus (validate allows no other)
         if runtime.is_main:
             print(f"preparing the embedded Shakespeare corpus in {directory} ...", file=sys.stderr)
-            data_mod.prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
+            prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
         barrier()
-    return data_mod.TokenData(directory)
+    return TokenData(directory)
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
     saved config lacks (a run saved before the key existed) counts as its default value; between
     two plain next-token runs (no superposition stage) the [tst] keys make no difference."""
-    before = config_from_dict(saved)
+    before, cfg = config_from_dict(saved), resolved(copy.deepcopy(cfg))
     plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
     old, new = before.to_dict(), cfg.to_dict()
-    return [
-        f"{section}.{key}: {old[section][key]!r} -> {value!r}"
+    changes = [
+        (f"{section}.{key}", f"{section}.{key}: {old[section][key]!r} -> {value!r}")
         for section, values in new.items()
         for key, value in values.items()
         if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
     ]
+    # A changed shorthand key (tst.ratio, ...) changes the stage list too: name only the shorthand.
+    shorthand = any(key in (f"tst.{name}" for name in SHORTHAND) for key, _ in changes)
+    return [text for key, text in changes if not (shorthand and key == "tst.stages")]
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
@@ -183,6 +184,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
 
     Rank 0 holds the run directory's lock for the whole run. A run that fails before it wrote
     anything removes the directory it created, so a typo leaves no empty run behind."""
+    cfg = resolved(copy.deepcopy(cfg))  # a Config built in Python gets its stage list as a loaded one has it
     runtime = init_runtime(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     created = not run_dir.exists()
@@ -213,8 +215,6 @@ def _remove_if_unused(run_dir: Path) -> None:
 def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
-    if cfg.train.batch_size % runtime.world:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the world size ({runtime.world})")
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
@@ -234,10 +234,10 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     for stage in stages:
         width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
         if max(s.size for s in data.splits["train"]) < width:
-            raise data_mod.DataError(f"a {stage.name} window of {width} tokens is longer than the training data")
-    loader = data_mod.WindowLoader(data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world,
+            raise DataError(f"a {stage.name} window of {width} tokens is longer than the training data")
+    loader = WindowLoader(data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world,
                                    vocab_size=data.vocab_size)
-    val_windows = data_mod.validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
+    val_windows = validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
     start_step, elapsed, last_eval = 0, 0.0, None
@@ -254,7 +254,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         print(f"{label}: {run_dir} has no checkpoint to resume from; starting again from step 0", file=sys.stderr)
 
     if runtime.is_main:
-        atomic_write_text(run_dir / "config.toml", tomli_w.dumps(cfg.to_dict()))
+        write_run_config(run_dir, cfg)
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
     if rejected:
@@ -289,26 +289,26 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     bag_windows = {}  # (bag size, mode) -> held-out windows of that superposition stage (None: val too short)
     unigram = []  # log-probabilities [V] of the train split's token frequencies, computed on first use
 
-    def validate(step: int) -> dict:
-        loss = evaluate(model, val_windows, cfg, runtime)
-        record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": data_mod.bits_per_byte(loss, val_bpt),
+    def run_validation(step: int) -> dict:
+        loss = validation_loss(model, val_windows, cfg, runtime)
+        record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": bits_per_byte(loss, val_bpt),
                   "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "flops": step * step_flops}
         trained = max(step - 1, 0)  # the step just trained (at step 0: the first step's stage)
         stage = stage_at(stages, trained)
         key, width = (stage.bag_size, stage.mode), window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
         if stage.bag_size > 1 and key not in bag_windows:  # as many windows as the next-token eval
             fits = max(s.size for s in data.splits["val"]) >= width
-            bag_windows[key] = data_mod.validation_windows(data.splits["val"], width - 1, val_windows.shape[0] * (width - 1),
+            bag_windows[key] = validation_windows(data.splits["val"], width - 1, val_windows.shape[0] * (width - 1),
                                                            data.vocab_size) if fits else None
         if stage.bag_size > 1 and bag_windows[key] is not None:
             # Diagnostic of phase 1: its own objective on held-out bags beside the unigram level, the
             # MCE of predicting the train split's token frequencies at every position: a bag loss near
             # it means phase 1 learned little beyond token frequencies.
             if not unigram:
-                unigram.append(data_mod.unigram_log_probs(data.splits["train"], data.vocab_size))
+                unigram.append(unigram_log_probs(data.splits["train"], data.vocab_size))
             targets = split_window(bag_windows[key], stage.bag_size, stage.mode)[1]  # [n, L, m]
             weights = stage.weights(trained, targets.shape[-1])  # [m], sums to 1
-            record["val_bag_loss"] = evaluate(model, bag_windows[key], cfg, runtime, stage, trained)
+            record["val_bag_loss"] = validation_loss(model, bag_windows[key], cfg, runtime, stage, trained)
             record["val_bag_unigram_loss"] = -(unigram[0][targets] * weights).sum(-1).mean().item()
         log.write(record)
         if not math.isfinite(loss):
@@ -322,7 +322,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     pace = Pace(start_step, cfg.train.steps)
     with StopRequest(announce=runtime.is_main) as stop:
         if start_step == 0:
-            last_eval = validate(0)
+            last_eval = run_validation(0)
         for step in range(start_step, cfg.train.steps):
             stage = stage_at(stages, step)
             if step == 0 or stage != stage_at(stages, step - 1):
@@ -353,7 +353,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
             if (estimate := pace.update(done, seconds)) and runtime.is_main:
                 bar.write(f"{label}: {estimate}", file=sys.stderr)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                last_eval = validate(done)
+                last_eval = run_validation(done)
             bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
                             val=f"{last_eval['val_loss']:.3f}" if last_eval else "-", refresh=False)
             bar.update(1)
@@ -371,7 +371,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     bar.close()
     checkpoints.close()
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
-        last_eval = validate(cfg.train.steps)
+        last_eval = run_validation(cfg.train.steps)
 
     info = {"steps": cfg.train.steps, "val_loss": last_eval["val_loss"], "val_bpb": last_eval["val_bpb"],
             "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "stages": [vars(s) for s in stages]}

@@ -10,7 +10,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from superpose.data import prepare, shakespeare_files  # noqa: E402
+from superpose.corpus import shakespeare_files  # noqa: E402
+from superpose.data import prepare  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from superpose import __version__
-from superpose.cli import join_overrides, main
+from superpose.cli import main, split_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,10 +35,16 @@ def test_help_version_and_config_errors_do_not_import_torch(argv):
 
 
 def test_overrides_take_both_forms():
-    assert join_overrides(["train", "--train.steps", "100", "--optim.lr=1e-3", "--out", "x", "--tst.ratio", "-0.5"]) == [
-        "train", "--train.steps=100", "--optim.lr=1e-3", "--out", "x", "--tst.ratio=-0.5"]
-    assert join_overrides(["train", "cfg.toml", "--resume", "auto", "--train.progress"]) == [
-        "train", "cfg.toml", "--resume", "auto", "--train.progress"]
+    assert split_overrides(["train", "--train.steps", "100", "--optim.lr=1e-3", "--out", "x", "--tst.ratio", "-0.5"]) == (
+        ["train", "--out", "x"], ["--train.steps=100", "--optim.lr=1e-3", "--tst.ratio=-0.5"])
+    assert split_overrides(["train", "cfg.toml", "--resume", "auto", "--train.progress"]) == (
+        ["train", "cfg.toml", "--resume", "auto", "--train.progress"], [])
+
+
+def test_an_override_value_may_hold_spaces(capsys):
+    """A list written as TOML with spaces reaches the config (argparse alone would take it for the config file)."""
+    err = user_error(["train", "--tst.curriculum=[[4, 0.2], [2, 0.9]]"], capsys)
+    assert err == "superpose: error: tst.curriculum ratios must sum to at most 1"
 
 
 def test_space_form_override_reaches_the_config(capsys):

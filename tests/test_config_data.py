@@ -11,6 +11,7 @@ from superpose.config import Config, ConfigError, load_config
 from superpose.config import OptimConfig, TSTConfig
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
 from superpose.schedule import build_stages, lr_at, stage_at
+from superpose.runs import load_run_config, write_run_config
 from superpose.train import config_changes
 
 GPT2 = str(SHARED_DATA / "tokenizers" / "gpt2")
@@ -38,6 +39,17 @@ def test_bad_config_is_rejected_with_the_key(override, message):
     extra = ["--train.micro_batch_size=4"] if "batch_size=10" in override else []
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [override, *extra])
+
+
+def test_run_checks_fail_when_the_config_loads(monkeypatch):
+    """Checks that need no data or model answer before any work starts: an unknown embedded corpus,
+    and a global batch that the ranks torchrun launched cannot split."""
+    with pytest.raises(ConfigError, match="data.corpus = 'shakespear': only 'shakespeare' is embedded"):
+        load_config(None, ["--data.corpus=shakespear"])
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"train.batch_size \(16\) must be divisible by the world size \(3\)"):
+        load_config(None, [])
+    assert load_config(None, ["--train.batch_size=12"]).train.batch_size == 12
 
 
 def test_resume_check_defaults_missing_keys_and_ignores_tst_between_baselines():
@@ -124,6 +136,70 @@ def test_research_levers_are_stages():
     assert annealed.weights(0, 4).tolist() == pytest.approx([1 / 1.75, 0.5 / 1.75, 0.25 / 1.75, 0.0])
     assert annealed.weights(5, 4).tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
     assert annealed.weights(3, 1).tolist() == [1.0]  # input mode scores one target slot
+
+
+STAGES_TOML = """
+[train]
+steps = 100
+[[tst.stages]]
+bag_size = 4
+fraction = 0.2
+lr_scale = 2.0
+[[tst.stages]]
+bag_size = 2
+steps = 20
+blend_steps = 4
+lr_scale = 2.0
+[[tst.stages]]
+bag_size = 1
+rewarmup_steps = 5
+"""
+
+
+def test_a_literal_stage_list_is_the_stages_its_shorthand_expands_to(tmp_path):
+    """[[tst.stages]] tables give the stages directly; the shorthand (here a curriculum with its
+    levers) expands to the same list, and that expanded list is what a run's config.toml records,
+    so reading it back gives the same run."""
+    path = tmp_path / "stages.toml"
+    path.write_text(STAGES_TOML)
+    literal = load_config(path)
+    shorthand = load_config(None, ["--train.steps=100", "--tst.curriculum=[[4, 0.2], [2, 0.2]]", "--tst.blend_steps=4",
+                                   "--tst.rewarmup_steps=5", "--tst.lr_scale=2.0"])
+    assert build_stages(literal.tst, 100) == build_stages(shorthand.tst, 100)
+    assert [(s.name, s.bag_size, s.start_step, s.end_step, s.lr_scale) for s in build_stages(literal.tst, 100)] == [
+        ("superposition-1", 4, 0, 20, 2.0), ("superposition-2", 2, 20, 36, 2.0), ("blend", 2, 36, 40, 2.0),
+        ("next-token", 1, 40, 100, 1.0)]
+    assert [t["bag_size"] for t in shorthand.tst.stages] == [4, 2, 1]  # expanded when loaded
+    recorded = tmp_path / "run"
+    recorded.mkdir()
+    write_run_config(recorded, shorthand)
+    assert "[[tst.stages]]" in (recorded / "config.toml").read_text()
+    assert load_run_config(recorded).to_dict() == shorthand.to_dict()
+    assert build_stages(TSTConfig(bag_size=6, ratio=0.3), 100) == build_stages(load_config(None, ["--tst.bag_size=6"]).tst, 100)
+
+
+@pytest.mark.parametrize("table, message", [
+    ("bag_size = 0\nfraction = 0.2", r"tst.stages\[1\]: bag_size must be an integer >= 1"),
+    ("fraction = 0.2", r"tst.stages\[1\]: bag_size must be an integer >= 1"),
+    ("bag_size = 4\nfraction = 0.2\nsteps = 3", "give steps or fraction, not both"),
+    ("bag_size = 4\nsize = 3\nfraction = 0.2", r"unknown key tst.stages\[1\].size"),
+    ("bag_size = 4\nmode = 'both'\nfraction = 0.2", "mode must be one of full, input, output"),
+    ("bag_size = 4\nweighting = [1.0]\nfraction = 0.2", "weighting must be one of"),
+    ("bag_size = 4\nsteps = 700", "tst.stages take 700 steps, more than train.steps = 600"),
+    ("bag_size = 4\n[[tst.stages]]\nbag_size = 1", r"tst.stages\[1\]: needs steps or fraction"),
+])
+def test_bad_stage_tables_are_rejected_with_the_key(tmp_path, table, message):
+    path = tmp_path / "bad.toml"
+    path.write_text("[[tst.stages]]\n" + table + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_a_stage_list_and_a_conflicting_shorthand_are_rejected(tmp_path):
+    path = tmp_path / "stages.toml"
+    path.write_text(STAGES_TOML)
+    with pytest.raises(ConfigError, match="tst.stages is given, so tst.ratio"):
+        load_config(path, ["--tst.ratio=0.5"])
 
 
 @pytest.mark.parametrize("override", ["--tst.curriculum=[[1, 0.2]]", "--tst.curriculum=[[4, 0.6], [2, 0.6]]",

@@ -25,7 +25,7 @@ from superpose.config import ConfigError, load_config
 from superpose.model import TSTModel, build_model, router_balance_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = 1e-4  # nats, absolute, on losses of 6-7 nats (measured worst: 1.5e-6; see the README section)
+TOLERANCE = 1e-4  # nats, absolute, on losses of 6-7 nats (measured worst: 1.5e-6; see docs/results/distributed.md)
 RESUME_TOLERANCE = 1e-6
 GRAD_NORM_RTOL = 1e-3  # the MoE's fp32 grad norm moves by up to 2e-4 with the thread count alone
 RUN = {  # 8 steps, phase 1 (s=2) for 4 of them, checkpoints after steps 3, 6 and 8

@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from superpose import loss as loss_mod
 from superpose.config import ConfigError, load_config
-from superpose.loss import chunked_head_mce_sum
-from superpose.method import embed_bags, multi_hot_cross_entropy_sum, slot_weights
+from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weights
+from superpose.method import embed_bags
 from superpose.model import TSTModel
 
 IGNORE = -100

@@ -9,7 +9,8 @@ pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq
 
 from superpose.cli import main
-from superpose.data import DataError, TokenData, prepare, shakespeare_files
+from superpose.corpus import shakespeare_files
+from superpose.data import DataError, TokenData, prepare
 
 
 @pytest.fixture(scope="module")

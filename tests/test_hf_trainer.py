@@ -12,9 +12,10 @@ pytest.importorskip("accelerate")
 from transformers import TrainerCallback, TrainingArguments
 
 from superpose.config import TSTConfig
-from superpose.data import shakespeare_files
+from superpose.corpus import shakespeare_files
 from superpose.hf_trainer import TSTTrainer, window_tokens
-from superpose.model import build_model
+from superpose.method import split_window
+from superpose.model import TSTModel, build_model
 
 VOCAB, L, S = 64, 8, 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +96,21 @@ def test_stage_losses_match_naive_references(tmp_path):
         row = ids[:, 3 * (L + 1) : 4 * (L + 1)]  # step 7 of 4 rows -> row 3
         plain = F.cross_entropy(model(input_ids=row[:, :-1]).logits.reshape(-1, VOCAB), row[:, 1:].reshape(-1))
         torch.testing.assert_close(trainer.compute_loss(model, {"input_ids": ids}), plain)
+
+
+def test_moe_loss_is_the_loss_of_superpose_train(tmp_path):
+    """One TST loss: the Trainer scores a phase-1 MoE batch (multi-hot loss plus the global-batch
+    load-balancing loss) exactly as ``TSTModel``, the forward of ``superpose train``."""
+    tst = TSTConfig(bag_size=S, ratio=0.5)
+    trainer = make_trainer(tmp_path, steps=10, tst=tst)
+    trainer.state.max_steps, trainer.state.global_step = 10, 2
+    torch.manual_seed(0)
+    lm = build_model("qwen3-moe-tiny", VOCAB, L).train()
+    ids = Windows(3, window_tokens(L, tst), seed=2).ids  # [3, S*L+S]
+    with torch.no_grad():
+        x, y = split_window(ids, S, "full")  # [3, L, S] each
+        loss_sum, weight = TSTModel(lm).train()(x, y, torch.full((S,), 1 / S))
+        torch.testing.assert_close(trainer.compute_loss(lm, {"input_ids": ids}), loss_sum / weight)
 
 
 class StopAt(TrainerCallback):

@@ -143,17 +143,17 @@ def diverges_after(monkeypatch):
     import superpose.train as train_mod
 
     def arm(name: str, step: int):
-        real = train_mod.evaluate
+        real = train_mod.validation_loss
         calls = {}
 
-        def evaluate(model, windows, cfg, runtime, *stage_args):
+        def validation_loss(model, windows, cfg, runtime, *stage_args):
             loss = real(model, windows, cfg, runtime, *stage_args)
             if stage_args:  # a diagnostic of a superposition stage, not the validation loss
                 return loss
             calls[cfg.train.out_dir] = calls.get(cfg.train.out_dir, -1) + 1  # 0 = the step-0 validation
             return float("nan") if cfg.train.out_dir.endswith(name) and calls[cfg.train.out_dir] * 2 > step else loss
 
-        monkeypatch.setattr(train_mod, "evaluate", evaluate)
+        monkeypatch.setattr(train_mod, "validation_loss", validation_loss)
 
     return arm
 

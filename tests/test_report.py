@@ -14,20 +14,9 @@ from conftest import tiny_overrides
 
 from superpose.compare import arm_config, compare, compare_runs, sweep
 from superpose.config import Config, ConfigError, load_config
-from superpose.report import (
-    Curve,
-    Run,
-    config_differences,
-    difference_at,
-    first_at_or_below,
-    iso_loss_speedup,
-    load_run,
-    summary_table,
-    switch_spike,
-    training_gap,
-    value_at,
-    write_report,
-)
+from superpose.report import summary_table, write_report
+from superpose.runs import Run, config_differences, load_run
+from superpose.stats import Curve, difference_at, first_at_or_below, iso_loss_speedup, switch_spike, training_gap, value_at
 from superpose.regime import Point, map_points, measured_points, regime
 from superpose.schedule import build_stages, has_superposition
 
@@ -176,7 +165,8 @@ def test_run_describes_a_curriculum_by_its_stages():
     stages = [dataclasses.asdict(stage) for stage in build_stages(cfg.tst, cfg.train.steps)]
     run = Run("tst", Path("."), cfg, {"stages": stages}, [{"step": 0, "val_loss": 9.0, "elapsed": 0.0, "flops": 0.0, "tokens_seen": 0}], [], True)
     assert (run.bag_sizes, run.switch_step, run.ratio, run.method) == ([8, 4, 8], 40, 0.4, "s=8->4->8, r=0.4")
-    base = Run("baseline", Path("."), Config(), {"stages": [{"bag_size": 1, "end_step": 100}]}, run.evals, [], True)
+    plain = [dataclasses.asdict(st) for st in build_stages(load_config(None, ["--tst.ratio=0"]).tst, 100)]
+    base = Run("baseline", Path("."), Config(), {"stages": plain}, run.evals, [], True)
     assert (base.bag_sizes, base.ratio, base.method) == ([], 0.0, "baseline")
     output = [dataclasses.asdict(st) for st in build_stages(load_config(None, ["--tst.mode=output"]).tst, 100)]
     assert Run("o", Path("."), cfg, {"stages": output}, run.evals, [], True).method == "s=4, r=0.3, output-only"

@@ -14,7 +14,7 @@ from superpose.distributed import Runtime
 from superpose.model import TSTModel, build_model, hf_progress_bars
 from superpose.method import split_window
 from superpose.schedule import Stage
-from superpose.train import evaluate, make_optimizer, train, train_step
+from superpose.train import make_optimizer, train, train_step, validation_loss
 
 
 def records(run_dir, kind):
@@ -107,11 +107,11 @@ def test_phase1_evals_score_the_bag_objective_beside_the_unigram_level(small_dat
     bags = validation_windows(data.splits["val"], width - 1, n * (width - 1))  # [n, s*L+s]
     targets = split_window(bags, 4, "full")[1]  # [n, L, 4]
     assert evals[12]["val_bag_unigram_loss"] == pytest.approx(-logp[targets].mean().item(), rel=1e-5)
-    # evaluate() with a stage is exactly the training objective on those windows
+    # validation_loss() with a stage is exactly the training objective on those windows
     model = TSTModel(build_model("tiny", data.vocab_size, 32))
     stage = Stage("superposition", 4, "full", "power", 12)
     loss_sum, weight = model(*split_window(bags, 4, "full"), stage.weights(0, 4))
-    measured = evaluate(model, bags, cfg, Runtime(0, 1, torch.device("cpu")), stage, 0)
+    measured = validation_loss(model, bags, cfg, Runtime(0, 1, torch.device("cpu")), stage, 0)
     assert measured == pytest.approx((loss_sum / weight).item(), rel=1e-5)
 
 

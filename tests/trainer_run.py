@@ -1,0 +1,83 @@
+"""One TSTTrainer run for tests/test_hf_trainer_distributed.py, in one process or under torchrun.
+
+The tiny preset on fixed random windows, read in order (a sequential sampler), so that a global
+batch of B windows holds the same windows on 1 rank as on N ranks of B / N each. Rank 0 writes
+the per-step training records (loss, grad norm, tst_bag_size) as JSON to ``--records``.
+
+    python tests/trainer_run.py --run-dir DIR --records LOG.json --batch 4
+    torchrun --nproc-per-node 2 tests/trainer_run.py --run-dir DIR --records LOG.json --batch 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import TrainerCallback, TrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from superpose.config import TSTConfig  # noqa: E402
+from superpose.hf_trainer import TSTTrainer, window_tokens  # noqa: E402
+from superpose.model import build_model  # noqa: E402
+
+VOCAB, L, S = 64, 8, 4
+
+
+class Windows(torch.utils.data.Dataset):
+    def __init__(self, n: int, width: int):
+        self.ids = torch.randint(0, VOCAB, (n, width), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i]}
+
+
+class InOrder(TSTTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--records", required=True)
+    p.add_argument("--batch", type=int, required=True, help="per device")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this step (a checkpoint is saved there)")
+    p.add_argument("--resume", help="a Trainer checkpoint directory")
+    p.add_argument("--preset", default="tiny")
+    args = p.parse_args()
+    tst = TSTConfig(bag_size=S, ratio=0.5)
+    torch.manual_seed(0)
+    model = build_model(args.preset, VOCAB, L)
+    training = TrainingArguments(output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
+                                 gradient_accumulation_steps=args.grad_accum, learning_rate=1e-3, logging_steps=1,
+                                 save_steps=args.stop_at or 10**6, report_to="none", seed=0, disable_tqdm=True,
+                                 lr_scheduler_type="linear", warmup_steps=1, use_cpu=True,
+                                 dataloader_pin_memory=False)
+    trainer = InOrder(model=model, args=training, train_dataset=Windows(64, window_tokens(L, tst)), tst=tst, seq_len=L,
+                      callbacks=[StopAt(args.stop_at)] if args.stop_at else [])
+    trainer.train(resume_from_checkpoint=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        records = [h for h in trainer.state.log_history if "loss" in h]
+        Path(args.records).write_text(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main()
