@@ -64,12 +64,17 @@ class ShardedWriter:
             try:
                 dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
                 done.set_result(_hash_share(directory))
-            except BaseException as err:  # CheckpointException is a BaseException
+            except (Exception, dcp.CheckpointException) as err:  # DCP's is a BaseException
                 done.set_exception(err)
             return done
         # async_save copies the state to CPU memory before it returns: training may go on at once
         upload = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=not dist.is_initialized())
-        return self.executor.submit(lambda: (upload.result(), _hash_share(directory))[1])
+
+        def written() -> dict[str, dict]:
+            upload.result()
+            return _hash_share(directory)
+
+        return self.executor.submit(written)
 
     def close(self) -> None:
         if self.executor is not None:
