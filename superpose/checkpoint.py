@@ -6,7 +6,7 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNNN/`` in one of two formats
   parameter name, the trainer state (step, data position, RNG, last eval) and the resolved
   config. Rank 0 gathers and writes it: simple, and fine while the model fits one process.
 - sharded (``superpose.sharded``): every rank writes its own shards with
-  torch.distributed.checkpoint, rank 0 a small ``trainer.pt``. The default under FSDP.
+  torch.distributed.checkpoint, rank 0 a small ``trainer.pt``. The default under FSDP and HSDP.
 Either kind resumes under any strategy and world size (the sharded one through DCP's
 resharding), and ``export_checkpoint`` turns either into a model directory.
 
@@ -53,7 +53,7 @@ _SHARD_SIZE = "1GB"  # safetensors files of an export: one is in memory twice wh
 
 
 def resolve_format(checkpoint_format: str, runtime: Runtime, strategy: str) -> str:
-    """``train.checkpoint_format``: ``auto`` is sharded where the model is (FSDP on > 1 rank), else gathered."""
+    """``train.checkpoint_format``: ``auto`` is sharded where the model is (FSDP, HSDP on > 1 rank), else gathered."""
     if checkpoint_format != "auto":
         return checkpoint_format
     return "sharded" if shards_parameters(runtime, strategy) else "gathered"
@@ -123,7 +123,7 @@ class Checkpoints:
     def __init__(self, run_dir: Path, checkpoint_format: str, keep: int, asynchronous: bool, runtime: Runtime):
         if asynchronous and checkpoint_format != "sharded":  # "auto" on one process or under DDP
             raise ConfigError("train.async_checkpoint needs sharded checkpoints, and train.checkpoint_format = 'auto' "
-                              "gives gathered ones here (sharded only under FSDP); set train.checkpoint_format = 'sharded'")
+                              "gives gathered ones here (sharded only under FSDP/HSDP); set train.checkpoint_format = 'sharded'")
         self.root, self.format, self.keep, self.runtime = Path(run_dir) / CHECKPOINTS, checkpoint_format, keep, runtime
         self.sharded = ShardedWriter(asynchronous) if checkpoint_format == "sharded" else None
         self.pending = None  # (step, rank 0's manifest entries, future of this rank's) of the save in flight

@@ -119,12 +119,13 @@ class TrainConfig:
     threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
     precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
+    activation_checkpointing: str = "none"  # none | full | selective: recompute each decoder block's activations in backward
     eval_every: int = 100  # validate every this many steps, and after the last one
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
     log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
     checkpoint_every: int = 200  # 0 = only at the end
     keep_checkpoints: int = 2  # the newest this many checkpoints are kept
-    checkpoint_format: str = "auto"  # auto (sharded under FSDP, else gathered) | sharded (DCP, every rank its shards) | gathered
+    checkpoint_format: str = "auto"  # auto (sharded under FSDP/HSDP, else gathered) | sharded (DCP, every rank its shards) | gathered
     async_checkpoint: bool = False  # sharded checkpoints are written in the background while training goes on
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
     progress: bool = True  # tqdm progress bars (rank 0 only)
@@ -136,9 +137,10 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp | fsdp (used when launched with torchrun and WORLD_SIZE > 1)
-    param_dtype: str = "fp32"  # fsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
-    reduce_dtype: str = "fp32"  # fsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
+    strategy: str = "ddp"  # ddp | fsdp | hsdp (used when launched with torchrun and WORLD_SIZE > 1)
+    shard_size: int = 0  # hsdp: ranks per shard group (e.g. GPUs per node); the WORLD_SIZE / shard_size groups replicate
+    param_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
+    reduce_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
 
 
 @dataclass
@@ -201,9 +203,10 @@ CHOICES = {
     ("tst", "mode"): MODES,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("fp32", "bf16"),
+    ("train", "activation_checkpointing"): ("none", "full", "selective"),
     ("train", "wandb_mode"): ("online", "offline"),
     ("train", "checkpoint_format"): ("auto", "sharded", "gathered"),
-    ("distributed", "strategy"): ("ddp", "fsdp"),
+    ("distributed", "strategy"): ("ddp", "fsdp", "hsdp"),
     ("distributed", "param_dtype"): ("fp32", "bf16"),
     ("distributed", "reduce_dtype"): ("fp32", "bf16"),
 }
@@ -332,9 +335,14 @@ def validate(cfg: Config) -> None:
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
         (not (cfg.train.async_checkpoint and cfg.train.checkpoint_format == "gathered"),
-         "train.async_checkpoint needs sharded checkpoints; set train.checkpoint_format = 'sharded' (or 'auto' under FSDP)"),
-        (cfg.distributed.strategy == "fsdp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
-         "distributed.param_dtype/reduce_dtype apply to strategy fsdp only; DDP keeps fp32 (use train.precision=bf16)"),
+         "train.async_checkpoint needs sharded checkpoints; set train.checkpoint_format = 'sharded' (or 'auto' under FSDP/HSDP)"),
+        (cfg.distributed.strategy != "ddp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
+         "distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 "
+         "(use train.precision=bf16)"),
+        (cfg.distributed.strategy == "hsdp" or cfg.distributed.shard_size == 0,
+         "distributed.shard_size applies to strategy hsdp only; set distributed.strategy=hsdp or drop shard_size"),
+        (cfg.distributed.strategy != "hsdp" or cfg.distributed.shard_size >= 1,
+         "distributed.strategy = hsdp needs distributed.shard_size >= 1 (ranks per shard group, e.g. GPUs per node)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -399,6 +407,7 @@ def _validate_stages(tst: TSTConfig, steps: int) -> None:
             (isinstance(stage["anneal"], bool), "anneal must be true or false"),
             (isinstance(stage["lr_scale"], (int, float)) and stage["lr_scale"] > 0, "lr_scale must be > 0"),
             (isinstance(stage["blend_steps"], int) and stage["blend_steps"] >= 0, "blend_steps must be an integer >= 0"),
+            (size != 1 or not stage["blend_steps"], "blend_steps turn bag steps into next-token steps: a bag_size 1 stage has none"),
             (isinstance(stage["rewarmup_steps"], int) and stage["rewarmup_steps"] >= 0, "rewarmup_steps must be an integer >= 0"),
         ]
         for ok, message in checks:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError
+from .errors import ModelError
 from .meta_init import initialize_like_one_process, is_on_meta
 
 
@@ -104,14 +105,27 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def shards_parameters(runtime: Runtime, strategy: str) -> bool:
     """Does ``parallelize`` shard the model (so that it can be built on the meta device)?"""
-    return runtime.world > 1 and strategy == "fsdp"
+    return runtime.world > 1 and strategy in ("fsdp", "hsdp")
 
 
-def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: str, reduce_dtype: str) -> nn.Module:
+def check_mesh(runtime: Runtime, strategy: str, shard_size: int) -> None:
+    """The world-size part of the config checks, made once the runtime is known and before any model is built."""
+    if shards_parameters(runtime, strategy) and strategy == "hsdp" and runtime.world % shard_size:
+        raise ConfigError(f"distributed.shard_size ({shard_size}) must divide the world size ({runtime.world}): "
+                          "hsdp replicates the model across WORLD_SIZE / shard_size groups of shard_size ranks")
+
+
+def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: str, reduce_dtype: str,
+                shard_size: int = 0) -> nn.Module:
     """The model on ``runtime.device``: as it is (1 process), in DDP, or in FSDP2 with every
     transformer block sharded on its own and the rest (embeddings, head, final norm: tied weights
     included) in the root group. DDP and FSDP average gradients over ranks, so the trainer scales
     each rank's loss by the world size (see ``train.train_step``).
+
+    ``hsdp`` is FSDP2 on a 2-D mesh ``(replicate, shard)`` of ``WORLD_SIZE / shard_size`` groups
+    of ``shard_size`` ranks: parameters are sharded within a group and replicated across groups,
+    so the all-gathers and reduce-scatters stay inside a group (one node) and only one gradient
+    all-reduce per step crosses groups. Its gradients are still the mean over all ranks.
 
     A model built on the meta device (``build_model(meta=True)``) is sharded first, then each rank
     allocates its shards and fills them as one process would (``superpose.meta_init``): no rank
@@ -119,7 +133,7 @@ def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: 
 
     Every parameter gets a gradient in every step (MoE experts are fused 3-D tensors in
     transformers >= 5), so DDP runs without ``find_unused_parameters`` and the FSDP2
-    reduce-scatters of all ranks carry the same tensors. Mixed precision applies to FSDP only."""
+    reduce-scatters of all ranks carry the same tensors. Mixed precision applies to FSDP and HSDP only."""
     if not shards_parameters(runtime, strategy):
         model = _materialize(model, runtime.device)
         if runtime.world == 1:
@@ -128,14 +142,20 @@ def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: 
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if strategy == "hsdp":
+        mesh = init_device_mesh(runtime.device.type, (runtime.world // shard_size, shard_size),
+                                mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(runtime.device.type, (runtime.world,), mesh_dim_names=("shard",))
     if not is_on_meta(model):
         model = model.to(runtime.device)
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     for block in transformer_blocks(model):
-        fully_shard(block, mp_policy=policy)
-    return _materialize(fully_shard(model, mp_policy=policy), runtime.device)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return _materialize(fully_shard(model, mesh=mesh, mp_policy=policy), runtime.device)
 
 
 def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
@@ -148,26 +168,32 @@ def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated decoder blocks of an HF causal LM (the ModuleList under its body)."""
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks of an HF causal LM (the ModuleList under its body), as the model
+    holds them: a block wrapped for activation checkpointing is its wrapper."""
     body = model.lm.base_model
     for child in body.children():
         if isinstance(child, nn.ModuleList):
-            return list(child)
-    raise ValueError(f"cannot find the transformer blocks of {type(body).__name__} to shard")
+            return child
+    raise ModelError(f"cannot find the transformer blocks (a ModuleList) of {type(body).__name__} to shard or checkpoint")
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+def gradient_sync(model: nn.Module, enabled: bool, strategy: str):
+    """Skip the gradient communication that can wait on all but the last micro-batch of a step.
+
+    DDP and FSDP2 skip all of it. HSDP (a 2-D mesh) keeps the reduce-scatter within each shard
+    group, so the accumulated gradients stay sharded, and skips only the all-reduce across the
+    groups (between nodes, the slow link): FSDP2 adds the held partial sums into the last one."""
     if enabled or not dist.is_initialized():
         yield
     elif hasattr(model, "no_sync"):  # DDP
         with model.no_sync():
             yield
     else:  # FSDP2
-        model.set_requires_gradient_sync(False)
+        toggle = model.set_requires_all_reduce if strategy == "hsdp" else model.set_requires_gradient_sync
+        toggle(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            toggle(True)

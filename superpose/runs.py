@@ -47,7 +47,8 @@ RESUME_SAFE_KEYS = {
     "train.out_dir", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
-    "train.compile", "model.loss_chunk_size", "train.threads", "train.checkpoint_format", "train.async_checkpoint",
+    "train.compile", "model.loss_chunk_size", "train.threads", "distributed.shard_size", "train.activation_checkpointing",
+    "train.checkpoint_format", "train.async_checkpoint",
 }
 
 

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import Checkpoints, export_model, load_checkpoint, resolve_format, select_checkpoint
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, resolved
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
-from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, gradient_sync, init_runtime, parallelize,
+from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_mesh, gradient_sync, init_runtime, parallelize,
                           raise_together, shards_parameters)
 from .errors import DataError, Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, writable_dir
@@ -79,7 +80,7 @@ def train_step(
     chunks = list(zip(inputs.split(micro), targets.split(micro)))
     loss_total = torch.zeros((), device=runtime.device)
     for i, (x, y) in enumerate(chunks):
-        with gradient_sync(model, enabled=i == len(chunks) - 1), autocast(cfg, runtime):
+        with gradient_sync(model, i == len(chunks) - 1, cfg.distributed.strategy), autocast(cfg, runtime):
             loss_sum, _ = model(x, y, weights)
         # DDP/FSDP average gradients over ranks; the factor `world` turns that into a sum.
         (loss_sum * (runtime.world / global_weight)).backward()
@@ -215,6 +216,7 @@ def _remove_if_unused(run_dir: Path) -> None:
 def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
+    check_mesh(runtime, cfg.distributed.strategy, cfg.distributed.shard_size)
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
@@ -226,9 +228,11 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation,
                      meta=shards_parameters(runtime, cfg.distributed.strategy))
     model = TSTModel(lm, cfg.model.loss_chunk_size)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # before FSDP2 shards the wrapped blocks
     if cfg.train.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain model
-    model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype, cfg.distributed.reduce_dtype)
+    model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype, cfg.distributed.reduce_dtype,
+                        cfg.distributed.shard_size)
     optimizer = make_optimizer(model, cfg, runtime.device)
     stages = build_stages(cfg.tst, cfg.train.steps)
     for stage in stages:

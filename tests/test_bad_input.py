@@ -161,6 +161,13 @@ def test_cuda_requested_without_cuda(small_data, tmp_path, capsys):
 # ---------------------------------------------------------------------------- data and model
 
 
+@pytest.mark.parametrize("extra, fragment", [(["--distributed.shard_size=8"], "distributed.shard_size applies to strategy hsdp only"),
+                                             (["--distributed.strategy=hsdp"], "hsdp needs distributed.shard_size >= 1")])
+def test_shard_size_without_hsdp_or_hsdp_without_it(small_data, tmp_path, capsys, extra, fragment):
+    fails(train_args(small_data, tmp_path / "run", *extra), capsys, fragment)
+    assert not (tmp_path / "run").exists()
+
+
 def test_phase1_window_longer_than_data(small_data, tmp_path, capsys):
     tokens = json.loads((small_data / "meta.json").read_text())["splits"]["train"]["tokens"]
     bag = tokens // 16 + 1  # s*L + s tokens per phase-1 window > the whole training split

@@ -186,6 +186,7 @@ def test_a_literal_stage_list_is_the_stages_its_shorthand_expands_to(tmp_path):
     ("bag_size = 4\nmode = 'both'\nfraction = 0.2", "mode must be one of full, input, output"),
     ("bag_size = 4\nweighting = [1.0]\nfraction = 0.2", "weighting must be one of"),
     ("bag_size = 4\nsteps = 700", "tst.stages take 700 steps, more than train.steps = 600"),
+    ("bag_size = 1\nblend_steps = 5", "a bag_size 1 stage has none"),
     ("bag_size = 4\n[[tst.stages]]\nbag_size = 1", r"tst.stages\[1\]: needs steps or fraction"),
 ])
 def test_bad_stage_tables_are_rejected_with_the_key(tmp_path, table, message):

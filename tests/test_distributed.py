@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU ranks (gloo): DDP and FSDP2 runs equal one process with the same global batch.
+"""torchrun with 2 CPU ranks (gloo), and 4 as 2 x 2 HSDP: DDP, FSDP2 and HSDP runs equal one process with the same global batch.
 
 Every run is the ``tiny`` preset for 8 steps through a phase switch (s=2, r=0.5, L=32, global
 batch 4), logging the loss of every step. Two ranks change only the order of floating-point
@@ -22,6 +22,7 @@ from conftest import tiny_overrides
 
 from superpose.cli import main
 from superpose.config import ConfigError, load_config
+from superpose.distributed import Runtime, check_mesh
 from superpose.model import TSTModel, build_model, router_balance_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +186,35 @@ def test_export_of_a_two_rank_sharded_checkpoint(runs, tmp_path, name):
     assert (out / "model.safetensors").read_bytes() == (runs[name] / "model" / "model.safetensors").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory, small_data) -> dict[str, Path]:
+    """4 ranks as 2 x 2 HSDP with 2 micro-batches per rank (so gradient sync skipping is exercised),
+    beside one process with the same global batch of 8."""
+    root = tmp_path_factory.mktemp("hsdp")
+    plan = {
+        "single": (1, []),
+        "hsdp": (4, ["--distributed.strategy=hsdp", "--distributed.shard_size=2", "--train.micro_batch_size=1"]),
+    }
+    with ThreadPoolExecutor(len(plan)) as pool:
+        list(pool.map(lambda name: launch(root / name, small_data, plan[name][0], "--train.batch_size=8", *plan[name][1]), plan))
+    return {name: root / name for name in plan}
+
+
+def test_hsdp_two_by_two_equals_one_process(hsdp_runs):
+    assert_same(hsdp_runs["single"], hsdp_runs["hsdp"], range(1, 9))
+    records = [json.loads(line) for line in (hsdp_runs["hsdp"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in records if r["kind"] == "start"] == [4]
+
+
+def test_hsdp_checkpoint_resumes_on_two_fsdp_ranks(hsdp_runs, small_data, tmp_path):
+    """The 4-rank HSDP checkpoint of step 3 (phase 1) continues on 2 FSDP ranks as the HSDP run did, across the switch."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(hsdp_runs["hsdp"], resumed)
+    launch(resumed, small_data, 2, "--train.batch_size=8", "--distributed.strategy=fsdp",
+           resume=resumed / "checkpoints" / "step-00000003")
+    assert_same(hsdp_runs["hsdp"], resumed, range(4, 9))
+
+
 def test_moe_trains_under_fsdp(runs):
     moe = steps(runs["moe"])
     assert sorted(moe) == list(range(1, 9)) and moe[8]["loss"] < moe[1]["loss"] - 0.5
@@ -202,9 +232,10 @@ def test_moe_two_ranks_equal_one_process(runs, small_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_bf16_mixed_precision_tracks_fp32(runs, small_data, tmp_path):
-    launch(tmp_path / "bf16", small_data, 2, "--distributed.strategy=fsdp", "--distributed.param_dtype=bf16",
-           "--distributed.reduce_dtype=bf16")
+@pytest.mark.parametrize("ranks, layout", [(2, ["--distributed.strategy=fsdp"]),
+                                           (4, ["--distributed.strategy=hsdp", "--distributed.shard_size=2"])], ids=["fsdp", "hsdp"])
+def test_bf16_mixed_precision_tracks_fp32(runs, small_data, tmp_path, ranks, layout):
+    launch(tmp_path / "bf16", small_data, ranks, *layout, "--distributed.param_dtype=bf16", "--distributed.reduce_dtype=bf16")
     single, bf16 = steps(runs["single"]), steps(tmp_path / "bf16")
     assert max(abs(single[step]["loss"] - bf16[step]["loss"]) for step in range(1, 9)) < 0.05
 
@@ -247,7 +278,34 @@ def test_router_balance_loss_is_the_transformers_loss_on_one_process():
     torch.testing.assert_close(router_balance_loss(lm, out), expected)
 
 
+@pytest.mark.parametrize("mode", ["full", pytest.param("selective", marks=pytest.mark.slow)])
+def test_activation_checkpointing_under_fsdp_equals_one_process(runs, small_data, tmp_path, mode):
+    """Checkpointed blocks, built on meta and sharded by FSDP2, train as the plain single process."""
+    launch(tmp_path / mode, small_data, 2, "--distributed.strategy=fsdp", f"--train.activation_checkpointing={mode}")
+    assert_same(runs["single"], tmp_path / mode, range(1, 9))
+
+
 def test_mixed_precision_dtypes_need_fsdp():
-    with pytest.raises(ConfigError, match="fsdp only"):
+    with pytest.raises(ConfigError, match="fsdp and hsdp only"):
         load_config(None, ["--distributed.param_dtype=bf16"])
     assert load_config(None, ["--distributed.strategy=fsdp", "--distributed.reduce_dtype=bf16"]).distributed.reduce_dtype == "bf16"
+    assert load_config(None, ["--distributed.strategy=hsdp", "--distributed.shard_size=8",
+                              "--distributed.param_dtype=bf16"]).distributed.param_dtype == "bf16"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--distributed.strategy=hsdp"], "needs distributed.shard_size >= 1"),
+    (["--distributed.strategy=hsdp", "--distributed.shard_size=-2"], "needs distributed.shard_size >= 1"),
+    (["--distributed.strategy=fsdp", "--distributed.shard_size=2"], "applies to strategy hsdp only"),
+])
+def test_shard_size_is_checked_with_the_config(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_shard_size_must_divide_the_world_size():
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"shard_size \(3\) must divide the world size \(4\)"):
+        check_mesh(Runtime(0, 4, cpu), "hsdp", 3)
+    for world, shard_size in [(4, 2), (4, 4), (4, 1), (1, 8)]:  # one process: hsdp, like fsdp, does not apply
+        check_mesh(Runtime(0, world, cpu), "hsdp", shard_size)
