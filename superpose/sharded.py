@@ -5,10 +5,10 @@
     step-N/trainer.pt                rank 0: step, elapsed, loader position, RNG, last eval, config
     step-N/manifest.json             every file's size and SHA-256 (``superpose.integrity``)
 
-Nothing is gathered, so a checkpoint costs no rank more memory than training does. DCP's
-metadata records each tensor's global shape and which slice each file holds, so a checkpoint
-resumes on any world size and under either strategy: the reader asks for the slices of its own
-world and DCP reshards. This module writes and reads the files of one directory; where the
+Nothing is gathered, so a synchronous save costs no rank more memory than training does (an
+asynchronous one first copies the rank's shards to CPU memory). DCP's metadata records each
+tensor's global shape and which slice each file holds, so a checkpoint resumes on any world size
+and under any strategy: the reader asks for the slices of its own world and DCP reshards. This module writes and reads the files of one directory; where the
 directory goes (temporary name, rename, retention) is ``superpose.checkpoint``'s business.
 
 Every rank hashes a share of the files for the manifest (round robin over the sorted names),
