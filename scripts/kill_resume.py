@@ -3,6 +3,7 @@ compare it with an uninterrupted run.
 
     python scripts/kill_resume.py                       # long form: 50 trials (~1 h on 2 cores)
     python scripts/kill_resume.py --trials 1 --kills 0  # short form (CI): only the fixed kills of trial 0
+    python scripts/kill_resume.py --format sharded      # the same with sharded (DCP) checkpoints
 
 Each trial is one run directory, trained by a chain of processes: every process but the last is
 killed with SIGKILL, the next one restarts with ``--resume auto``. Trials come in three kinds:
@@ -11,7 +12,7 @@ killed with SIGKILL, the next one restarts with ``--resume auto``. Trials come i
   export; every trial adds ``--kills``
   random kill points, and every odd trial a damage point: a kill once two checkpoints exist,
   after which the newest checkpoint is damaged (byte ranges flipped in place, truncated, its
-  state file or its manifest deleted, in turn). The next process must report the damage
+  state file (sharded: its first shard file) or its manifest deleted, in turn). The next process must report the damage
   ("failed verification") and continue from the older checkpoint;
 - ``superpose compare`` (trial 5, 15, ...): the baseline killed in phase 1, the process killed
   between the arms, the TST arm killed in phase 2 and while writing a checkpoint;
@@ -24,7 +25,8 @@ as the uninterrupted reference run of its kind (on CPU: bit for bit). Prints
 
 Kill points (``--plan`` takes them comma-separated, for trial 0):
   step:K   inside step K (1-based), after its optimizer update, before it is logged or checkpointed
-  ckpt:K   halfway through writing checkpoint K's state file (a partial hidden .tmp-step dir is left)
+  ckpt:K   halfway through writing checkpoint K's model: its state file, or its first DCP tensor
+           once trainer.pt is written (a partial hidden .tmp-step dir is left)
   final    after the last checkpoint, before the model export
   export   in the middle of the export: weights and tokenizer written, manifest and rename not
   ext:K    from outside, at whatever point the run has reached once step K shows in metrics.jsonl
@@ -52,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from superpose.integrity import problem  # noqa: E402  (torch-free: the parent never imports torch)
-from superpose.runs import STATE_FILE, checkpoint_dirs, logged_step, read_records  # noqa: E402
+from superpose.runs import CHECKPOINT_FILES, STATE_FILE, checkpoint_dirs, logged_step, read_records  # noqa: E402
 
 DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
 STEPS, RATIO, CHECKPOINT_EVERY, EVAL_EVERY = 24, 0.5, 4, 8
@@ -110,15 +112,17 @@ def child(kill: str, argv: list[str]) -> None:
 
         train_mod.MetricsLog.write = write_or_die
     elif kind == "ckpt":
-        save_checkpoint, torch_save, armed = train_mod.save_checkpoint, torch.save, []
+        import superpose.checkpoint as checkpoint_mod
 
-        def save_checkpoint_armed(run_dir, step, *args, **kwargs):
+        save, torch_save, armed = checkpoint_mod.Checkpoints.save, torch.save, []
+
+        def save_armed(self, step, *args, **kwargs):
             if step == int(arg):
                 armed.append(step)
-            return save_checkpoint(run_dir, step, *args, **kwargs)
+            return save(self, step, *args, **kwargs)
 
         def torch_save_half(obj, handle, *args, **kwargs):
-            if not armed:
+            if not armed or not (isinstance(obj, torch.Tensor) or (isinstance(obj, dict) and "model" in obj)):  # not trainer.pt
                 return torch_save(obj, handle, *args, **kwargs)
             buffer = io.BytesIO()
             torch_save(obj, buffer, *args, **kwargs)
@@ -126,7 +130,7 @@ def child(kill: str, argv: list[str]) -> None:
             handle.flush()
             die()
 
-        train_mod.save_checkpoint, torch.save = save_checkpoint_armed, torch_save_half
+        checkpoint_mod.Checkpoints.save, torch.save = save_armed, torch_save_half
     elif kind == "final":
         train_mod.export_model = lambda *args, **kwargs: die()
     elif kind == "export":  # the weights and tokenizer are in .tmp-model, the manifest and rename are not
@@ -175,7 +179,7 @@ def damage_point(rng: random.Random, trial: int) -> str:
 def damage(run_dir: Path, kind: str, rng: random.Random) -> str:
     """Damage the newest checkpoint as a bad disk or a careless hand would; returns what was done."""
     newest = checkpoint_dirs(run_dir)[-1]
-    state = newest / STATE_FILE
+    state = newest / STATE_FILE if (newest / STATE_FILE).is_file() else min(newest.glob("*.distcp"))  # gathered or sharded
     if kind == "flip":  # 1-3 byte ranges inverted in place: same size, other content
         raw = bytearray(state.read_bytes())
         ranges = [(start, rng.randrange(1, 4097)) for start in rng.sample(range(len(raw) - 4096), rng.randrange(1, 4))]
@@ -186,7 +190,7 @@ def damage(run_dir: Path, kind: str, rng: random.Random) -> str:
     if kind == "truncate":
         size = rng.randrange(0, state.stat().st_size)
         os.truncate(state, size)
-        return f"{newest.name}: state.pt truncated to {size} bytes"
+        return f"{newest.name}: {state.name} truncated to {size} bytes"
     target = state if kind == "delstate" else newest / "manifest.json"
     target.unlink()
     return f"{newest.name}: {target.name} deleted"
@@ -295,6 +299,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", help="a prepared data directory (default: prepare a small one in --work)")
     parser.add_argument("--work", default="/tmp/superpose-kill-resume", help="scratch directory (emptied first)")
+    parser.add_argument("--format", default="auto", choices=["auto", "sharded", "gathered"], help="train.checkpoint_format")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
 
@@ -303,7 +308,7 @@ def main() -> int:
     work.mkdir(parents=True)
     data = Path(args.data) if args.data else prepare_data(work)
     config = work / "config.toml"
-    config.write_text(CONFIG.replace('corpus = ""', f'dir = "{data}"\ncorpus = ""'))
+    config.write_text(CONFIG.replace('corpus = ""', f'dir = "{data}"\ncorpus = ""') + f'checkpoint_format = "{args.format}"\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     say = (lambda text: print(text, file=sys.stderr)) if args.verbose else (lambda text: None)
     problems = []
@@ -341,7 +346,7 @@ def main() -> int:
             if status == -signal.SIGKILL or (kind == "ddp" and status != 0):
                 kills += 1
                 tmp = run_dir / "checkpoints" / f".tmp-step-{int(point[5:]):08d}" if point.startswith("ckpt:") else None
-                if tmp is not None and kind == "train" and not (tmp / STATE_FILE).is_file():
+                if tmp is not None and kind == "train" and not any((tmp / name).is_file() for name in CHECKPOINT_FILES):
                     problems.append(f"trial {trial}: {point} left no partial {tmp}")
                 if point.startswith("damage-"):
                     pending = damage(run_dir, point[7:].partition(":")[0], rng)

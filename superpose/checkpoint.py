@@ -1,13 +1,20 @@
 """Checkpoints that survive a crash, and the export to an ordinary Hugging Face model directory.
 
-A checkpoint is one file, ``checkpoints/step-NNNNNNNN/state.pt``, holding the full (gathered)
-model and optimizer state keyed by parameter name, the trainer state (step, data position, RNG)
-and the resolved config, plus ``manifest.json`` (its size and SHA-256, ``superpose.integrity``).
-Because it is gathered, a checkpoint written under any strategy and world size resumes under any
-other. It is written into a hidden temporary directory, fsynced and renamed into place, so a
-directory named ``step-*`` was complete when written; it is verified against its manifest before
-it is loaded, so one damaged since is never trained on. Every rank reads it from the run
-directory (a filesystem shared by the nodes).
+A checkpoint is a directory ``checkpoints/step-NNNNNNNN/`` in one of two formats, chosen by
+``train.checkpoint_format`` (``resolve_format``) and recognised from its files when it is read:
+- gathered: one file, ``state.pt``, holding the full model and optimizer state keyed by
+  parameter name, the trainer state (step, data position, RNG, last eval) and the resolved
+  config. Rank 0 gathers and writes it: simple, and fine while the model fits one process.
+- sharded (``superpose.sharded``): every rank writes its own shards with
+  torch.distributed.checkpoint, rank 0 a small ``trainer.pt``. The default under FSDP and HSDP.
+Either kind resumes under any strategy and world size (the sharded one through DCP's
+resharding), and ``export_checkpoint`` turns either into a model directory.
+
+Both are written into a hidden temporary directory, fsynced, listed with each file's size and
+SHA-256 in ``manifest.json`` (``superpose.integrity``) and renamed into place by rank 0 after
+every rank has written its part, so a directory named ``step-*`` was complete when written; it
+is verified against its manifest before it is loaded, so one damaged since is never trained
+on. Every rank reads it from the run directory (a filesystem shared by the nodes).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -27,14 +35,28 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from transformers import AutoModelForCausalLM
 
-from .distributed import Runtime, barrier, broadcast_object, raise_together
-from .errors import CheckpointError
+from .config import config_from_dict
+from .data import TokenData
+from .distributed import Runtime, all_gather_object, barrier, broadcast_object, raise_together, shards_parameters
+from .errors import CheckpointError, ConfigError
+from .files import writable_dir
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
-from .model import hf_progress_bars
-from .runs import STATE_FILE, checkpoint_dirs
+from .model import hf_progress_bars, model_config
+from .runs import CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs
+from .schedule import build_stages
+from .sharded import ShardedWriter, is_sharded, load_sharded, read_sharded_model
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SHARD_SIZE = "1GB"  # safetensors files of an export: one is in memory twice while it is written
+
+
+def resolve_format(checkpoint_format: str, runtime: Runtime, strategy: str) -> str:
+    """``train.checkpoint_format``: ``auto`` is sharded where the model is (FSDP, HSDP on > 1 rank), else gathered."""
+    if checkpoint_format != "auto":
+        return checkpoint_format
+    return "sharded" if shards_parameters(runtime, strategy) else "gathered"
 
 
 def select_checkpoint(run_dir: Path, resume: str, runtime: Runtime) -> tuple[Path | None, list[dict]]:
@@ -58,19 +80,7 @@ def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
     if resume == "never":
         return None, []
     if resume != "auto":
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointError(
-                f"--resume {resume}: expected never, auto, or a checkpoint directory "
-                f"(one holding {STATE_FILE}, e.g. {run_dir / 'checkpoints' / 'step-00000100'})"
-            )
-        found = problem(path)
-        if found == NO_MANIFEST:
-            print(f"superpose: warning: {path} has no {MANIFEST} (written before checkpoints had checksums); "
-                  "loading it unverified", file=sys.stderr)
-        elif found is not None:
-            raise CheckpointError(f"checkpoint {path} failed verification: {found}; pass an older checkpoint directory")
-        return path, []
+        return verified(Path(resume), "--resume", run_dir / CHECKPOINTS / "step-00000100"), []
     rejected = []
     for path in reversed(checkpoint_dirs(run_dir)):
         found = problem(path)
@@ -86,39 +96,148 @@ def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
     return None, []
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int, runtime: Runtime) -> None:
-    """Collective: every rank calls it; rank 0 writes."""
-    state = {
-        "model": get_model_state_dict(model, options=_GATHER),
-        "optimizer": get_optimizer_state_dict(model, optimizer, options=_GATHER),
-        "trainer": trainer_state,
-    }
-    if runtime.is_main:
-        root = Path(run_dir) / "checkpoints"
-        final = root / f"step-{step:08d}"
-        tmp = root / f".tmp-step-{step:08d}"
+def verified(path: Path, what: str, example: Path) -> Path:
+    """``path``, a checkpoint directory that verifies (one without a manifest: with a warning)."""
+    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
+        raise CheckpointError(
+            f"{what} {path}: expected {'never, auto, or ' if what == '--resume' else ''}a checkpoint directory "
+            f"(one holding {' or '.join(CHECKPOINT_FILES)}, e.g. {example})"
+        )
+    found = problem(path)
+    if found == NO_MANIFEST:
+        print(f"superpose: warning: {path} has no {MANIFEST} (written before checkpoints had checksums); "
+              "loading it unverified", file=sys.stderr)
+    elif found is not None:
+        raise CheckpointError(f"checkpoint {path} failed verification: {found}; pass an older checkpoint directory")
+    return path
+
+
+class Checkpoints:
+    """The writer of a run's checkpoints in one format; holds the asynchronous save in flight.
+
+    Collective: every rank calls ``save`` and ``wait``. A save publishes its directory (manifest,
+    rename, retention) once every rank's part is on disk: at once, or with ``asynchronous``
+    (sharded only) in the next ``save`` or ``wait``, so the loop goes on while the shards are
+    written."""
+
+    def __init__(self, run_dir: Path, checkpoint_format: str, keep: int, asynchronous: bool, runtime: Runtime):
+        if asynchronous and checkpoint_format != "sharded":  # "auto" on one process or under DDP
+            raise ConfigError("train.async_checkpoint needs sharded checkpoints, and train.checkpoint_format = 'auto' "
+                              "gives gathered ones here (sharded only under FSDP/HSDP); set train.checkpoint_format = 'sharded'")
+        self.root, self.format, self.keep, self.runtime = Path(run_dir) / CHECKPOINTS, checkpoint_format, keep, runtime
+        self.sharded = ShardedWriter(asynchronous) if checkpoint_format == "sharded" else None
+        self.pending = None  # (step, rank 0's manifest entries, future of this rank's) of the save in flight
+
+    def save(self, step: int, model: nn.Module, optimizer, trainer_state: dict) -> None:
+        """Checkpoint ``step``, after publishing the save before it (so one is in flight at most)."""
+        self.wait()
+        if self.format == "gathered":
+            state = {"model": get_model_state_dict(model, options=_GATHER),
+                     "optimizer": get_optimizer_state_dict(model, optimizer, options=_GATHER), "trainer": trainer_state}
+            error = None
+            if self.runtime.is_main:
+                try:
+                    self._publish(step, self._write(step, STATE_FILE, state))
+                except CheckpointError as err:
+                    error = err
+            raise_together(error)
+            return
+        error, entries = None, {}
+        if self.runtime.is_main:
+            try:
+                entries = self._write(step, TRAINER_FILE, trainer_state)
+            except CheckpointError as err:
+                error = err
+        raise_together(error)  # the others write into the directory rank 0 made
+        self.pending = (step, entries, self.sharded.start(self._tmp(step), model, optimizer))
+        if not self.sharded.asynchronous:
+            self.wait()
+
+    def wait(self) -> None:
+        """Publish the save in flight, if any, once its write is complete; a failed write is a
+        ``CheckpointError`` on every rank and leaves the earlier checkpoints as they were."""
+        if self.pending is None:
+            return
+        (step, entries, future), self.pending = self.pending, None
+        error = None
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step-*"):  # left by a process killed while writing
+            share = future.result()
+        except (OSError, CheckpointException) as err:
+            error = _write_failed(self._tmp(step), f"checkpoint {self._final(step)}", _write_reason(err), "earlier checkpoints are intact")
+            share = {}
+        raise_together(error)
+        for part in all_gather_object(share):
+            entries.update(part)
+        if self.runtime.is_main:
+            try:
+                self._publish(step, entries)
+            except CheckpointError as err:
+                error = err
+        raise_together(error)
+
+    def close(self) -> None:
+        """Publish the save in flight and stop the background writer."""
+        self.wait()
+        if self.sharded is not None:
+            self.sharded.close()
+
+    def _final(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".tmp-step-{step:08d}"
+
+    def _write(self, step: int, name: str, state: dict) -> dict[str, dict]:
+        """Rank 0: a fresh temporary directory holding ``name``; its manifest entry."""
+        tmp = self._tmp(step)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-step-*"):  # left by a process killed while writing
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-            with open(tmp / STATE_FILE, "wb") as handle:
+            with open(tmp / name, "wb") as handle:
                 writer = HashingWriter(handle)  # the checksum costs no second read of the file
                 _save(state, writer)
                 handle.flush()
                 os.fsync(handle.fileno())
-            write_manifest(tmp, {STATE_FILE: writer.entry()})
+        except OSError as err:
+            raise _write_failed(tmp, f"checkpoint {self._final(step)}", err, "earlier checkpoints are intact") from None
+        return {name: writer.entry()}
+
+    def _publish(self, step: int, entries: dict[str, dict]) -> None:
+        """Rank 0: manifest, rename into place, drop the oldest beyond ``keep``."""
+        tmp, final = self._tmp(step), self._final(step)
+        try:
+            write_manifest(tmp, entries)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            _fsync_dir(self.root)
         except OSError as err:
             raise _write_failed(tmp, f"checkpoint {final}", err, "earlier checkpoints are intact") from None
-        for old in checkpoint_dirs(run_dir)[:-keep]:
+        for old in checkpoint_dirs(self.root.parent)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
 
 
-def _write_failed(tmp: Path, what: str, err: Exception, intact: str) -> CheckpointError:
+def _cause(err: BaseException) -> BaseException:
+    """The first ``OSError`` behind DCP's ``CheckpointException`` (which wraps each rank's error), else its first error."""
+    if isinstance(err, CheckpointException):
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        return next((c for c in causes if isinstance(c, OSError)), causes[0] if causes else err)
+    return err
+
+
+def _write_reason(err: BaseException) -> str:
+    """Why a DCP write failed, in words. A full disk (or quota, or file-size limit) cuts a write
+    short; torch.save's zip writer, which DCP writes through, then reports only the position."""
+    cause = _cause(err)
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause)
+    if "unexpected pos" in str(cause):
+        return "the file system took only part of a write: a full disk, a quota or a file-size limit"
+    return _first_line(cause)
+
+
+def _write_failed(tmp: Path, what: str, err: Exception | str, intact: str) -> CheckpointError:
     """Remove the partial ``tmp`` and say what to do; a full disk is the usual cause."""
     shutil.rmtree(tmp, ignore_errors=True)
     return CheckpointError(
@@ -137,63 +256,110 @@ def _save(state: dict, writer: HashingWriter) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    """Restore model and optimizer in place (any strategy) and return the trainer state.
-    ``path`` comes from ``select_checkpoint``, which verified it."""
+    """Restore model and optimizer in place (any strategy, either format: the files say which)
+    and return the trainer state. Collective. ``path`` comes from ``select_checkpoint``, which verified it."""
+    path = Path(path)
     try:
-        # mmap: the ranks of one node share the file's pages instead of each holding a copy
-        state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a damaged file can fail in many ways inside the unpickler
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({err}); delete it to resume from the one before, "
-            "or pass --resume with an older checkpoint directory"
-        ) from None
-    try:
-        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    except (KeyError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if is_sharded(path):
+            state = {"trainer": _read(path / TRAINER_FILE)}
+            load_sharded(path, model, optimizer)
+        else:
+            state = _read(path / STATE_FILE)
+            set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError, CheckpointException) as err:
+        first = _first_line(_cause(err))
         raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); it was written for another model config") from None
     return state["trainer"]
 
 
+def _read(file: Path) -> dict:
+    """A checkpoint's torch.save file; mmap: the ranks of one node share its pages instead of each holding a copy."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a damaged file can fail in many ways inside the unpickler
+        raise CheckpointError(
+            f"checkpoint {file.parent} cannot be read ({_first_line(err)}); delete it to resume from the one before, "
+            "or pass --resume with an older checkpoint directory"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict, runtime: Runtime,
                  progress: bool = True) -> None:
-    """Write ``out_dir`` as an HF model directory: safetensors weights, config, tokenizer.
-
-    Collective (the weights are gathered from every rank); rank 0 writes into a temporary
-    directory and renames it, so ``out_dir`` is either the old export or the new one.
-    """
-    from transformers import PreTrainedTokenizerFast
-
+    """Write ``out_dir`` as an HF model directory (``write_model_dir``) from the model in training.
+    Collective: the weights are gathered from every rank; rank 0 writes."""
     full = get_model_state_dict(model, options=_GATHER)
     if runtime.is_main:
-        weights = {name.removeprefix("lm."): tensor for name, tensor in full.items()}
-        for alias, name in tied_names(lm).items():  # gathered copies of one tied weight: share it again,
-            weights[alias] = weights[name]  # so save_pretrained stores it once, as a single process does
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        old = out_dir.with_name(f".old-{out_dir.name}")
-        for leftover in (tmp, old):  # from an export that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        lm.config.eos_token_id = lm.config.bos_token_id = eos_id
-        if lm.generation_config is not None:
-            lm.generation_config.eos_token_id = lm.generation_config.bos_token_id = eos_id
-            lm.generation_config.pad_token_id = eos_id
-        try:
-            with hf_progress_bars(progress):
-                lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-            eos = tokenizer.id_to_token(eos_id)  # the data's end-of-document token (<|endoftext|>, Llama 3's <|end_of_text|>)
-            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, pad_token=eos)
-            fast.save_pretrained(tmp)
-            (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
-            write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint
-        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-            raise _write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact") from None
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        write_model_dir(full, lm, tokenizer, eos_id, out_dir, info, progress)
     barrier()
+
+
+def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
+    """``superpose export``: the model of one checkpoint (either format, any world size) as an HF
+    model directory, in this process alone. No optimizer state is read and the weights exist
+    once, on CPU: the model is built on the meta device and the checkpoint's tensors are read
+    into place (DCP: the model's keys only; gathered: memory-mapped). Returns ``superpose.json``."""
+    path, out_dir = Path(path), Path(out_dir)
+    verified(path, "CHECKPOINT_DIR", Path("RUN") / CHECKPOINTS / "step-00000100")
+    writable_dir(out_dir.parent, "OUT_DIR's parent")
+    if is_sharded(path):
+        trainer, weights = _read(path / TRAINER_FILE), read_sharded_model(path)
+    else:
+        state = _read(path / STATE_FILE)
+        trainer, weights = state["trainer"], state["model"]  # state["optimizer"] stays on disk, unread
+    cfg = config_from_dict(trainer["config"])
+    data = TokenData(Path(cfg.data.dir))
+    with torch.device("meta"):  # the architecture only: no memory, no random draws
+        lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)
+    last_eval = trainer.get("last_eval") or {}
+    info = {"steps": trainer["step"], "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+            "tokens_seen": trainer["loader"]["tokens_seen"], "elapsed": trainer["elapsed"],
+            "stages": [vars(s) for s in build_stages(cfg.tst, cfg.train.steps)], "checkpoint": str(path)}
+    write_model_dir(weights, lm, data.tokenizer(), data.eos_id, out_dir, info, progress)
+    return info
+
+
+def write_model_dir(state: dict[str, torch.Tensor], lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict,
+                    progress: bool = True) -> None:
+    """Write ``out_dir`` as an HF model directory: safetensors weights, config, tokenizer, ``superpose.json``
+    and a manifest, from ``state`` (the trainer's parameter names, ``lm.`` first), which it consumes.
+
+    It is written into a temporary directory and renamed, so ``out_dir`` is either the old export
+    or the new one. ``save_pretrained`` drops each safetensors file's tensors once the file is
+    written, so the weights plus one file (``_SHARD_SIZE``) are the most that is in memory."""
+    from transformers import PreTrainedTokenizerFast
+
+    weights = {name.removeprefix("lm."): state.pop(name) for name in list(state)}
+    for alias, name in tied_names(lm).items():  # gathered copies of one tied weight: share it again,
+        weights[alias] = weights[name]  # so save_pretrained stores it once, as a single process does
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    old = out_dir.with_name(f".old-{out_dir.name}")
+    for leftover in (tmp, old):  # from an export that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    lm.config.eos_token_id = lm.config.bos_token_id = eos_id
+    if lm.generation_config is not None:
+        lm.generation_config.eos_token_id = lm.generation_config.bos_token_id = eos_id
+        lm.generation_config.pad_token_id = eos_id
+    try:
+        with hf_progress_bars(progress):
+            lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True, max_shard_size=_SHARD_SIZE)
+        eos = tokenizer.id_to_token(eos_id)  # the data's end-of-document token (<|endoftext|>, Llama 3's <|end_of_text|>)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, pad_token=eos)
+        fast.save_pretrained(tmp)
+        (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
+        write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        raise _write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact") from None
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def tied_names(module: nn.Module) -> dict[str, str]:

@@ -113,6 +113,13 @@ def cmd_verify(args) -> None:
         raise CheckpointError(f"{damaged} of {len(results)} directories failed verification")
 
 
+def cmd_export(args) -> None:
+    from .checkpoint import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.out_dir, progress=not args.quiet)
+    print(f"wrote {args.out_dir}: the model at step {info['steps']} of {args.checkpoint}")
+
+
 def cmd_generate(args) -> None:
     from .generate import generate
 
@@ -184,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check checkpoints and exported models against their checksums (exit 0 = intact, 2 = damaged)")
     p.add_argument("path", help="a run directory (all its checkpoints and model/), a checkpoint directory or a model directory")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="write the model of a checkpoint (sharded or gathered) as a Hugging Face model directory")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory, e.g. RUN/checkpoints/step-00000600")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write (replaced if it exists)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
     p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")

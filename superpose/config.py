@@ -124,6 +124,8 @@ class TrainConfig:
     log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
     checkpoint_every: int = 200  # 0 = only at the end
     keep_checkpoints: int = 2  # the newest this many checkpoints are kept
+    checkpoint_format: str = "auto"  # auto (sharded under FSDP/HSDP, else gathered) | sharded (DCP, every rank its shards) | gathered
+    async_checkpoint: bool = False  # sharded checkpoints are written in the background while training goes on
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
     progress: bool = True  # tqdm progress bars (rank 0 only)
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
@@ -202,6 +204,7 @@ CHOICES = {
     ("train", "precision"): ("fp32", "bf16"),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
     ("train", "wandb_mode"): ("online", "offline"),
+    ("train", "checkpoint_format"): ("auto", "sharded", "gathered"),
     ("distributed", "strategy"): ("ddp", "fsdp", "hsdp"),
     ("distributed", "param_dtype"): ("fp32", "bf16"),
     ("distributed", "reduce_dtype"): ("fp32", "bf16"),
@@ -325,6 +328,8 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
+        (not (cfg.train.async_checkpoint and cfg.train.checkpoint_format == "gathered"),
+         "train.async_checkpoint needs sharded checkpoints; set train.checkpoint_format = 'sharded' (or 'auto' under FSDP/HSDP)"),
         (cfg.distributed.strategy != "ddp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
          "distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 "
          "(use train.precision=bf16)"),

@@ -73,6 +73,15 @@ def broadcast_object(value):
     return box[0]
 
 
+def all_gather_object(value) -> list:
+    """Every rank's ``value``, by rank (e.g. each rank's share of a checkpoint's manifest)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Is ``flag`` true on any rank? (so that all ranks take the same branch, e.g. stop at one step)"""
     if not dist.is_initialized():

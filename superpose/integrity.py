@@ -5,8 +5,9 @@ bytes (a flipped block, a bad disk, a copy gone wrong). Every checkpoint and eve
 directory therefore gets ``manifest.json``, written last: each file's size and SHA-256. Nothing
 is loaded from a checkpoint that does not verify. SHA-256 because it is strong and, with the
 SHA extensions of current x86 and ARM CPUs, the fastest strong hash in ``hashlib`` (1.5 GiB/s
-per core here, BLAKE2b 0.64 GiB/s). A checkpoint's state file is hashed as it is written (no
-second read); verification reads every byte once.
+per core here, BLAKE2b 0.64 GiB/s). A gathered checkpoint's state file is hashed as it is written
+(no second read), a sharded one's files by all ranks together after the write; verification
+reads every byte once.
 
 This module owns the manifest format: its writer and its reader.
 """
@@ -18,7 +19,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
-from .runs import CHECKPOINTS, CONFIG, METRICS, MODEL, STATE_FILE, checkpoint_dirs
+from .runs import CHECKPOINT_FILES, CHECKPOINTS, CONFIG, METRICS, MODEL, checkpoint_dirs
 
 MANIFEST = "manifest.json"
 NO_MANIFEST = f"{MANIFEST} is missing"  # what ``problem`` says of a directory without one
@@ -115,7 +116,7 @@ def verify_targets(path: str | Path) -> list[tuple[Path, str | None]]:
         dirs = checkpoint_dirs(path) + ([path / MODEL] if (path / MODEL).is_dir() else [])
         if not dirs:
             raise ConfigError(f"run {path} has no checkpoint in {CHECKPOINTS}/ and no {MODEL}/ to verify")
-    elif any((path / name).is_file() for name in (MANIFEST, STATE_FILE, "config.json")):
+    elif any((path / name).is_file() for name in (MANIFEST, *CHECKPOINT_FILES, "config.json")):
         dirs = [path]
     else:
         raise ConfigError(f"{path} is neither a run directory nor a checkpoint or model directory")

@@ -3,7 +3,8 @@ run read for analysis (its config, curves and stages), all without importing tor
 
     RUN/config.toml       the resolved config
     RUN/metrics.jsonl     one JSON record per line (start, stage, resume, train, eval, failed, end)
-    RUN/checkpoints/step-NNNNNNNN/   state.pt + manifest.json (superpose.checkpoint, superpose.integrity)
+    RUN/checkpoints/step-NNNNNNNN/   a checkpoint + manifest.json (superpose.checkpoint, superpose.integrity):
+                          gathered: state.pt; sharded: trainer.pt + DCP's .metadata and *.distcp (superpose.sharded)
     RUN/model/            the Hugging Face export + manifest.json
     RUN/.lock             held by the process that writes the run (superpose.files.DirectoryLock)
 
@@ -37,7 +38,9 @@ from .schedule import Stage
 from .stats import Curve, value_at
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
-STATE_FILE = "state.pt"  # of a checkpoint directory (written and read by superpose.checkpoint)
+STATE_FILE = "state.pt"  # of a gathered checkpoint (written and read by superpose.checkpoint)
+TRAINER_FILE = "trainer.pt"  # of a sharded checkpoint, beside DCP's files (superpose.sharded)
+CHECKPOINT_FILES = (STATE_FILE, TRAINER_FILE)  # a directory holding one of them is a checkpoint
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {
@@ -45,6 +48,7 @@ RESUME_SAFE_KEYS = {
     "train.progress", "train.max_bad_steps", "train.device", "train.micro_batch_size",
     "distributed.strategy", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
     "train.compile", "model.loss_chunk_size", "train.threads", "distributed.shard_size", "train.activation_checkpointing",
+    "train.checkpoint_format", "train.async_checkpoint",
 }
 
 

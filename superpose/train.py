@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
-from .checkpoint import export_model, load_checkpoint, save_checkpoint, select_checkpoint
+from .checkpoint import Checkpoints, export_model, load_checkpoint, resolve_format, select_checkpoint
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
@@ -222,6 +222,8 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
+    checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
+    checkpoints = Checkpoints(run_dir, checkpoint_format, cfg.train.keep_checkpoints, cfg.train.async_checkpoint, runtime)
     barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     torch.manual_seed(cfg.train.seed)  # the initial weights; under FSDP built on meta, drawn in parallelize alike
@@ -279,6 +281,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
 
     def newest_checkpoint(phrase: str) -> str:
         """``phrase`` with {} as the newest checkpoint, or what to say when there is none."""
+        checkpoints.wait()  # one written in the background counts once it is complete
         kept = checkpoint_dirs(run_dir)
         return phrase.format(kept[-1]) if kept else "no checkpoint was written yet"
 
@@ -364,13 +367,15 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
             # No periodic checkpoint inside a run of skipped steps: the last K stay ones from good steps.
             periodic = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not bad_steps
             if done == cfg.train.steps or periodic or stopping:
-                save_checkpoint(run_dir, done, model, optimizer, trainer_state(done), cfg.train.keep_checkpoints, runtime)
+                checkpoints.save(done, model, optimizer, trainer_state(done))
             if stopping and done < cfg.train.steps:
+                checkpoints.close()
                 log.close()
                 bar.close()
                 # a rank that got no signal stops because another did: it exits as if it got SIGTERM
                 raise Interrupted(done, run_dir / "checkpoints" / f"step-{done:08d}", stop.signum or signal.SIGTERM)
     bar.close()
+    checkpoints.close()
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
         last_eval = run_validation(cfg.train.steps)
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from superpose.cli import main
 from superpose.config import ConfigError, load_config
 from superpose.distributed import Runtime, check_world
 from superpose.model import TSTModel, build_model, router_balance_loss
@@ -111,23 +112,78 @@ def test_compiled_two_ranks_equal_eager_one_process(runs, small_data, tmp_path, 
     assert_same(runs["single"], out, range(1, 9))
 
 
+def assert_identical(a: Path, b: Path, step_range) -> None:
+    """The same losses and gradient norms, bit for bit, and the same exported weights."""
+    first, second = steps(a), steps(b)
+    for step in step_range:
+        assert (first[step]["loss"], first[step]["grad_norm"]) == (second[step]["loss"], second[step]["grad_norm"]), step
+    assert (a / "model" / "model.safetensors").read_bytes() == (b / "model" / "model.safetensors").read_bytes()
+
+
+def shard_files(checkpoint: Path) -> list[str]:
+    return sorted(p.name for p in checkpoint.glob("*.distcp"))
+
+
 @pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_rank_resume_continues_exactly(runs, small_data, tmp_path, strategy):
-    """Resume a copy of the run from its step-3 checkpoint (phase 1) and cross the switch: steps 4..8 repeat."""
+    """Resume a copy of the run from its step-3 checkpoint (phase 1) and cross the switch: steps 4..8
+    repeat bit for bit. FSDP writes sharded checkpoints by default (one shard file per rank), DDP gathered ones."""
+    checkpoint = runs[strategy] / "checkpoints" / "step-00000003"
+    assert shard_files(checkpoint) == (["__0_0.distcp", "__1_0.distcp"] if strategy == "fsdp" else [])
+    assert (checkpoint / "state.pt").is_file() == (strategy == "ddp")
     resumed = tmp_path / "resumed"
     shutil.copytree(runs[strategy], resumed)
     overrides = [f"--distributed.strategy={strategy}"] + (["--train.micro_batch_size=1"] if strategy == "fsdp" else [])
-    launch(resumed, small_data, 2, *overrides, resume=resumed / "checkpoints" / "step-00000003")
-    assert_same(runs[strategy], resumed, range(4, 9), RESUME_TOLERANCE)
+    launch(resumed, small_data, 2, *overrides, resume=resumed / "checkpoints" / checkpoint.name)
+    assert_identical(runs[strategy], resumed, range(4, 9))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
-def test_two_rank_checkpoint_resumes_on_one_process(runs, small_data, tmp_path, strategy):
-    """A gathered checkpoint of 2 ranks continues on 1 process as the 2-rank run did."""
+@pytest.mark.parametrize(("source", "ranks", "strategy"), [
+    ("ddp", 1, "ddp"),  # gathered, 2 ranks -> 1 process
+    ("fsdp", 1, "ddp"),  # sharded, FSDP 2 -> 1 process: DCP reshards
+    pytest.param("fsdp", 2, "ddp", marks=pytest.mark.slow),  # sharded FSDP 2 -> DDP 2
+    pytest.param("ddp", 2, "fsdp", marks=pytest.mark.slow),  # gathered DDP 2 -> FSDP 2 (which then writes sharded)
+])
+def test_checkpoint_resumes_on_other_ranks_and_strategy(runs, small_data, tmp_path, source, ranks, strategy):
+    """A checkpoint of a 2-rank run continues on another world size or strategy as the run did."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(runs[strategy], resumed)
-    launch(resumed, small_data, 1, resume=resumed / "checkpoints" / "step-00000003")
-    assert_same(runs[strategy], resumed, range(4, 9))
+    shutil.copytree(runs[source], resumed)
+    launch(resumed, small_data, ranks, f"--distributed.strategy={strategy}", resume=resumed / "checkpoints" / "step-00000003")
+    assert_same(runs[source], resumed, range(4, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_sharded_checkpoint_of_another_world_size_resumes_on_two_fsdp_ranks(small_data, tmp_path, ranks):
+    """Sharded checkpoints of 1 process and of 4 FSDP ranks continue on 2 FSDP ranks (DCP reshards)."""
+    source = tmp_path / "source"
+    launch(source, small_data, ranks, "--distributed.strategy=fsdp", "--train.checkpoint_format=sharded")
+    assert len(shard_files(source / "checkpoints" / "step-00000003")) == ranks
+    resumed = tmp_path / "resumed"
+    shutil.copytree(source, resumed)
+    launch(resumed, small_data, 2, "--distributed.strategy=fsdp", resume=resumed / "checkpoints" / "step-00000003")
+    assert_same(source, resumed, range(4, 9))
+
+
+@pytest.mark.slow
+def test_async_sharded_checkpoints_under_fsdp(runs, small_data, tmp_path):
+    """Written in the background (DCP async_save on a gloo group of its own), the checkpoints of a
+    2-rank FSDP run hold the same shards as synchronous ones and the run is the same."""
+    run = tmp_path / "async"
+    launch(run, small_data, 2, "--distributed.strategy=fsdp", "--train.micro_batch_size=1", "--train.async_checkpoint=true")
+    assert_identical(runs["fsdp"], run, range(1, 9))
+    for step in (3, 6, 8):
+        entries = [json.loads((r / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())["files"] for r in (runs["fsdp"], run)]
+        assert all(entries[0][name] == entries[1][name] for name in ("__0_0.distcp", "__1_0.distcp")), step
+
+
+@pytest.mark.parametrize("name", ["fsdp", "moe"])
+def test_export_of_a_two_rank_sharded_checkpoint(runs, tmp_path, name):
+    """`superpose export`, in this process, turns the final sharded checkpoint of 2 FSDP ranks
+    into the same weights as the run's own (gathered) export."""
+    out = tmp_path / "exported"
+    main(["export", str(runs[name] / "checkpoints" / "step-00000008"), str(out), "--quiet"])
+    assert (out / "model.safetensors").read_bytes() == (runs[name] / "model" / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")

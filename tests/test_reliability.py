@@ -33,12 +33,14 @@ def run_args(data: Path, out: Path, *extra: str) -> list[str]:
             f"--train.out_dir={out}", *extra]
 
 
-def test_kill_resume_short_form(small_data, tmp_path):
+@pytest.mark.parametrize("fmt", ["auto", pytest.param("sharded", marks=pytest.mark.slow)])
+def test_kill_resume_short_form(small_data, tmp_path, fmt):
     """SIGKILL in the last phase-1 step, the first phase-2 step, halfway through a checkpoint
     write and halfway through the export; each resume with --resume auto must reproduce every
-    logged number and the exported weights bit for bit."""
+    logged number and the exported weights bit for bit. One process: gathered checkpoints
+    unless the format says sharded."""
     out = subprocess.run(
-        [sys.executable, ROOT / "scripts" / "kill_resume.py", "--trials", "1", "--kills", "0",
+        [sys.executable, ROOT / "scripts" / "kill_resume.py", "--trials", "1", "--kills", "0", "--format", fmt,
          "--data", small_data, "--work", tmp_path / "work"],
         capture_output=True, text=True, timeout=600,
     )
