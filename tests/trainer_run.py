@@ -77,9 +77,6 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         records = [h for h in trainer.state.log_history if "loss" in h]
         Path(args.records).write_text(json.dumps(records))
-    if torch.distributed.is_initialized():  # Trainer leaves the group open: close it before exit, not in teardown
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
