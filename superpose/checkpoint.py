@@ -104,6 +104,9 @@ def verified(path: Path, what: str, example: Path) -> Path:
             f"(one holding {' or '.join(CHECKPOINT_FILES)}, e.g. {example})"
         )
     found = problem(path)
+    if found == NO_MANIFEST and is_sharded(path):  # every sharded checkpoint was written with one
+        raise CheckpointError(f"checkpoint {path} has lost its {MANIFEST}, so its shards cannot be checked; "
+                              "pass an older checkpoint directory")
     if found == NO_MANIFEST:
         print(f"superpose: warning: {path} has no {MANIFEST} (written before checkpoints had checksums); "
               "loading it unverified", file=sys.stderr)
@@ -162,7 +165,7 @@ class Checkpoints:
         error = None
         try:
             share = future.result()
-        except (OSError, CheckpointException) as err:
+        except (Exception, CheckpointException) as err:  # any rank's failure, on every rank: none waits alone
             error = _write_failed(self._tmp(step), f"checkpoint {self._final(step)}", _write_reason(err), "earlier checkpoints are intact")
             share = {}
         raise_together(error)
@@ -178,6 +181,21 @@ class Checkpoints:
     def close(self) -> None:
         """Publish the save in flight and stop the background writer."""
         self.wait()
+        if self.sharded is not None:
+            self.sharded.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """After an error (or a second Ctrl-C) in the run: wait for the write in flight without
+        publishing it (the next save removes its temporary directory), then stop the writer."""
+        if self.pending is not None:
+            future, self.pending = self.pending[2], None
+            try:
+                future.result()
+            except (Exception, CheckpointException):
+                pass
         if self.sharded is not None:
             self.sharded.close()
 
@@ -301,9 +319,12 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
 
 def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
     """``superpose export``: the model of one checkpoint (either format, any world size) as an HF
-    model directory, in this process alone. No optimizer state is read and the weights exist
-    once, on CPU: the model is built on the meta device and the checkpoint's tensors are read
-    into place (DCP: the model's keys only; gathered: memory-mapped). Returns ``superpose.json``."""
+    model directory, in this process alone. No optimizer state is loaded (verifying the checkpoint
+    reads every file once) and the weights are in memory once, on CPU (DCP stores tied weights
+    under both names, and both are read): the model is built on the meta device and the
+    checkpoint's tensors are read into place (DCP: the model's keys only; gathered:
+    memory-mapped). The tokenizer comes from the run's prepared data directory. Returns
+    ``superpose.json``."""
     path, out_dir = Path(path), Path(out_dir)
     verified(path, "CHECKPOINT_DIR", Path("RUN") / CHECKPOINTS / "step-00000100")
     writable_dir(out_dir.parent, "OUT_DIR's parent")
@@ -313,6 +334,9 @@ def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
         state = _read(path / STATE_FILE)
         trainer, weights = state["trainer"], state["model"]  # state["optimizer"] stays on disk, unread
     cfg = config_from_dict(trainer["config"])
+    if not (Path(cfg.data.dir) / "meta.json").is_file():
+        raise CheckpointError(f"the export takes its tokenizer from the run's prepared data, {cfg.data.dir}, which is not "
+                              "there; run superpose export from where the run was trained (data.dir is relative to it)")
     data = TokenData(Path(cfg.data.dir))
     with torch.device("meta"):  # the architecture only: no memory, no random draws
         lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)

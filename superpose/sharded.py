@@ -11,9 +11,9 @@ tensor's global shape and which slice each file holds, so a checkpoint resumes o
 and under any strategy: the reader asks for the slices of its own world and DCP reshards. This module writes and reads the files of one directory; where the
 directory goes (temporary name, rename, retention) is ``superpose.checkpoint``'s business.
 
-Every rank hashes a share of the files for the manifest (round robin over the sorted names),
-so the read-back that checksums cost is split over the ranks, each reading about 1/N of the
-checkpoint in parallel, mostly from its page cache, instead of rank 0 reading all of it.
+Every rank hashes the shard files it wrote for the manifest, so the read-back that checksums cost
+is split over the ranks, each reading its own ~1/N of the checkpoint in parallel, from its page
+cache, instead of rank 0 reading all of it.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .integrity import MANIFEST, file_entry
+from .integrity import file_entry
 from .runs import TRAINER_FILE
 
 _MODEL = "model."  # DCP flattens {"model": {name: tensor}} to "model.<name>"
@@ -77,15 +77,24 @@ class ShardedWriter:
         return self.executor.submit(written)
 
     def close(self) -> None:
+        """Stop the background writer (after its last write) and free its process group."""
         if self.executor is not None:
             self.executor.shutdown()
+            self.executor = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
 
 
 def _hash_share(directory: Path) -> dict[str, dict]:
-    """This rank's share of the checkpoint's files, hashed: every world-size-th name, sorted."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    names = sorted(p.name for p in Path(directory).iterdir() if p.is_file() and p.name != MANIFEST)
-    return {name: file_entry(Path(directory) / name) for name in names[rank::world]}
+    """This rank's share of the checkpoint's files, hashed: the shard files it wrote itself (still
+    in its page cache, on its own node), and on rank 0 DCP's ``.metadata``. ``trainer.pt`` was
+    hashed as rank 0 wrote it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = [p for p in Path(directory).iterdir() if p.is_file() and p.name.startswith(f"__{rank}_")]
+    if rank == 0:
+        mine.append(Path(directory) / ".metadata")
+    return {p.name: file_entry(p) for p in mine}
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer) -> None:

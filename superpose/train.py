@@ -202,7 +202,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
                 except ConfigError as err:
                     error = err
             raise_together(error)
-            return _train(cfg, runtime, run_dir, resume, allow_config_change, label)
+            return _train(cfg, runtime, run_dir, resume, allow_config_change, label, stack)
         except BaseException:
             if created and runtime.is_main:
                 _remove_if_unused(run_dir)
@@ -215,7 +215,8 @@ def _remove_if_unused(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str) -> dict | None:
+def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str,
+           stack: contextlib.ExitStack) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
     check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
@@ -223,7 +224,9 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     data = ensure_data(cfg, runtime)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
     checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
-    checkpoints = Checkpoints(run_dir, checkpoint_format, cfg.train.keep_checkpoints, cfg.train.async_checkpoint, runtime)
+    # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.
+    checkpoints = stack.enter_context(Checkpoints(run_dir, checkpoint_format, cfg.train.keep_checkpoints,
+                                                  cfg.train.async_checkpoint, runtime))
     barrier()  # every rank has checked the run directory before rank 0 writes into it
 
     torch.manual_seed(cfg.train.seed)  # the initial weights; under FSDP built on meta, drawn in parallelize alike

@@ -120,6 +120,9 @@ def test_export_bad_input(sharded, tmp_path, capsys):
     damaged = Path(shutil.copytree(checkpoint, tmp_path / "damaged"))
     flip(damaged / "__0_0.distcp", 1000)
     fails(["export", damaged, tmp_path / "out"], capsys, "failed verification: __0_0.distcp does not match")
+    unlisted = Path(shutil.copytree(checkpoint, tmp_path / "unlisted"))
+    (unlisted / "manifest.json").unlink()  # every sharded checkpoint is written with one: its loss is damage
+    fails(["export", unlisted, tmp_path / "out"], capsys, "has lost its manifest.json")
     assert not (tmp_path / "out").exists() and blocker.read_text() == "keep me"
 
 
