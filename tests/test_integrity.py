@@ -41,6 +41,16 @@ def flip(path: Path, offset: int, length: int = 4096) -> None:
     path.write_bytes(bytes(raw))
 
 
+def damage(path: Path, how: str) -> None:
+    """Damage a file as a bad disk would: a ``flipped`` block, ``truncated`` to a third, or ``deleted``."""
+    if how == "flipped":
+        flip(path, path.stat().st_size // 2)
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    else:
+        path.unlink()
+
+
 @pytest.fixture(scope="module")
 def reference(small_data, tmp_path_factory):
     """An uninterrupted 6-step TST run with checkpoints at steps 2, 4 and 6."""
@@ -105,21 +115,14 @@ def test_verify_names_the_damaged_file(reference, tmp_path, capsys):
 # ---------------------------------------------------------------------------- resuming past damage
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "deleted", "no-manifest"])
-def test_resume_auto_falls_back_to_the_newest_good_checkpoint(reference, tmp_path, capsys, damage):
+@pytest.mark.parametrize("kind", ["flipped", "truncated", "deleted", "no-manifest"])
+def test_resume_auto_falls_back_to_the_newest_good_checkpoint(reference, tmp_path, capsys, kind):
     """Damage the two newest checkpoints, as a bad disk would, and resume: the run continues from
     step 2, says so on stderr and in metrics.jsonl, and ends bit-identical to the uninterrupted run."""
     run = Path(shutil.copytree(reference, tmp_path / "run"))
     for step in (4, 6):
         state = run / "checkpoints" / f"step-{step:08d}" / "state.pt"
-        if damage == "flipped":
-            flip(state, state.stat().st_size // 2)
-        elif damage == "truncated":
-            state.write_bytes(state.read_bytes()[: state.stat().st_size // 3])
-        elif damage == "deleted":
-            state.unlink()
-        else:
-            (state.parent / MANIFEST).unlink()
+        damage(state.parent / MANIFEST if kind == "no-manifest" else state, kind)
     shutil.rmtree(run / "model")
     capsys.readouterr()
     main(["train", str(run / "config.toml"), f"--train.out_dir={run}", "--resume", "auto"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_bad_input import fails, snapshot
-from test_integrity import flip, outcome, run_args
+from test_integrity import damage, flip, outcome, run_args
 
 from superpose.cli import main
 from superpose.config import ConfigError
@@ -56,19 +56,13 @@ def test_sharded_run_equals_gathered_and_verifies(gathered, sharded, capsys):
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["ok"] * 4
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated", "deleted"])
-def test_damaged_shard_falls_back_to_the_newest_good_checkpoint(sharded, tmp_path, capsys, damage):
+@pytest.mark.parametrize("kind", ["flipped", "truncated", "deleted"])
+def test_damaged_shard_falls_back_to_the_newest_good_checkpoint(sharded, tmp_path, capsys, kind):
     """A bad block in the shard file of the two newest checkpoints: --resume auto continues from
     step 2 and ends bit-identical to the uninterrupted run."""
     run = Path(shutil.copytree(sharded, tmp_path / "run"))
     for step in (4, 6):
-        shard = run / "checkpoints" / f"step-{step:08d}" / "__0_0.distcp"
-        if damage == "flipped":
-            flip(shard, shard.stat().st_size // 2)
-        elif damage == "truncated":
-            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-        else:
-            shard.unlink()
+        damage(run / "checkpoints" / f"step-{step:08d}" / "__0_0.distcp", kind)
     shutil.rmtree(run / "model")
     capsys.readouterr()
     main(["train", str(run / "config.toml"), f"--train.out_dir={run}", "--resume", "auto"])
