@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM
 
 from .config import config_from_dict
 from .data import TokenData
-from .distributed import Runtime, all_gather_object, barrier, broadcast_object, raise_together, shards_parameters
+from .distributed import Runtime, all_gather_object, barrier, broadcast_object, on_main, raise_together, shards_parameters
 from .errors import CheckpointError, ConfigError
 from .files import writable_dir
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
@@ -66,14 +66,7 @@ def select_checkpoint(run_dir: Path, resume: str, runtime: Runtime) -> tuple[Pat
     there are checkpoints but none verifies). A directory: that one, which must verify; one
     without a manifest (written before checksums existed) is loaded with a warning. Collective:
     rank 0 reads and hashes, the others receive its choice."""
-    choice, error = None, None
-    if runtime.is_main:
-        try:
-            choice = _select(Path(run_dir), resume)
-        except CheckpointError as err:
-            error = err
-    raise_together(error)
-    return broadcast_object(choice)
+    return broadcast_object(on_main(runtime, lambda: _select(Path(run_dir), resume), CheckpointError))
 
 
 def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
@@ -137,21 +130,10 @@ class Checkpoints:
         if self.format == "gathered":
             state = {"model": get_model_state_dict(model, options=_GATHER),
                      "optimizer": get_optimizer_state_dict(model, optimizer, options=_GATHER), "trainer": trainer_state}
-            error = None
-            if self.runtime.is_main:
-                try:
-                    self._publish(step, self._write(step, STATE_FILE, state))
-                except CheckpointError as err:
-                    error = err
-            raise_together(error)
+            on_main(self.runtime, lambda: self._publish(step, self._write(step, STATE_FILE, state)), CheckpointError)
             return
-        error, entries = None, {}
-        if self.runtime.is_main:
-            try:
-                entries = self._write(step, TRAINER_FILE, trainer_state)
-            except CheckpointError as err:
-                error = err
-        raise_together(error)  # the others write into the directory rank 0 made
+        # rank 0 makes the temporary directory (and writes trainer.pt); every rank then writes its shards into it
+        entries = on_main(self.runtime, lambda: self._write(step, TRAINER_FILE, trainer_state), CheckpointError) or {}
         self.pending = (step, entries, self.sharded.start(self._tmp(step), model, optimizer))
         if not self.sharded.asynchronous:
             self.wait()
@@ -171,12 +153,7 @@ class Checkpoints:
         raise_together(error)
         for part in all_gather_object(share):
             entries.update(part)
-        if self.runtime.is_main:
-            try:
-                self._publish(step, entries)
-            except CheckpointError as err:
-                error = err
-        raise_together(error)
+        on_main(self.runtime, lambda: self._publish(step, entries), CheckpointError)
 
     def close(self) -> None:
         """Publish the save in flight and stop the background writer."""

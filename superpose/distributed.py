@@ -100,6 +100,19 @@ def raise_together(error: Exception | None) -> None:
         raise error
 
 
+def on_main(runtime: Runtime, work, catch: type[Exception] | tuple[type[Exception], ...]):
+    """Collective: ``work()`` on rank 0 alone; its result there (None on the other ranks). If it
+    raised one of ``catch``, every rank raises it (``raise_together``), so none waits alone."""
+    result, error = None, None
+    if runtime.is_main:
+        try:
+            result = work()
+        except catch as err:
+            error = err
+    raise_together(error)
+    return result
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

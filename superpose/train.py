@@ -26,7 +26,7 @@ from .checkpoint import Checkpoints, export_model, load_checkpoint, resolve_form
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
-                          raise_together, shards_parameters)
+                          on_main, shards_parameters)
 from .errors import DataError, Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, writable_dir
 from .method import split_window, window_length
@@ -106,7 +106,7 @@ def autocast(cfg: Config, runtime: Runtime):
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime, stage: Stage | None = None,
-             step: int = 0) -> float:
+                    step: int = 0) -> float:
     """Loss (nats) on fixed held-out windows, split across ranks: the next-token loss on windows
     ``[n, L+1]`` or, given a superposition ``stage``, that stage's own objective (MCE without
     log s, at the slot weights of ``step``) on windows ``[n, window_length(L, s, mode)]``.
@@ -195,13 +195,7 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
         stack.callback(torch.set_num_threads, torch.get_num_threads())  # set_threads changes them for the run only
         try:
             writable_dir(run_dir, "train.out_dir")
-            error = None
-            if runtime.is_main:
-                try:
-                    stack.enter_context(DirectoryLock(run_dir, "train.out_dir"))
-                except ConfigError as err:
-                    error = err
-            raise_together(error)
+            on_main(runtime, lambda: stack.enter_context(DirectoryLock(run_dir, "train.out_dir")), ConfigError)
             return _train(cfg, runtime, run_dir, resume, allow_config_change, label, stack)
         except BaseException:
             if created and runtime.is_main:
