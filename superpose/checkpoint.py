@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoModelForCausalLM
 
-from .config import config_from_dict
+from .config import Config, config_from_dict
 from .data import TokenData
 from .distributed import Runtime, all_gather_object, barrier, broadcast_object, on_main, raise_together, shards_parameters
 from .errors import CheckpointError, ConfigError
@@ -317,12 +317,18 @@ def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
     data = TokenData(Path(cfg.data.dir))
     with torch.device("meta"):  # the architecture only: no memory, no random draws
         lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)
-    last_eval = trainer.get("last_eval") or {}
-    info = {"steps": trainer["step"], "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
-            "tokens_seen": trainer["loader"]["tokens_seen"], "elapsed": trainer["elapsed"],
-            "stages": [vars(s) for s in build_stages(cfg.tst, cfg.train.steps)], "checkpoint": str(path)}
+    info = {**export_info(trainer, cfg), "checkpoint": str(path)}
     write_model_dir(weights, lm, data.tokenizer(), data.eos_id, out_dir, info, progress)
     return info
+
+
+def export_info(trainer: dict, cfg: Config) -> dict:
+    """``superpose.json`` of an exported model, from the trainer state of its step (also the run's
+    ``end`` record): steps, the last validation, data tokens, training seconds, stages."""
+    last_eval = trainer.get("last_eval") or {}
+    return {"steps": trainer["step"], "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
+            "tokens_seen": trainer["loader"]["tokens_seen"], "elapsed": trainer["elapsed"],
+            "stages": [vars(s) for s in build_stages(cfg.tst, cfg.train.steps)]}
 
 
 def write_model_dir(state: dict[str, torch.Tensor], lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict,

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
-from .checkpoint import Checkpoints, export_model, load_checkpoint, resolve_format, select_checkpoint
+from .checkpoint import Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
@@ -376,8 +376,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
         last_eval = run_validation(cfg.train.steps)
 
-    info = {"steps": cfg.train.steps, "val_loss": last_eval["val_loss"], "val_bpb": last_eval["val_bpb"],
-            "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "stages": [vars(s) for s in stages]}
+    info = export_info(trainer_state(cfg.train.steps), cfg)
     export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime, cfg.train.progress)
     log.write({"kind": "end", "step": cfg.train.steps, **info})
     log.close()
