@@ -6,6 +6,7 @@ A plain `datasets` + `transformers.Trainer` pre-training script; the TST-specifi
     python examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300
     python examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300 --resume   # continue after a kill
     torchrun --nproc-per-node 2 examples/hf_trainer_pretrain.py --out runs/hf-tst --steps 300   # DDP
+    torchrun --nproc-per-node 8 examples/hf_trainer_pretrain.py --out runs/hf-tst --fsdp        # FSDP2 (GPUs)
     tensorboard --logdir runs/hf-tst/runs
 
 Inputs: .txt/.md (one document per file), .jsonl or .parquet (a ``text`` column); default: the
@@ -19,6 +20,7 @@ from itertools import chain
 from pathlib import Path
 
 import torch
+from accelerate.utils import merge_fsdp_weights
 from datasets import load_dataset
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -56,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-proc", type=int, default=1, help="processes for tokenisation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="Trainer's FSDP2 with sharded (DCP) checkpoints; accelerate "
+                                                         "enables it on GPUs only (on CPU the run stays DDP)")
     return p.parse_args(argv)
 
 
@@ -118,12 +122,22 @@ def main(argv=None) -> TSTTrainer:
         dataloader_drop_last=True,
         ddp_find_unused_parameters=False,  # under torchrun: every parameter gets a gradient in every stage
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning per loader)
+        use_cpu=not torch.cuda.is_available(),  # else torchrun on CPU starts N independent single-process runs
+        # FSDP2: each decoder layer and the root sharded; every rank writes its own checkpoint shards
+        **({"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": model._no_split_modules,
+                                           "state_dict_type": "SHARDED_STATE_DICT"}} if args.fsdp else {}),
     )
     trainer = TSTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                          tst=tst, seq_len=args.seq_len)  # TST
     trainer.train(resume_from_checkpoint=get_last_checkpoint(args.out) if args.resume else None)
-    trainer.save_model(str(Path(args.out) / "model"))
-    tokenizer.save_pretrained(str(Path(args.out) / "model"))
+    final_model = Path(args.out) / "model"
+    if trainer.is_fsdp_enabled:  # the weights exist only as the last checkpoint's shards: merge them (`accelerate merge-weights`)
+        merge_fsdp_weights(str(Path(get_last_checkpoint(args.out)) / "pytorch_model_fsdp_0"), str(final_model))  # every rank
+        if trainer.is_world_process_zero():
+            model.config.save_pretrained(final_model)
+    else:
+        trainer.save_model(str(final_model))
+    tokenizer.save_pretrained(str(final_model))
     final = trainer.evaluate()
     print(f"final validation loss {final['eval_loss']:.4f} nats/token (perplexity {math.exp(final['eval_loss']):.1f}); "
           f"model in {Path(args.out) / 'model'}")

@@ -29,7 +29,7 @@ from transformers import Trainer
 
 from .config import Config, DataConfig, TrainConfig, TSTConfig, stage_tables, validate
 from .method import split_window, window_length
-from .model import tst_inputs, tst_loss_sum
+from .model import embed_bags_in_forward, tst_inputs, tst_loss_sum
 from .schedule import Stage, build_stages, stage_at
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ class TSTTrainer(Trainer):
             raise ValueError("lr_scale, rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
                              "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3):
-            raise ValueError("TSTTrainer does not run under Trainer's FSDP or DeepSpeed ZeRO-3: the bag embedding is taken "
-                             "outside the sharded model's forward; use DDP, or `superpose train` with distributed.strategy = 'fsdp'")
+        if deepspeed is not None and deepspeed.zero_stage == 3:
+            raise ValueError("TSTTrainer does not run under DeepSpeed ZeRO-3 (it gathers each module's weights in that "
+                             "module's own call, and the bag mean reads the embedding's); use Trainer's FSDP or DDP")
+        embed_bags_in_forward(self.model)  # before Trainer wraps it: the bag mean runs inside the (sharded) forward
         self.tst, self.seq_len = tst, seq_len
         self.width = window_tokens(seq_len, tst)
         # Our loss is a mean over the micro-batch; Trainer then divides by the accumulation steps.

@@ -1,8 +1,8 @@
 """Models: named presets built from `transformers` configs, and the TST forward over any HF causal LM.
 
 The TST forward touches only the public interface of a Hugging Face causal LM:
-``get_input_embeddings()``, the body (``base_model``) called with ``inputs_embeds``, and
-``get_output_embeddings()``. The weights and their layout are untouched, so the trained model
+``get_input_embeddings()``, the body (``base_model``) or the whole LM called with
+``inputs_embeds``, and ``get_output_embeddings()``. The weights and their layout are untouched, so the trained model
 is an ordinary checkpoint of its class. (Models whose CausalLM head post-processes logits, e.g.
 with soft-capping, are not covered: the presets are Llama and Qwen3-MoE.)
 """
@@ -135,6 +135,7 @@ class TSTModel(nn.Module):
     def __init__(self, lm: nn.Module, loss_chunk_size: int = 0):
         super().__init__()
         self.lm = lm
+        embed_bags_in_forward(lm.base_model)
         self.loss_chunk_size = loss_chunk_size
         if loss_chunk_size and not isinstance(lm.get_output_embeddings(), nn.Linear):
             raise ModelError("model.loss_chunk_size needs an nn.Linear output head; set it to 0 for this model")
@@ -149,11 +150,34 @@ def is_moe(lm: nn.Module) -> bool:
     return hasattr(lm.config, "router_aux_loss_coef")
 
 
+BAGS = "tst_bags"  # the keyword that carries bags of token ids [B, L, k] into a hooked forward
+
+
+def embed_bags_in_forward(module: nn.Module) -> None:
+    """Let ``module(tst_bags=ids [B, L, k], ...)`` (an HF body or causal LM) embed each bag as the
+    mean of its token embeddings *inside its own call*, as ``inputs_embeds``.
+
+    Why inside: a sharded model holds its embedding weight gathered only during its forward. FSDP2
+    prepends its all-gather to the forward pre-hooks and FSDP1/DDP call the module from their own
+    forward, so this hook (appended) reads the whole weight, and its gradient is reduced with the
+    rest. Installed once per module; a forward without ``tst_bags`` is untouched.
+    """
+    if getattr(module, "_tst_bag_hook", None) is not None:
+        return
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if BAGS not in kwargs:
+            return None
+        bags = kwargs.pop(BAGS)  # [B, L, k]
+        return args, {**kwargs, "inputs_embeds": embed_bags(module.get_input_embeddings(), bags)}  # [B, L, d]
+
+    module._tst_bag_hook = module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def tst_inputs(lm: nn.Module, inputs: torch.Tensor) -> dict:
-    """Keyword arguments of an HF forward (of the body or of the whole causal LM) for inputs
-    ``[B, L, k]``: the mean embedding of each bag, no KV cache, and the router logits of an MoE."""
-    embeds = embed_bags(lm.get_input_embeddings(), inputs)  # [B, L, d]
-    return {"inputs_embeds": embeds, "use_cache": False, **({"output_router_logits": True} if is_moe(lm) else {})}
+    """Keyword arguments of a forward hooked by ``embed_bags_in_forward`` (the body or the whole
+    causal LM) for inputs ``[B, L, k]``: the bags, no KV cache, and the router logits of an MoE."""
+    return {BAGS: inputs, "use_cache": False, **({"output_router_logits": True} if is_moe(lm) else {})}
 
 
 def tst_loss_sum(lm: nn.Module, out, targets: torch.Tensor, weights: torch.Tensor, training: bool,

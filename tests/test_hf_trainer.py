@@ -14,8 +14,8 @@ from transformers import TrainerCallback, TrainingArguments
 from superpose.config import TSTConfig
 from superpose.corpus import shakespeare_files
 from superpose.hf_trainer import TSTTrainer, window_tokens
-from superpose.method import split_window
-from superpose.model import TSTModel, build_model
+from superpose.method import embed_bags, split_window
+from superpose.model import TSTModel, build_model, embed_bags_in_forward
 
 VOCAB, L, S = 64, 8, 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,22 @@ def test_resume_at_the_switch_equals_uninterrupted(tmp_path):
     assert second.calls[0] == (3, 1)  # the resumed run starts in the next-token stage
     for (name, a), b in zip(whole.model.state_dict().items(), second.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_bags_are_embedded_inside_the_forward_call():
+    """``tst_bags`` reaches the model as the mean bag embeddings; other forwards are untouched; the
+    hook is installed once however often it is asked for."""
+    torch.manual_seed(0)
+    lm = build_model("tiny", VOCAB, L).eval()
+    bags = torch.randint(0, VOCAB, (2, L, S))  # [B, L, k]
+    expected = lm(inputs_embeds=embed_bags(lm.get_input_embeddings(), bags)).logits
+    ids = bags[..., 0]
+    plain = lm(ids).logits
+    embed_bags_in_forward(lm)
+    embed_bags_in_forward(lm)
+    assert len(lm._forward_pre_hooks) == 1
+    torch.testing.assert_close(lm(tst_bags=bags).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(lm(ids).logits, plain, rtol=0, atol=0)
 
 
 def test_short_windows_are_rejected(tmp_path):
