@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from .errors import CheckpointError, ConfigError
 from .files import writable_dir
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
 from .model import hf_progress_bars, model_config
-from .runs import CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs
+from .runs import ABANDONED, CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs
 from .schedule import build_stages
 from .sharded import ShardedWriter, is_sharded, load_sharded, read_sharded_model
 
@@ -87,6 +89,29 @@ def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
             "move the checkpoints directory away to start over, or restore it from a copy"
         )
     return None, []
+
+
+def set_aside_newer(run_dir: Path, step: int) -> list[str]:
+    """Move the run's checkpoints after ``step``, the one it resumes from, into
+    ``abandoned-checkpoints/<UTC time>/``; returns their new paths.
+
+    They belong to a timeline the run has left (a deliberate ``--resume DIR`` back, or checkpoints
+    that failed verification). Left in place, retention would keep them over the new ones (it keeps
+    the highest steps) and a later ``--resume auto`` would continue the abandoned timeline."""
+    newer = [path for path in checkpoint_dirs(run_dir) if int(path.name[5:]) > step]
+    if not newer:
+        return []
+    root = Path(run_dir) / ABANDONED
+    try:
+        root.mkdir(exist_ok=True)
+        aside = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=root))
+        for path in newer:
+            os.replace(path, aside / path.name)
+    except OSError as err:
+        raise CheckpointError(f"cannot move the checkpoints after step {step} out of the way into {root}: {err}") from None
+    print(f"superpose: warning: resuming from step {step}: moved the later checkpoints "
+          f"({', '.join(path.name for path in newer)}) to {aside}, out of this run's way", file=sys.stderr)
+    return [str(aside / path.name) for path in newer]
 
 
 def verified(path: Path, what: str, example: Path) -> Path:
@@ -297,19 +322,15 @@ def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_di
 def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
     """``superpose export``: the model of one checkpoint (either format, any world size) as an HF
     model directory, in this process alone. No optimizer state is loaded (verifying the checkpoint
-    reads every file once) and the weights are in memory once, on CPU (DCP stores tied weights
-    under both names, and both are read): the model is built on the meta device and the
-    checkpoint's tensors are read into place (DCP: the model's keys only; gathered:
-    memory-mapped). The tokenizer comes from the run's prepared data directory. Returns
-    ``superpose.json``."""
+    reads every file once) and the weights are in memory once, on CPU: the model is built on the
+    meta device and the checkpoint's tensors are read into place (DCP: the model's keys only, a
+    tied weight once; gathered: memory-mapped). The tokenizer comes from the run's prepared data
+    directory. Returns ``superpose.json``."""
     path, out_dir = Path(path), Path(out_dir)
     verified(path, "CHECKPOINT_DIR", Path("RUN") / CHECKPOINTS / "step-00000100")
     writable_dir(out_dir.parent, "OUT_DIR's parent")
-    if is_sharded(path):
-        trainer, weights = _read(path / TRAINER_FILE), read_sharded_model(path)
-    else:
-        state = _read(path / STATE_FILE)
-        trainer, weights = state["trainer"], state["model"]  # state["optimizer"] stays on disk, unread
+    state = None if is_sharded(path) else _read(path / STATE_FILE)  # its "optimizer" stays on disk, unread
+    trainer = _read(path / TRAINER_FILE) if state is None else state["trainer"]
     cfg = config_from_dict(trainer["config"])
     if not (Path(cfg.data.dir) / "meta.json").is_file():
         raise CheckpointError(f"the export takes its tokenizer from the run's prepared data, {cfg.data.dir}, which is not "
@@ -317,6 +338,8 @@ def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
     data = TokenData(Path(cfg.data.dir))
     with torch.device("meta"):  # the architecture only: no memory, no random draws
         lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)
+    aliases = ["lm." + alias for alias in tied_names(lm)]  # write_model_dir ties them again
+    weights = read_sharded_model(path, skip=aliases) if state is None else state["model"]
     info = {**export_info(trainer, cfg), "checkpoint": str(path)}
     write_model_dir(weights, lm, data.tokenizer(), data.eos_id, out_dir, info, progress)
     return info

@@ -41,6 +41,7 @@ CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoin
 STATE_FILE = "state.pt"  # of a gathered checkpoint (written and read by superpose.checkpoint)
 TRAINER_FILE = "trainer.pt"  # of a sharded checkpoint, beside DCP's files (superpose.sharded)
 CHECKPOINT_FILES = (STATE_FILE, TRAINER_FILE)  # a directory holding one of them is a checkpoint
+ABANDONED = "abandoned-checkpoints"  # checkpoints after the one a run resumed from (superpose.checkpoint.set_aside_newer)
 
 # Keys that may change when a run is resumed: they do not alter the trained model.
 RESUME_SAFE_KEYS = {

@@ -18,6 +18,7 @@ cache, instead of rank 0 reading all of it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,12 +107,14 @@ def load_sharded(path: Path, model: nn.Module, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def read_sharded_model(path: Path) -> dict[str, torch.Tensor]:
+def read_sharded_model(path: Path, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint, in this process alone: DCP's metadata
-    gives the keys and global shapes, and only the model's tensors are read (no optimizer state)."""
+    gives the keys and global shapes, and only the model's tensors are read (no optimizer state),
+    except the keys in ``skip`` (DCP stores a tied weight under each of its names: read it once)."""
     metadata = dcp.FileSystemReader(Path(path)).read_metadata()
+    skip = {_MODEL + key for key in skip}
     weights = {key.removeprefix(_MODEL): torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in metadata.state_dict_metadata.items()
-               if key.startswith(_MODEL) and isinstance(meta, TensorStorageMetadata)}
+               if key.startswith(_MODEL) and key not in skip and isinstance(meta, TensorStorageMetadata)}
     dcp.load({"model": weights}, checkpoint_id=Path(path), no_dist=True)
     return weights

@@ -22,12 +22,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
-from .checkpoint import Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint
+from .checkpoint import (Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint,
+                         set_aside_newer)
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
                           on_main, shards_parameters)
-from .errors import DataError, Interrupted, TrainingError
+from .errors import CheckpointError, DataError, Interrupted, TrainingError
 from .files import LOCK_FILE, DirectoryLock, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
@@ -243,7 +244,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     val_windows = validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
-    start_step, elapsed, last_eval = 0, 0.0, None
+    start_step, elapsed, last_eval, set_aside = 0, 0.0, None, None
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
         if not allow_config_change:
@@ -251,8 +252,11 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         start_step, elapsed, last_eval = state["step"], state["elapsed"], state.get("last_eval")
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
         if runtime.is_main:
             print(f"{label}: resuming from step {start_step} ({resume_from})", file=sys.stderr)
+        set_aside = on_main(runtime, lambda: set_aside_newer(run_dir, start_step), CheckpointError)
     elif resume == "auto" and (run_dir / "metrics.jsonl").exists() and runtime.is_main:
         print(f"{label}: {run_dir} has no checkpoint to resume from; starting again from step 0", file=sys.stderr)
 
@@ -260,8 +264,9 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         write_run_config(run_dir, cfg)
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
-    if rejected:
-        log.write({"kind": "resume", "step": start_step, "checkpoint": str(resume_from), "rejected": rejected})
+    if rejected or set_aside:
+        log.write({"kind": "resume", "step": start_step, "checkpoint": str(resume_from), "rejected": rejected,
+                   "set_aside": set_aside})
     params = count_parameters(lm)
     positions = cfg.train.batch_size * cfg.data.seq_len
     step_flops = flops_per_step(lm, cfg.data.seq_len, positions)
@@ -274,6 +279,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
 
     def trainer_state(step: int) -> dict:
         return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(runtime.device)} if runtime.device.type == "cuda" else {}),
                 "config": cfg.to_dict(), "last_eval": last_eval}
 
     def newest_checkpoint(phrase: str) -> str:

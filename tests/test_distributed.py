@@ -152,6 +152,34 @@ def test_checkpoint_resumes_on_other_ranks_and_strategy(runs, small_data, tmp_pa
     assert_same(runs[source], resumed, range(4, 9))
 
 
+def test_sharded_checkpoint_reshards_model_and_optimizer_state_onto_one_process(runs, small_data):
+    """The 2-rank FSDP checkpoint at step 3, loaded into one process, holds the one-process run's
+    weights and AdamW moments (to fp tolerance: 2 ranks sum gradients in another order), name by
+    name. This checks the resharded state itself, which the resumed losses see only through the
+    steps after it."""
+    from superpose.checkpoint import load_checkpoint
+    from superpose.data import TokenData
+    from superpose.train import make_optimizer
+
+    cfg = load_config(runs["fsdp"] / "config.toml")
+    model = TSTModel(build_model(cfg.model.preset, TokenData(small_data).vocab_size, cfg.data.seq_len))
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    trainer = load_checkpoint(runs["fsdp"] / "checkpoints" / "step-00000003", model, optimizer)
+    expected = torch.load(runs["single"] / "checkpoints" / "step-00000003" / "state.pt", weights_only=False)
+    assert trainer["step"] == expected["trainer"]["step"] == 3
+    # AdamW's first steps move a weight of near-zero gradient by ~lr whatever its size, so a reordered
+    # fp sum shows in a few weights as up to ~1e-5; a wrongly placed slice would differ by ~0.02.
+    torch.testing.assert_close(model.state_dict(), expected["model"], rtol=1e-3, atol=1e-4)
+    names = dict(zip(map(id, model.parameters()), (name for name, _ in model.named_parameters())))
+    moments = {names[id(p)]: state for p, state in optimizer.state.items()}
+    reference = expected["optimizer"]["state"]
+    assert sorted(moments) == sorted(reference)
+    for name, state in moments.items():
+        assert state["step"].item() == reference[name]["step"].item() == 3
+        torch.testing.assert_close(state["exp_avg"], reference[name]["exp_avg"], rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(state["exp_avg_sq"], reference[name]["exp_avg_sq"], rtol=1e-3, atol=1e-10)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 4])
 def test_sharded_checkpoint_of_another_world_size_resumes_on_two_fsdp_ranks(small_data, tmp_path, ranks):
@@ -242,7 +270,8 @@ def test_bf16_mixed_precision_tracks_fp32(runs, small_data, tmp_path, ranks, lay
 
 @pytest.mark.slow
 def test_tied_embeddings_under_fsdp(small_data, tmp_path):
-    """A tied model (local config directory) trains under FSDP as on one process and exports one shared matrix."""
+    """A tied model (local config directory) trains under FSDP as on one process and exports one
+    shared matrix, also through `superpose export` of its sharded checkpoint (which reads it once)."""
     from safetensors import safe_open
 
     from superpose.model import model_config
@@ -257,6 +286,8 @@ def test_tied_embeddings_under_fsdp(small_data, tmp_path):
     for run in ("single", "fsdp"):
         with safe_open(tmp_path / run / "model" / "model.safetensors", "pt") as weights:
             assert "lm_head.weight" not in weights.keys()
+    main(["export", str(tmp_path / "fsdp" / "checkpoints" / "step-00000008"), str(tmp_path / "exported"), "--quiet"])
+    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == (tmp_path / "fsdp" / "model" / "model.safetensors").read_bytes()
 
 
 def test_moe_gives_every_parameter_a_gradient():

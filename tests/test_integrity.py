@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from superpose.cli import main
 from superpose.integrity import MANIFEST, file_entry, problem, write_manifest
-from superpose.runs import is_finished, read_records
+from superpose.runs import ABANDONED, checkpoint_dirs, is_finished, read_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +135,25 @@ def test_resume_auto_falls_back_to_the_newest_good_checkpoint(reference, tmp_pat
     assert outcome(run) == outcome(reference)  # every loss, gradient norm, LR and validation loss, bit for bit
     assert (run / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
     assert problem(run / "checkpoints" / "step-00000006") is None  # rewritten by the resumed run
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_later_ones_out_of_the_way(reference, tmp_path, capsys):
+    """Going back (``--resume DIR``, here with another LR and checkpoint interval) leaves a timeline:
+    its later checkpoints are kept aside, so retention and a later ``--resume auto`` see only the
+    new run's (before, the old step 4 outlived the new step 2 and came between new 3 and 6)."""
+    run = Path(shutil.copytree(reference, tmp_path / "run"))
+    old = {step: (run / "checkpoints" / f"step-{step:08d}" / "state.pt").read_bytes() for step in (4, 6)}
+    capsys.readouterr()
+    main(["train", str(run / "config.toml"), f"--train.out_dir={run}", "--resume", str(run / "checkpoints" / "step-00000002"),
+          "--allow-config-change", "--optim.lr=1e-3", "--train.checkpoint_every=3"])
+    assert "moved the later checkpoints (step-00000004, step-00000006)" in capsys.readouterr().err
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002", "step-00000003", "step-00000006"]
+    for path in checkpoint_dirs(run)[1:]:
+        assert torch.load(path / "state.pt", weights_only=False)["trainer"]["config"]["optim"]["lr"] == 1e-3
+    [record] = [r for r in read_records(run) if r["kind"] == "resume"]
+    assert record["rejected"] == [] and [Path(p).name for p in record["set_aside"]] == ["step-00000004", "step-00000006"]
+    for path, step in zip(record["set_aside"], (4, 6)):
+        assert (Path(path) / "state.pt").read_bytes() == old[step] and Path(path).parent.parent == run / ABANDONED
 
 
 # ---------------------------------------------------------------------------- non-finite results
