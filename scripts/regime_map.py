@@ -3,10 +3,14 @@
 Every run is an ordinary ``superpose`` run directory under ``--root``; the runs of one budget point
 differ only in ``[tst]`` (or, for the LR sweep, in ``optim.lr`` for both arms alike), so they share
 seed, data order, optimizer, LR schedule and evaluation. Two plans, each a list of jobs in priority
-order: ``--plan small`` (the first map: 3M-25M parameters, the cheap point and its levers first)
-and ``--plan crossover`` (the default: the walk up the model-size axis, ``CROSSOVER``). A finished
-run is skipped and a long run resumes from its last checkpoint, so the script can be killed and
-started again in a later session; ``--shard i/n`` lets n processes (one per core) split the list.
+order: ``--plan small`` (the first map: 3M-25M parameters, the cheap point and its levers first),
+``--plan crossover`` (the default: the walk up the model-size axis, ``CROSSOVER``) and ``--plan
+device`` (the same walk, further, on one CUDA GPU: ``DEVICE``). A finished run is skipped and a long
+run resumes from its last checkpoint, so the script can be killed and started again in a later
+session; ``--shard i/n`` lets n processes (one per core) split the list, ``--parallel n`` starts
+them itself and tabulates when they are done, and ``--budget-s`` starts no run that would not end
+in time (estimated from the runs of the same model before it). A run that fails is reported and
+skipped, so one bad run does not cost the others.
 
 ``--table`` only tabulates: it merges the finished runs under ``--root`` into the committed tables
 (``TABLES``: map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
@@ -18,18 +22,30 @@ disk, and redraws the plots of docs/when-tst-pays.md.
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 1/2
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --only medium-n1000   # one point
     python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --table
+    # one H200: 8 runs side by side for 5.5 minutes, then the merged tables to $OUT (docs/when-tst-pays.md)
+    python scripts/regime_map.py --plan device --device cuda --data DATA --root /tmp/regime --parallel 8 \
+        --budget-s 330 --tables-out $OUT
+
+The device plan's runs are rows of their own (``device`` = cuda, points named ``...-cuda``): bf16
+autocast on a GPU is not the CPU's fp32, so they extend the map beside the CPU points, not in them.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# A GPU machine's bare Python lacks tomli-w (pure Python): it travels as a wheel; an installed copy wins.
+sys.path += [str(wheel) for wheel in sorted((Path(__file__).resolve().parents[1] / "bench" / "wheels").glob("*.whl"))]
 
 from transformers import LlamaConfig  # noqa: E402
 
@@ -37,6 +53,7 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
+from superpose.errors import Interrupted  # noqa: E402
 from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS  # noqa: E402
 from superpose.report import phase1_diagnostic  # noqa: E402
 from superpose.runs import is_finished, load_run, non_embedding_parameters  # noqa: E402
@@ -46,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 # regime line of `compare` reads them), the rest are the docs' data. Tabulating merges the finished
 # runs on disk into these files, so rows of earlier sessions (whose run directories are gone) stay.
 TABLES = {
-    "map.csv": (REPO / "superpose" / "regime_data", ("preset", "steps", "batch")),
+    "map.csv": (REPO / "superpose" / "regime_data", ("preset", "steps", "batch", "device")),
     "seeds.csv": (REPO / "superpose" / "regime_data", ("point", "arm")),
     "levers.csv": (REPO / "docs" / "regime", ("lever",)),
     "phase1.csv": (REPO / "docs" / "regime", ("point", "arm")),
@@ -79,22 +96,33 @@ CUSTOM_MODELS = {
                "num_key_value_heads": 6, "max_position_embeddings": 2048, "tie_word_embeddings": False},
     "large": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 8, "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "xl": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+           "num_key_value_heads": 12, "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
 # The crossover walk up the model-size axis (issue #16): (point, seed, arms), in order of information
 # per CPU-hour. Seed 0 of the best arms at the two larger models first, then the seeds that say
-# whether a gap near zero is real, then the remaining arm, then the longer budgets.
+# whether a gap near zero is real, then the remaining arms, then the longer budgets.
 CROSSOVER = [
     (("medium", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
-    (("large", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
+    (("large", 1000, 16), 0, ["output-s2-r0.2"]),
     (("medium", 1000, 16), 1, ["output-s2-r0.2"]),
     (("medium", 1000, 16), 2, ["output-s2-r0.2"]),
     (("large", 1000, 16), 1, ["output-s2-r0.2"]),
     (("large", 1000, 16), 2, ["output-s2-r0.2"]),
+    (("large", 1000, 16), 0, ["s4-r0.3"]),  # +0.11 at medium: far behind, so after the seeds of the near-tie
     (("medium", 1000, 16), 0, ["s2-r0.2"]),
     (("large", 1000, 16), 0, ["s2-r0.2"]),
     (("medium", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
     (("large", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
 ]
+# The device plan: the crossover walk on one CUDA GPU (bf16 autocast), further up the model-size and
+# step axes, every point with 3 seeds of every arm. A run at B = 16 x 64 tokens uses a sliver of the
+# GPU, so --parallel runs several side by side. Points in order of information per GPU-second: the
+# CPU's points first (do they hold in bf16?), then 85M parameters, then the longer budgets.
+DEVICE_ARMS = ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]
+DEVICE = [(("medium", 1000, 16), DEVICE_ARMS), (("large", 1000, 16), DEVICE_ARMS), (("xl", 1000, 16), DEVICE_ARMS),
+          (("large", 2000, 16), DEVICE_ARMS), (("xl", 2000, 16), DEVICE_ARMS), (("medium", 2000, 16), DEVICE_ARMS),
+          (("xl", 5000, 16), DEVICE_ARMS), (("large", 5000, 16), DEVICE_ARMS)]
 SEEDS = [1, 2]  # extra seeds, for the noise level of gaps (and, at the cheap point, of lever effects)
 SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"],
              ("small", 1000, 16): ["output-s2-r0.2"]}
@@ -127,8 +155,12 @@ def fmt(key: str, value) -> str:
     return f"--{key}={json.dumps(value) if isinstance(value, (list, bool)) else value}"
 
 
-def point_dir(root: Path, preset: str, steps: int, batch: int, seed: int = 0) -> Path:
-    return root / f"{preset}-n{steps}-b{batch}" if seed == 0 else root / f"{preset}-n{steps}-b{batch}-seed{seed}"
+def point_name(preset: str, steps: int, batch: int, device: str = "cpu") -> str:
+    return f"{preset}-n{steps}-b{batch}" + ("" if device == "cpu" else f"-{device}")
+
+
+def point_dir(root: Path, preset: str, steps: int, batch: int, seed: int = 0, device: str = "cpu") -> Path:
+    return root / (point_name(preset, steps, batch, device) + (f"-seed{seed}" if seed else ""))
 
 
 def model_arg(args, name: str) -> str:
@@ -151,7 +183,9 @@ def base_overrides(args, preset: str, steps: int, batch: int, seed: int = 0) -> 
             # bag objective is scored at the end of phase 1; long runs checkpoint to resume mid-run
             f"--train.eval_every={max(1, steps // 10)}", f"--train.log_every={max(10, steps // 30)}",
             f"--train.checkpoint_every={200 if steps >= 1000 else 0}", "--train.keep_checkpoints=1", "--train.progress=false",
-            "--train.tensorboard=false", f"--train.seed={seed}", f"--optim.warmup_steps={min(50, steps // 10)}"]
+            "--train.tensorboard=false", f"--train.seed={seed}", f"--optim.warmup_steps={min(50, steps // 10)}",
+            # the CPU map keeps its runs' configs (train.device "auto"); on a GPU, bf16 autocast
+            *([f"--train.device={args.device}", "--train.precision=bf16"] if args.device != "cpu" else [])]
 
 
 def jobs(args) -> list[tuple[Path, list[str]]]:
@@ -159,7 +193,7 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
     root, out = Path(args.root), []
 
     def point(preset, steps, batch, arms, seed=0):
-        d, base = point_dir(root, preset, steps, batch, seed), base_overrides(args, preset, steps, batch, seed)
+        d, base = point_dir(root, preset, steps, batch, seed, args.device), base_overrides(args, preset, steps, batch, seed)
         out.append((d / "baseline", base + ["--tst.ratio=0"]))
         out.extend((d / arm, base + [fmt(k, v) for k, v in ARMS[arm].items()]) for arm in arms)
 
@@ -172,6 +206,11 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
         for key, seed, arms in CROSSOVER:
             point(*key, arms, seed)
         return list(dict(out).items())  # each point's baseline once, at its first place
+    if args.plan == "device":
+        for key, arms in DEVICE:
+            for seed in [0, *SEEDS]:
+                point(*key, arms, seed)
+        return out
     (preset, steps, batch), arms = POINTS[0]
     point(preset, steps, batch, arms)
     levers(preset, steps, batch, list(LEVERS))
@@ -201,34 +240,36 @@ def final(out: Path) -> dict | None:
 
 
 def map_points() -> dict[tuple, list[str]]:
-    """Every budget point of both plans -> its arms at seed 0."""
-    points = {key: list(arms) for key, arms in POINTS}
+    """Every budget point of the plans, (preset, steps, batch, device) -> its arms at seed 0."""
+    points = {(*key, "cpu"): list(arms) for key, arms in POINTS}
     for key, seed, arms in CROSSOVER:
         if seed == 0:
-            points[key] = list(dict.fromkeys(points.get(key, []) + arms))
+            points[(*key, "cpu")] = list(dict.fromkeys(points.get((*key, "cpu"), []) + arms))
+    points.update({(*key, "cuda"): list(arms) for key, arms in DEVICE})
     return points
 
 
 def seed_arms() -> dict[tuple, list[str]]:
-    """Every point with extra seeds -> the arms repeated there."""
-    out = {key: list(arms) for key, arms in SEED_ARMS.items()}
+    """Every point with extra seeds, (preset, steps, batch, device) -> the arms repeated there."""
+    out = {(*key, "cpu"): list(arms) for key, arms in SEED_ARMS.items()}
     for key, seed, arms in CROSSOVER:
         if seed:
-            out[key] = list(dict.fromkeys(out.get(key, []) + arms))
+            out[(*key, "cpu")] = list(dict.fromkeys(out.get((*key, "cpu"), []) + arms))
+    out.update({(*key, "cuda"): list(arms) for key, arms in DEVICE})
     return out
 
 
 def map_rows(root: Path) -> list[dict]:
     rows = []
-    for (preset, steps, batch), arms in map_points().items():
-        d = point_dir(root, preset, steps, batch)
+    for (preset, steps, batch, device), arms in map_points().items():
+        d = point_dir(root, preset, steps, batch, 0, device)
         b = final(d / "baseline")
         done = {arm: f for arm in arms if (f := final(d / arm))}
         if not b or not done:
             continue
         gaps = {arm: round(f["val_loss"] - b["val_loss"], 4) for arm, f in done.items()}
         rows.append({"preset": preset, "params": b["params"], "non_embedding_params": b["non_embedding_params"],
-                     "steps": steps, "batch": batch, "seq_len": b["seq_len"], "tokens_per_step": b["tokens_per_step"],
+                     "steps": steps, "batch": batch, "device": device, "seq_len": b["seq_len"], "tokens_per_step": b["tokens_per_step"],
                      "tokens": b["tokens_seen"], "tokens_per_param": round(b["tokens_seen"] / b["params"], 4),
                      "baseline": round(b["val_loss"], 4), **gaps})
     return rows
@@ -251,9 +292,9 @@ def phase1_rows(root: Path) -> list[dict]:
     """Every finished TST run's phase 1 on held-out bags (its last eval inside phase 1) beside the
     unigram level, at every point and seed."""
     rows = []
-    for (preset, steps, batch), arms in map_points().items():
+    for (preset, steps, batch, device), arms in map_points().items():
         for seed in [0] + SEEDS:
-            d = point_dir(root, preset, steps, batch, seed)
+            d = point_dir(root, preset, steps, batch, seed, device)
             for arm in arms:
                 if is_finished(d / arm) and (p := phase1_diagnostic(load_run(d / arm))):
                     rows.append({"point": d.name, "arm": arm, "step": p["step"], "val_bag_loss": round(p["val_bag_loss"], 4),
@@ -264,17 +305,17 @@ def phase1_rows(root: Path) -> list[dict]:
 def seed_rows(root: Path) -> list[dict]:
     """The gap of each seed arm per seed, with mean and sample s.d., at every point with seeds."""
     rows = []
-    for (preset, steps, batch), arms in seed_arms().items():
+    for (preset, steps, batch, device), arms in seed_arms().items():
         for arm in arms:
             gaps, baselines = [], []
             for seed in [0] + SEEDS:
-                d = point_dir(root, preset, steps, batch, seed)
+                d = point_dir(root, preset, steps, batch, seed, device)
                 b, f = final(d / "baseline"), final(d / arm)
                 if b and f:
                     gaps.append(f["val_loss"] - b["val_loss"])
                     baselines.append(b["val_loss"])
             if len(gaps) >= 2:
-                rows.append({"point": f"{preset}-n{steps}-b{batch}", "arm": arm, "seeds": len(gaps),
+                rows.append({"point": point_name(preset, steps, batch, device), "arm": arm, "seeds": len(gaps),
                              "gaps": " ".join(f"{g:+.3f}" for g in gaps), "gap_mean": round(statistics.mean(gaps), 4),
                              "gap_sd": round(statistics.stdev(gaps), 4), "baseline_sd": round(statistics.stdev(baselines), 4)})
     return rows
@@ -368,6 +409,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PRESET_STYLES = (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":"), ("large", "D", "-."), ("xl", "v", "-"))
+DEVICE_LABEL = {"cpu": "", "cuda": " (GPU, bf16)"}
+
+
 def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
     """Best full-TST gap and output-only gap against tokens per parameter, steps and non-embedding
     parameters (one line per step count there, with the seed means ± 2 standard errors), written
@@ -380,12 +425,13 @@ def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
                                 ("steps", "optimizer steps", "when-tst-pays-steps.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
-            for preset, marker, line in (("tiny", "o", "-"), ("small", "s", "--"), ("medium", "^", ":"), ("large", "D", "-.")):
-                pts = sorted((r[xkey], r[key], r["batch"]) for r in rows if r["preset"] == preset and r.get(key) is not None)
+            for (preset, marker, line), device in itertools.product(PRESET_STYLES, ("cpu", "cuda")):
+                pts = sorted((r[xkey], r[key], r["batch"]) for r in rows
+                             if r["preset"] == preset and r["device"] == device and r.get(key) is not None)
                 b16 = [p for p in pts if p[2] == 16]  # the B=16 points of one model form a line over the budget
                 if b16:
                     ax.plot([p[0] for p in b16], [p[1] for p in b16], line, marker=marker, color=color,
-                            label=f"{series}, {preset}")
+                            fillstyle="full" if device == "cpu" else "none", label=f"{series}, {preset}{DEVICE_LABEL[device]}")
                 for x, y, batch in pts:
                     if batch != 16:
                         ax.scatter([x], [y], marker=marker, facecolors="none", edgecolors=color)
@@ -403,13 +449,14 @@ def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
-        for steps, marker in zip(sorted({r["steps"] for r in rows}), "osD^v<>p"):
+        for (steps, marker), device in itertools.product(zip(sorted({r["steps"] for r in rows}), "osD^v<>p"), ("cpu", "cuda")):
             pts = sorted((r["non_embedding_params"], r[key]) for r in rows
-                         if r["steps"] == steps and r["batch"] == 16 and r.get(key) is not None)
+                         if r["steps"] == steps and r["batch"] == 16 and r["device"] == device and r.get(key) is not None)
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "-", marker=marker, color=color, alpha=0.8,
-                        label=f"{series}, {steps} steps")
-    at = {f"{r['preset']}-n{r['steps']}-b{r['batch']}": r["non_embedding_params"] for r in rows if r["batch"] == 16}
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-" if device == "cpu" else "--", marker=marker, color=color,
+                        alpha=0.8, fillstyle="full" if device == "cpu" else "none",
+                        label=f"{series}, {steps} steps{DEVICE_LABEL[device]}")
+    at = {point_name(r["preset"], r["steps"], r["batch"], r["device"]): r["non_embedding_params"] for r in rows if r["batch"] == 16}
     for k, r in enumerate(r for r in seeds if r["point"] in at):
         ax.errorbar([at[r["point"]]], [r["gap_mean"]], yerr=[2 * r["gap_sd"] / math.sqrt(r["seeds"])], fmt="x", capsize=4,
                     color="C1" if r["arm"].startswith("output") else "C0", label=None if k else "seed mean ± 2 s.e.")
@@ -430,21 +477,38 @@ def main():
     p.add_argument("--root", default="runs/regime")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--plan", choices=["crossover", "small"], default="crossover",
-                   help="crossover: the walk up the model-size axis (issue #16); small: the first map, 3M-25M parameters")
+    p.add_argument("--plan", choices=["crossover", "small", "device"], default="crossover",
+                   help="crossover: the walk up the model-size axis (issue #16); small: the first map, 3M-25M "
+                        "parameters; device: the crossover walk further, on a GPU (with --device cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: train.device=cuda, bf16 autocast")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at job i")
+    p.add_argument("--parallel", type=int, default=1, help="run the plan as this many shards side by side, then tabulate")
+    p.add_argument("--budget-s", type=float, default=0, help="start no run that would end after this many seconds")
     p.add_argument("--only", default="", help="run only the jobs whose directory contains this text, e.g. small-n400")
     p.add_argument("--table", action="store_true", help="do not train; tabulate finished runs only")
+    p.add_argument("--tables-out", help="also copy the merged tables (CSV, tables.md) into this directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, after the plan's (a smoke test of a plan: --set train.steps=4); "
+                        "such runs are not the plan's measurements: their tables go to --tables-out only")
     args = p.parse_args()
     index, count = (int(x) for x in args.shard.split("/"))
     if not 0 <= index < count:
         p.error(f"--shard {args.shard}: expected i/n with 0 <= i < n")
+    if args.set and not args.tables_out:
+        p.error("--set: runs with other settings are not the plan's measurements; give --tables-out for their tables")
     root = Path(args.root)
-    if not args.table:
-        todo = [(out, overrides) for out, overrides in jobs(args) if args.only in str(out.relative_to(root))]
-        for k, (out, overrides) in enumerate(todo):
-            if k % count == index:
-                run_arm(load_config(None, overrides + [f"--train.out_dir={out}"]), str(out))
+    if args.parallel > 1 and not args.table:
+        started = time.monotonic()
+        shard = [sys.executable, __file__, "--data", args.data, "--root", args.root, "--seq-len", str(args.seq_len),
+                 "--eval-tokens", str(args.eval_tokens), "--plan", args.plan, "--device", args.device, "--only", args.only,
+                 *(f"--set={item}" for item in args.set), *(["--tables-out", args.tables_out] if args.tables_out else [])]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        children = [subprocess.Popen(shard + ["--shard", f"{i}/{args.parallel}", "--budget-s", str(args.budget_s)], env=env)
+                    for i in range(args.parallel)]
+        codes = [child.wait() for child in children]
+        print(f"regime map: {args.parallel} shards ended ({codes}) after {time.monotonic() - started:.0f} s", file=sys.stderr)
+    elif not args.table:
+        run_jobs(args, root, index, count)
         if count > 1:
             return  # the shards do not race to write the tables: run --table once they are all done
     root.mkdir(parents=True, exist_ok=True)
@@ -455,13 +519,42 @@ def main():
         directory, key = TABLES[name]
         tables[name] = merge(directory / name, rows, key)
     tables["map.csv"] = [best_arms(row) for row in tables["map.csv"]]
+    if args.tables_out:
+        Path(args.tables_out).mkdir(parents=True, exist_ok=True)
     for name, rows in tables.items():
-        write_csv(TABLES[name][0] / name, rows)
+        if not args.set:
+            write_csv(TABLES[name][0] / name, rows)
+        if args.tables_out:
+            write_csv(Path(args.tables_out) / name, rows)
     text = "\n\n".join(f"## {name}\n\n{markdown(rows)}" for name, rows in tables.items() if rows)
-    (root / "tables.md").write_text(text + "\n")
+    for directory in [root] + ([Path(args.tables_out)] if args.tables_out else []):
+        (directory / "tables.md").write_text(text + "\n")
     print(text)
-    if tables["map.csv"]:
+    if tables["map.csv"] and not args.set:
         plot(tables["map.csv"], tables["seeds.csv"], REPO / "docs")
+
+
+def run_jobs(args, root: Path, index: int, count: int) -> None:
+    """This shard's jobs in order: each one that fits ``--budget-s`` (its steps at the seconds per step
+    of the same model's runs before it here; the first of a model always starts), and past one that fails."""
+    todo = [(out, overrides) for out, overrides in jobs(args) if args.only in str(out.relative_to(root))]
+    started, per_step = time.monotonic(), {}
+    for out, overrides in todo[index::count]:
+        cfg = load_config(None, overrides + [f"--{item}" for item in args.set] + [f"--train.out_dir={out}"])
+        estimate = per_step.get(cfg.model.preset, 0.0) * cfg.train.steps
+        if args.budget_s and time.monotonic() - started + estimate > args.budget_s:
+            print(f"{out}: not started, {estimate:.0f} s would end past the budget of {args.budget_s:.0f} s", file=sys.stderr)
+            continue
+        fresh, begun = not (out / "metrics.jsonl").exists(), time.monotonic()  # a resumed run's time says less
+        try:
+            run_arm(cfg, str(out))
+        except Interrupted:
+            raise
+        except Exception as err:  # noqa: BLE001 -- a bad run is reported; the other runs of the plan go on
+            print(f"{out}: FAILED: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        if fresh:
+            per_step[cfg.model.preset] = (time.monotonic() - begun) / cfg.train.steps
 
 
 if __name__ == "__main__":

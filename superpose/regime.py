@@ -1,7 +1,7 @@
 """Where a run sits against the budgets where TST has been measured: the regime line of `compare`.
 
-The measurements ship with the package, in ``superpose/regime_data/``: ``map.csv`` (superpose's own CPU
-map, one row per budget point with every arm's gap at seed 0) and ``seeds.csv`` (arms repeated
+The measurements ship with the package, in ``superpose/regime_data/``: ``map.csv`` (superpose's own
+map, one row per budget point and device with every arm's gap at seed 0) and ``seeds.csv`` (arms repeated
 over seeds), both written by ``scripts/regime_map.py --table``, and ``paper.csv`` (the paper's
 dense runs). A run is placed by its non-embedding parameters (as scaling-law work does: with a
 small model and a large vocabulary the embeddings are most of the total but little of the
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 GAP = "TST minus baseline final validation loss at equal FLOPs"
 # map.csv: these columns, then one gap column per TST arm, then the best arms
-SHAPE_COLUMNS = ("preset", "params", "non_embedding_params", "steps", "batch", "seq_len", "tokens_per_step", "tokens",
-                 "tokens_per_param", "baseline")
+SHAPE_COLUMNS = ("preset", "params", "non_embedding_params", "steps", "batch", "device", "seq_len", "tokens_per_step",
+                 "tokens", "tokens_per_param", "baseline")
 BEST_COLUMNS = ("best_full", "best_full_gap", "best", "best_gap")
 
 
@@ -74,7 +74,8 @@ def map_points(map_rows: list[dict], seed_rows: list[dict], arms: list[str]) -> 
     seeded = {(r["point"], r["arm"]): [float(g) for g in r["gaps"].split()] for r in seed_rows}
     points = []
     for row in map_rows:
-        name = f"{row['preset']}-n{row['steps']}-b{row['batch']}"
+        # a GPU point (bf16) is named apart from the CPU's: "medium-n1000-b16-cuda"
+        name = f"{row['preset']}-n{row['steps']}-b{row['batch']}" + ("" if row["device"] == "cpu" else f"-{row['device']}")
         gaps = {arm: seeded.get((name, arm), [float(row[arm])]) for arm in arms if row.get(arm)}
         if not gaps:
             continue

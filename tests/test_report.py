@@ -143,7 +143,7 @@ def test_regime_places_a_run_by_non_embedding_parameters_steps_and_tokens_per_st
 
 
 def test_map_points_count_a_gain_only_beyond_two_standard_errors_over_seeds():
-    row = {"preset": "small", "params": "10", "non_embedding_params": "6", "steps": "1000", "batch": "16",
+    row = {"preset": "small", "params": "10", "non_embedding_params": "6", "steps": "1000", "batch": "16", "device": "cpu",
            "tokens_per_step": "1024"}
     seeds = [{"point": "small-n1000-b16", "arm": "a", "gaps": "-0.05 -0.04 -0.06", "gap_sd": "0.01"}]
     (win,) = map_points([{**row, "a": "-0.05", "b": "0.2"}], seeds, ["a", "b"])
@@ -153,6 +153,9 @@ def test_map_points_count_a_gain_only_beyond_two_standard_errors_over_seeds():
     # one seed: below minus the median seed s.d. it is open, above it noise
     assert map_points([{**row, "b": "-0.02"}], seeds, ["b"])[0].outcome == "open"
     assert map_points([{**row, "b": "-0.005"}], seeds, ["b"])[0].outcome == "no-gain"
+    # a GPU point is a point of its own: the CPU point's seeds are not its seeds
+    (gpu,) = map_points([{**row, "device": "cuda", "a": "-0.05"}], seeds, ["a"])
+    assert (gpu.name, gpu.seeds) == ("small-n1000-b16-cuda", 1)
 
 
 def test_the_shipped_map_places_the_gpt2_tiny_run_inside_it():
