@@ -131,13 +131,15 @@ def main(argv=None) -> TSTTrainer:
                          tst=tst, seq_len=args.seq_len)  # TST
     trainer.train(resume_from_checkpoint=get_last_checkpoint(args.out) if args.resume else None)
     final_model = Path(args.out) / "model"
-    if trainer.is_fsdp_enabled:  # the weights exist only as the last checkpoint's shards: merge them (`accelerate merge-weights`)
-        merge_fsdp_weights(str(Path(get_last_checkpoint(args.out)) / "pytorch_model_fsdp_0"), str(final_model))  # every rank
+    if trainer.is_fsdp_enabled:  # the weights exist only as the final checkpoint's shards: merge them (`accelerate merge-weights`)
+        last = Path(args.out) / f"checkpoint-{trainer.state.global_step}" / "pytorch_model_fsdp_0"
+        merge_fsdp_weights(str(last), str(final_model))  # every rank takes part; rank 0 writes
         if trainer.is_world_process_zero():
             model.config.save_pretrained(final_model)
     else:
         trainer.save_model(str(final_model))
-    tokenizer.save_pretrained(str(final_model))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final_model))
     final = trainer.evaluate()
     print(f"final validation loss {final['eval_loss']:.4f} nats/token (perplexity {math.exp(final['eval_loss']):.1f}); "
           f"model in {Path(args.out) / 'model'}")

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from .errors import CheckpointError, ConfigError
 from .files import writable_dir
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
 from .model import hf_progress_bars, model_config
-from .runs import ABANDONED, CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs
+from .runs import ABANDONED, CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs, checkpoint_step
 from .schedule import build_stages
 from .sharded import ShardedWriter, is_sharded, load_sharded, read_sharded_model
 
@@ -98,13 +97,13 @@ def set_aside_newer(run_dir: Path, step: int) -> list[str]:
     They belong to a timeline the run has left (a deliberate ``--resume DIR`` back, or checkpoints
     that failed verification). Left in place, retention would keep them over the new ones (it keeps
     the highest steps) and a later ``--resume auto`` would continue the abandoned timeline."""
-    newer = [path for path in checkpoint_dirs(run_dir) if int(path.name[5:]) > step]
+    newer = [path for path in checkpoint_dirs(run_dir) if checkpoint_step(path) > step]
     if not newer:
         return []
     root = Path(run_dir) / ABANDONED
+    aside = root / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
     try:
-        root.mkdir(exist_ok=True)
-        aside = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=root))
+        aside.mkdir(parents=True)
         for path in newer:
             os.replace(path, aside / path.name)
     except OSError as err:
@@ -338,8 +337,10 @@ def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
     data = TokenData(Path(cfg.data.dir))
     with torch.device("meta"):  # the architecture only: no memory, no random draws
         lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)
-    aliases = ["lm." + alias for alias in tied_names(lm)]  # write_model_dir ties them again
-    weights = read_sharded_model(path, skip=aliases) if state is None else state["model"]
+    if state is None:  # a tied weight is read once, under its first name; write_model_dir ties it again
+        weights = read_sharded_model(path, skip=["lm." + alias for alias in tied_names(lm)])
+    else:
+        weights = state["model"]
     info = {**export_info(trainer, cfg), "checkpoint": str(path)}
     write_model_dir(weights, lm, data.tokenizer(), data.eos_id, out_dir, info, progress)
     return info

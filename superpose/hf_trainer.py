@@ -103,6 +103,7 @@ class TSTTrainer(Trainer):
         window = self.stage_window(inputs["input_ids"], stage, step)  # [b, W_stage]
         x, y = split_window(window, stage.bag_size, stage.mode)  # [b, L, k], [b, L, m]
         lm = self.accelerator.unwrap_model(model)
+        embed_bags_in_forward(lm)  # installed once; here too for a model that Trainer built itself (model_init)
         # The whole causal LM, through the (possibly DDP-wrapped) model, so that gradient
         # synchronisation sees the forward; the loss is the one `superpose train` scores.
         outputs = model(**tst_inputs(lm, x))

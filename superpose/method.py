@@ -34,7 +34,10 @@ def embed_bags(embedding: nn.Module | torch.Tensor, bags: torch.Tensor) -> torch
 
 
 def _plain_weight(embedding: nn.Module | torch.Tensor) -> torch.Tensor | None:
-    """The weight of a tensor or of an exact ``nn.Embedding`` without lookup options, else None."""
+    """The weight of a tensor or of an exact ``nn.Embedding`` without lookup options, else None.
+
+    Exact type: a subclass, e.g. the ``FSDPEmbedding`` of an embedding that FSDP2 shards as a unit
+    of its own, is called as a module instead, so that its hooks gather its weight first."""
     if isinstance(embedding, torch.Tensor):
         return embedding
     plain = type(embedding) is nn.Embedding and embedding.padding_idx is None and embedding.max_norm is None

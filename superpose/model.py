@@ -162,16 +162,16 @@ def embed_bags_in_forward(module: nn.Module) -> None:
     forward, so this hook (appended) reads the whole weight, and its gradient is reduced with the
     rest. Installed once per module; a forward without ``tst_bags`` is untouched.
     """
-    if getattr(module, "_tst_bag_hook", None) is not None:
-        return
+    if getattr(module, "_tst_bag_hook", None) is None:
+        module._tst_bag_hook = module.register_forward_pre_hook(_embed_bags_hook, with_kwargs=True)
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if BAGS not in kwargs:
-            return None
-        bags = kwargs.pop(BAGS)  # [B, L, k]
-        return args, {**kwargs, "inputs_embeds": embed_bags(module.get_input_embeddings(), bags)}  # [B, L, d]
 
-    module._tst_bag_hook = module.register_forward_pre_hook(hook, with_kwargs=True)
+def _embed_bags_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """The pre-hook of ``embed_bags_in_forward`` (module-level, so a hooked model still pickles)."""
+    if BAGS not in kwargs:
+        return None
+    bags = kwargs.pop(BAGS)  # [B, L, k]
+    return args, {**kwargs, "inputs_embeds": embed_bags(module.get_input_embeddings(), bags)}  # [B, L, d]
 
 
 def tst_inputs(lm: nn.Module, inputs: torch.Tensor) -> dict:

@@ -244,7 +244,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     val_windows = validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
-    start_step, elapsed, last_eval, set_aside = 0, 0.0, None, None
+    start_step, elapsed, last_eval, set_aside = 0, 0.0, None, []
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
         if not allow_config_change:
@@ -256,7 +256,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
             torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
         if runtime.is_main:
             print(f"{label}: resuming from step {start_step} ({resume_from})", file=sys.stderr)
-        set_aside = on_main(runtime, lambda: set_aside_newer(run_dir, start_step), CheckpointError)
+        set_aside = on_main(runtime, lambda: set_aside_newer(run_dir, start_step), CheckpointError) or []
     elif resume == "auto" and (run_dir / "metrics.jsonl").exists() and runtime.is_main:
         print(f"{label}: {run_dir} has no checkpoint to resume from; starting again from step 0", file=sys.stderr)
 

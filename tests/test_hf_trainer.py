@@ -2,6 +2,7 @@
 resume equals an uninterrupted run, and the example script learns through the switch."""
 import importlib.util
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,9 @@ def test_resume_at_the_switch_equals_uninterrupted(tmp_path):
 
 
 def test_bags_are_embedded_inside_the_forward_call():
-    """``tst_bags`` reaches the model as the mean bag embeddings; other forwards are untouched; the
-    hook is installed once however often it is asked for."""
+    """``tst_bags`` reaches the model as the mean bag embeddings, after the pre-hooks that come
+    first (FSDP2 prepends its all-gather); other forwards are untouched; the hook is installed once
+    however often it is asked for, and a hooked model still pickles."""
     torch.manual_seed(0)
     lm = build_model("tiny", VOCAB, L).eval()
     bags = torch.randint(0, VOCAB, (2, L, S))  # [B, L, k]
@@ -148,9 +150,14 @@ def test_bags_are_embedded_inside_the_forward_call():
     plain = lm(ids).logits
     embed_bags_in_forward(lm)
     embed_bags_in_forward(lm)
-    assert len(lm._forward_pre_hooks) == 1
+    seen = []
+    lm.register_forward_pre_hook(lambda module, args, kwargs: seen.append(sorted(kwargs)), with_kwargs=True, prepend=True)
     torch.testing.assert_close(lm(tst_bags=bags).logits, expected, rtol=0, atol=0)
+    assert seen == [["tst_bags"]]  # a hook before ours sees the bags, not the embeddings
     torch.testing.assert_close(lm(ids).logits, plain, rtol=0, atol=0)
+    assert len(lm._forward_pre_hooks) == 2
+    lm._forward_pre_hooks.popitem(last=False)  # the test's own lambda does not pickle
+    pickle.loads(pickle.dumps(lm))
 
 
 def test_short_windows_are_rejected(tmp_path):

@@ -40,9 +40,15 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=GRAD_NORM_RTOL), x["step"]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> list[dict]:
+    """The reference: one process, micro-batches of 2, 2 per optimizer step."""
+    return run(tmp_path_factory.mktemp("one"), "one", 1, "--batch", "2", "--grad-accum", "2")
+
+
 @pytest.mark.parametrize("strategy", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
-def test_two_ranks_with_gradient_accumulation_equal_one_process_and_resume_across_the_switch(tmp_path, strategy):
-    one = run(tmp_path, "one", 1, "--batch", "2", "--grad-accum", "2")
+def test_two_ranks_with_gradient_accumulation_equal_one_process_and_resume_across_the_switch(tmp_path, one_process, strategy):
+    one = one_process
     two = run(tmp_path, "two", 2, "--batch", "1", "--grad-accum", "2", *strategy)
     assert [r["tst_bag_size"] for r in one] == [4, 4, 4, 1, 1, 1]  # the switch after optimizer step 3
     assert_same(one, two)
