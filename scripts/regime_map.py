@@ -9,8 +9,10 @@ device`` (the same walk, further, on one CUDA GPU: ``DEVICE``). A finished run i
 run resumes from its last checkpoint, so the script can be killed and started again in a later
 session; ``--shard i/n`` lets n processes (one per core) split the list, ``--parallel n`` starts
 them itself and tabulates when they are done, and ``--budget-s`` starts no run that would not end
-in time (estimated from the runs of the same model before it). A run that fails is reported and
-skipped, so one bad run does not cost the others.
+in time (estimated from the runs of the same model before it; the first run of a model always
+starts) and, with ``--parallel``, stops the runs still going at the budget (SIGTERM: they
+checkpoint) so that the tables are written in time. A run that fails is reported and skipped, so
+one bad run does not cost the others.
 
 ``--table`` only tabulates: it merges the finished runs under ``--root`` into the committed tables
 (``TABLES``: map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
@@ -54,7 +56,7 @@ from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
 from superpose.errors import Interrupted  # noqa: E402
-from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS  # noqa: E402
+from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS, point_name  # noqa: E402
 from superpose.report import phase1_diagnostic  # noqa: E402
 from superpose.runs import is_finished, load_run, non_embedding_parameters  # noqa: E402
 
@@ -117,8 +119,9 @@ CROSSOVER = [
 ]
 # The device plan: the crossover walk on one CUDA GPU (bf16 autocast), further up the model-size and
 # step axes, every point with 3 seeds of every arm. A run at B = 16 x 64 tokens uses a sliver of the
-# GPU, so --parallel runs several side by side. Points in order of information per GPU-second: the
-# CPU's points first (do they hold in bf16?), then 85M parameters, then the longer budgets.
+# GPU, so --parallel runs several side by side (expected to pay: one process leaves the GPU idle
+# between its small kernels; not measured yet). Points in order of information per GPU-second: the
+# CPU's points first (do they hold in bf16?), then xl (113M non-embedding parameters), then the longer budgets.
 DEVICE_ARMS = ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]
 DEVICE = [(("medium", 1000, 16), DEVICE_ARMS), (("large", 1000, 16), DEVICE_ARMS), (("xl", 1000, 16), DEVICE_ARMS),
           (("large", 2000, 16), DEVICE_ARMS), (("xl", 2000, 16), DEVICE_ARMS), (("medium", 2000, 16), DEVICE_ARMS),
@@ -153,10 +156,6 @@ LRS = [1.5e-3, 6e-3]  # LR sweep: baseline and the reference arm, both at each L
 
 def fmt(key: str, value) -> str:
     return f"--{key}={json.dumps(value) if isinstance(value, (list, bool)) else value}"
-
-
-def point_name(preset: str, steps: int, batch: int, device: str = "cpu") -> str:
-    return f"{preset}-n{steps}-b{batch}" + ("" if device == "cpu" else f"-{device}")
 
 
 def point_dir(root: Path, preset: str, steps: int, batch: int, seed: int = 0, device: str = "cpu") -> Path:
@@ -366,15 +365,18 @@ def cell(text: str):
     return text or None
 
 
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a table (none if it is missing), cells as numbers where they are numbers."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as h:
+        return [{k: cell(v) for k, v in row.items()} for row in csv.DictReader(h)]
+
+
 def merge(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
     """The table at ``path`` with ``rows`` merged in: a row of the same key is updated cell by cell
     (unless it averages over fewer seeds than the row on file), new rows are appended."""
-    merged = {}
-    if path.is_file():
-        with open(path, newline="") as h:
-            for row in csv.DictReader(h):
-                row = {k: cell(v) for k, v in row.items()}
-                merged[tuple(row[k] for k in key)] = row
+    merged = {tuple(row[k] for k in key): row for row in read_csv(path)}
     for row in rows:
         old = merged.setdefault(tuple(row[k] for k in key), {})
         if (old.get("seeds") or 0) <= row.get("seeds", 0):
@@ -486,26 +488,33 @@ def main():
     p.add_argument("--budget-s", type=float, default=0, help="start no run that would end after this many seconds")
     p.add_argument("--only", default="", help="run only the jobs whose directory contains this text, e.g. small-n400")
     p.add_argument("--table", action="store_true", help="do not train; tabulate finished runs only")
-    p.add_argument("--tables-out", help="also copy the merged tables (CSV, tables.md) into this directory")
+    p.add_argument("--tables-out", help="also write the merged tables (CSV, tables.md) into this directory (no plots)")
+    p.add_argument("--merge-tables", help="with --table: merge the tables in this directory (a device's --tables-out) too")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run, after the plan's (a smoke test of a plan: --set train.steps=4); "
-                        "such runs are not the plan's measurements: their tables go to --tables-out only")
+                        "such runs are not the plan's measurements: they go under ROOT/smoke, their tables to --tables-out only")
     args = p.parse_args()
     index, count = (int(x) for x in args.shard.split("/"))
     if not 0 <= index < count:
         p.error(f"--shard {args.shard}: expected i/n with 0 <= i < n")
     if args.set and not args.tables_out:
         p.error("--set: runs with other settings are not the plan's measurements; give --tables-out for their tables")
+    if (args.plan == "device") != (args.device == "cuda") and not args.set:
+        p.error("--plan device is the GPU plan (--device cuda; --device cpu only to rehearse it with --set), "
+                "and the CPU plans' points are CPU rows")
+    given_root = args.root  # what the shards are given: each adds smoke/ itself
+    if args.set:
+        args.root = str(Path(args.root) / "smoke")
     root = Path(args.root)
     if args.parallel > 1 and not args.table:
         started = time.monotonic()
-        shard = [sys.executable, __file__, "--data", args.data, "--root", args.root, "--seq-len", str(args.seq_len),
+        shard = [sys.executable, __file__, "--data", args.data, "--root", given_root, "--seq-len", str(args.seq_len),
                  "--eval-tokens", str(args.eval_tokens), "--plan", args.plan, "--device", args.device, "--only", args.only,
                  *(f"--set={item}" for item in args.set), *(["--tables-out", args.tables_out] if args.tables_out else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         children = [subprocess.Popen(shard + ["--shard", f"{i}/{args.parallel}", "--budget-s", str(args.budget_s)], env=env)
                     for i in range(args.parallel)]
-        codes = [child.wait() for child in children]
+        codes = [wait_until(child, started + args.budget_s if args.budget_s else None) for child in children]
         print(f"regime map: {args.parallel} shards ended ({codes}) after {time.monotonic() - started:.0f} s", file=sys.stderr)
     elif not args.table:
         run_jobs(args, root, index, count)
@@ -514,6 +523,8 @@ def main():
     root.mkdir(parents=True, exist_ok=True)
     found = {"map.csv": map_rows(root), "seeds.csv": seed_rows(root), "levers.csv": lever_rows(root),
              "phase1.csv": phase1_rows(root)}
+    if args.merge_tables:  # their rows first: runs on disk here update them
+        found = {name: read_csv(Path(args.merge_tables) / name) + rows for name, rows in found.items()}
     tables = {}
     for name, rows in found.items():
         directory, key = TABLES[name]
@@ -530,8 +541,22 @@ def main():
     for directory in [root] + ([Path(args.tables_out)] if args.tables_out else []):
         (directory / "tables.md").write_text(text + "\n")
     print(text)
-    if tables["map.csv"] and not args.set:
+    if tables["map.csv"] and not (args.set or args.tables_out):  # a device's tables are plotted where they are merged
         plot(tables["map.csv"], tables["seeds.csv"], REPO / "docs")
+
+
+def wait_until(child: subprocess.Popen, deadline: float | None) -> int:
+    """The exit status of a shard; at ``deadline`` it is stopped (SIGTERM: its run checkpoints), and
+    killed a minute later, so that the tables of what finished are written in time."""
+    try:
+        return child.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        child.terminate()
+        try:
+            return child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return child.wait()
 
 
 def run_jobs(args, root: Path, index: int, count: int) -> None:

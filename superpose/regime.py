@@ -47,6 +47,11 @@ class Point:
                 f"of {self.tokens_per_step:,} tokens]: {self.gap:+.3f} nats{spread}")
 
 
+def point_name(preset: str, steps: int, batch: int, device: str = "cpu") -> str:
+    """A budget point's name, e.g. "medium-n1000-b16"; a GPU point (bf16) apart: "medium-n1000-b16-cuda"."""
+    return f"{preset}-n{steps}-b{batch}" + ("" if device == "cpu" else f"-{device}")
+
+
 def read_table(name: str) -> list[dict]:
     """Rows of one of the package's regime CSVs (an empty list if it is missing)."""
     path = importlib.resources.files("superpose") / "regime_data" / name
@@ -74,8 +79,7 @@ def map_points(map_rows: list[dict], seed_rows: list[dict], arms: list[str]) -> 
     seeded = {(r["point"], r["arm"]): [float(g) for g in r["gaps"].split()] for r in seed_rows}
     points = []
     for row in map_rows:
-        # a GPU point (bf16) is named apart from the CPU's: "medium-n1000-b16-cuda"
-        name = f"{row['preset']}-n{row['steps']}-b{row['batch']}" + ("" if row["device"] == "cpu" else f"-{row['device']}")
+        name = point_name(row["preset"], row["steps"], row["batch"], row["device"])
         gaps = {arm: seeded.get((name, arm), [float(row[arm])]) for arm in arms if row.get(arm)}
         if not gaps:
             continue
