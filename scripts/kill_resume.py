@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from superpose.integrity import problem  # noqa: E402  (torch-free: the parent never imports torch)
-from superpose.runs import CHECKPOINT_FILES, STATE_FILE, checkpoint_dirs, logged_step, read_records  # noqa: E402
+from superpose.runs import CHECKPOINT_FILES, STATE_FILE, checkpoint_dirs, checkpoint_step, logged_step, read_records  # noqa: E402
 
 DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
 STEPS, RATIO, CHECKPOINT_EVERY, EVAL_EVERY = 24, 0.5, 4, 8
@@ -236,7 +236,7 @@ def workers(pid: int) -> list[int]:
 
 def newest_checkpoint(run_dir: Path) -> int:
     """The step a resume would start from (checkpoints that verify, as the trainer sees them)."""
-    return max((int(p.name[5:]) for p in checkpoint_dirs(run_dir) if problem(p) is None), default=0)
+    return max((checkpoint_step(p) for p in checkpoint_dirs(run_dir) if problem(p) is None), default=0)
 
 
 def records(run_dir: Path) -> list[tuple]:
