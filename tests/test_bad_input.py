@@ -22,6 +22,7 @@ from conftest import SHARED_DATA
 from superpose.cli import main
 from superpose.data import DataError
 from superpose.evaluation import check_multiple_choice
+from superpose.runs import ABANDONED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL_DIR = SHARED_DATA / "eval"
@@ -368,9 +369,10 @@ def test_output_dir_not_writable(small_data, tmp_path, capsys):
 
 def test_disk_full_while_writing_checkpoint(run_copy, capsys):
     """RLIMIT_FSIZE makes the kernel refuse writes past 2 MB (EFBIG), as a full disk would
-    (Python ignores SIGXFSZ). Resuming from step 2 rewrites checkpoint 4 (~14 MB), which fails."""
+    (Python ignores SIGXFSZ). Resuming from step 2 writes checkpoint 4 again (~14 MB), which fails:
+    step 2 stays as it was, and the old step 4, moved aside by the resume, too."""
     checkpoints = run_copy / "checkpoints"
-    before = snapshot(checkpoints)
+    before = {name: snapshot(checkpoints / name) for name in ("step-00000002", "step-00000004")}
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
     try:
@@ -378,8 +380,10 @@ def test_disk_full_while_writing_checkpoint(run_copy, capsys):
               "could not write checkpoint", "step-00000004", "File too large", "earlier checkpoints are intact")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert snapshot(checkpoints) == before
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
+    assert snapshot(checkpoints / "step-00000002") == before["step-00000002"]
+    [aside] = (run_copy / ABANDONED).glob("*/step-00000004")
+    assert sorted(snapshot(aside).values()) == sorted(before["step-00000004"].values())
 
 
 def test_disk_full_while_exporting_the_model(run_copy, capsys):
