@@ -65,7 +65,6 @@ class TSTTrainer(Trainer):
         if deepspeed is not None and deepspeed.zero_stage == 3:
             raise ValueError("TSTTrainer does not run under DeepSpeed ZeRO-3 (it gathers each module's weights in that "
                              "module's own call, and the bag mean reads the embedding's); use Trainer's FSDP or DDP")
-        embed_bags_in_forward(self.model)  # before Trainer wraps it: the bag mean runs inside the (sharded) forward
         self.tst, self.seq_len = tst, seq_len
         self.width = window_tokens(seq_len, tst)
         # Our loss is a mean over the micro-batch; Trainer then divides by the accumulation steps.
@@ -103,7 +102,9 @@ class TSTTrainer(Trainer):
         window = self.stage_window(inputs["input_ids"], stage, step)  # [b, W_stage]
         x, y = split_window(window, stage.bag_size, stage.mode)  # [b, L, k], [b, L, m]
         lm = self.accelerator.unwrap_model(model)
-        embed_bags_in_forward(lm)  # installed once; here too for a model that Trainer built itself (model_init)
+        # the bag mean runs inside the (sharded) forward; installed at the first step, once, on the
+        # model Trainer trains (also one it built itself, with model_init)
+        embed_bags_in_forward(lm)
         # The whole causal LM, through the (possibly DDP-wrapped) model, so that gradient
         # synchronisation sees the forward; the loss is the one `superpose train` scores.
         outputs = model(**tst_inputs(lm, x))
