@@ -103,7 +103,8 @@ CUSTOM_MODELS = {
 }
 # The crossover walk up the model-size axis (issue #16): (point, seed, arms), in order of information
 # per CPU-hour. Seed 0 of the best arms at the two larger models first, then the seeds that say
-# whether a gap near zero is real, then the remaining arms, then the longer budgets.
+# whether a gap near zero is real, then the near-tie's arm at 2,000 steps (3 seeds), then the
+# remaining arms and budgets.
 CROSSOVER = [
     (("medium", 1000, 16), 0, ["output-s2-r0.2", "s4-r0.3"]),
     (("large", 1000, 16), 0, ["output-s2-r0.2"]),
@@ -111,10 +112,13 @@ CROSSOVER = [
     (("medium", 1000, 16), 2, ["output-s2-r0.2"]),
     (("large", 1000, 16), 1, ["output-s2-r0.2"]),
     (("large", 1000, 16), 2, ["output-s2-r0.2"]),
+    (("medium", 2000, 16), 0, ["output-s2-r0.2"]),  # the near-tie's arm at twice the steps, 3 seeds
+    (("medium", 2000, 16), 1, ["output-s2-r0.2"]),
+    (("medium", 2000, 16), 2, ["output-s2-r0.2"]),
     (("large", 1000, 16), 0, ["s4-r0.3"]),  # +0.11 at medium: far behind, so after the seeds of the near-tie
     (("medium", 1000, 16), 0, ["s2-r0.2"]),
     (("large", 1000, 16), 0, ["s2-r0.2"]),
-    (("medium", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
+    (("medium", 2000, 16), 0, ["s4-r0.3", "s2-r0.2"]),
     (("large", 2000, 16), 0, ["output-s2-r0.2", "s4-r0.3", "s2-r0.2"]),
 ]
 # The device plan: the crossover walk on one CUDA GPU (bf16 autocast), further up the model-size and
