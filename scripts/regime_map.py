@@ -12,7 +12,8 @@ them itself and tabulates when they are done, and ``--budget-s`` starts no run t
 in time (estimated from the runs of the same model before it; the first run of a model always
 starts) and, with ``--parallel``, stops the runs still going at the budget (SIGTERM: they
 checkpoint) so that the tables are written in time. A run that fails is reported and skipped, so
-one bad run does not cost the others.
+one bad run does not cost the others; a run that another process holds is skipped, so two processes
+started on the same plan (one per core) share it without ``--shard``.
 
 ``--table`` only tabulates: it merges the finished runs under ``--root`` into the committed tables
 (``TABLES``: map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
@@ -55,7 +56,7 @@ from superpose.compare import run_arm  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.config import load_config  # noqa: E402
-from superpose.errors import Interrupted  # noqa: E402
+from superpose.errors import Interrupted, RunInUse  # noqa: E402
 from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS, point_name  # noqa: E402
 from superpose.report import phase1_diagnostic  # noqa: E402
 from superpose.runs import is_finished, load_run, non_embedding_parameters  # noqa: E402
@@ -579,6 +580,9 @@ def run_jobs(args, root: Path, index: int, count: int) -> None:
             run_arm(cfg, str(out))
         except Interrupted:
             raise
+        except RunInUse as err:  # another process of the plan runs it (one per core): not a failure
+            print(f"{out}: skipped: {err}", file=sys.stderr)
+            continue
         except Exception as err:  # noqa: BLE001 -- a bad run is reported; the other runs of the plan go on
             print(f"{out}: FAILED: {type(err).__name__}: {err}", file=sys.stderr)
             continue

@@ -14,6 +14,10 @@ class ConfigError(UserError, ValueError):
     """A config that cannot run; the message says which key and how to fix it."""
 
 
+class RunInUse(ConfigError):
+    """A run directory that another process is writing (it holds the directory's lock)."""
+
+
 class DataError(UserError, ValueError):
     """Input data that cannot be used; the message names the file and the problem."""
 

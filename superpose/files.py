@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, RunInUse
 
 LOCK_FILE = ".lock"
 
@@ -65,7 +65,7 @@ class DirectoryLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise ConfigError(f"{self.what} {self.path.parent} is in use by another superpose process (pid {holder}); "
+            raise RunInUse(f"{self.what} {self.path.parent} is in use by another superpose process (pid {holder}); "
                               f"wait for it to finish, stop it, or choose another {self.what}") from None
         handle.seek(0)
         handle.truncate()

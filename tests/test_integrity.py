@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from superpose.cli import main
+from superpose.errors import RunInUse
+from superpose.files import DirectoryLock
 from superpose.integrity import MANIFEST, file_entry, problem, write_manifest
 from superpose.runs import ABANDONED, checkpoint_dirs, is_finished, read_records
 
@@ -229,6 +231,8 @@ def test_second_writer_fails_at_once_and_a_killed_holder_never_blocks(small_data
                                                f"process (pid {holder.pid}); wait for it to finish, stop it, or choose "
                                                "another train.out_dir")
         assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written by the second process
+        with pytest.raises(RunInUse), DirectoryLock(run, "train.out_dir"):  # a ConfigError that plans can tell apart
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
