@@ -20,8 +20,9 @@ def embed_bags(embedding: nn.Module | torch.Tensor, bags: torch.Tensor) -> torch
     Accumulates in fp32 and casts back to the embedding dtype. With k = 1 it is a plain lookup,
     so a next-token batch costs exactly what it costs without TST. ``embedding`` may be any
     module mapping ids to vectors (``model.get_input_embeddings()``) or a weight ``[V, d]``. A
-    plain fp32 ``nn.Embedding`` or weight takes one ``F.embedding_bag`` (gather and mean in one
-    kernel, no ``[B, L, k, d]`` intermediate); other modules get their own lookup, then the mean.
+    plain fp32 ``nn.Embedding`` (no options, no hooks) or weight takes one ``F.embedding_bag``
+    (gather and mean in one kernel, no ``[B, L, k, d]`` intermediate); other modules get their own
+    lookup, then the mean.
     """
     weight = _plain_weight(embedding)
     if bags.shape[-1] == 1:
@@ -34,13 +35,16 @@ def embed_bags(embedding: nn.Module | torch.Tensor, bags: torch.Tensor) -> torch
 
 
 def _plain_weight(embedding: nn.Module | torch.Tensor) -> torch.Tensor | None:
-    """The weight of a tensor or of an exact ``nn.Embedding`` without lookup options, else None.
+    """The weight of a tensor or of an exact ``nn.Embedding`` without lookup options or hooks, else None.
 
     Exact type: a subclass, e.g. the ``FSDPEmbedding`` of an embedding that FSDP2 shards as a unit
-    of its own, is called as a module instead, so that its hooks gather its weight first."""
+    of its own, is called as a module instead, so that its hooks gather its weight first. No hooks:
+    an embedding hooked by others (the Trainer's NEFTune noise, a user's hook) is called too, so its
+    hooks run on every lookup."""
     if isinstance(embedding, torch.Tensor):
         return embedding
-    plain = type(embedding) is nn.Embedding and embedding.padding_idx is None and embedding.max_norm is None
+    hooked = embedding._forward_hooks or embedding._forward_pre_hooks
+    plain = type(embedding) is nn.Embedding and not hooked and embedding.padding_idx is None and embedding.max_norm is None
     return embedding.weight if plain and not (embedding.scale_grad_by_freq or embedding.sparse) else None
 
 

@@ -155,13 +155,15 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * 2.0
 
 
-@pytest.mark.parametrize("kind", ["module", "tensor", "padding", "custom", "bf16"])
+@pytest.mark.parametrize("kind", ["module", "tensor", "padding", "custom", "hooked", "bf16"])
 @pytest.mark.parametrize("bag_size", [1, 4])
 def test_embedding_bag_equals_loop_of_lookups(kind, bag_size):
     torch.manual_seed(0)
     module = ScaledEmbedding(50, 8) if kind == "custom" else nn.Embedding(50, 8, padding_idx=3 if kind == "padding" else None)
     if kind == "bf16":
         module = module.bfloat16()
+    if kind == "hooked":  # a forward hook on the embedding (as NEFTune's) runs on every lookup
+        module.register_forward_hook(lambda mod, args, out: out * 2.0 + 1.0)
     bags = torch.randint(50, (2, 5, bag_size))
     bags[0, 0] = 3  # a bag of one token repeated (and the padding id)
     upstream = torch.randn(2, 5, 8)

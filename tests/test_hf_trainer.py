@@ -160,6 +160,23 @@ def test_bags_are_embedded_inside_the_forward_call():
     pickle.loads(pickle.dumps(lm))
 
 
+def test_neftune_noise_reaches_bagged_and_plain_inputs():
+    """The Trainer's NEFTune hook on the input embedding runs on the bags' lookups too (it is
+    not skipped by the fused bag lookup): noisy in training, exact in evaluation."""
+    from transformers.integrations.neftune import activate_neftune
+
+    torch.manual_seed(0)
+    lm = build_model("tiny", VOCAB, L)
+    embed_bags_in_forward(lm)
+    for k in (1, S):
+        bags = torch.randint(0, VOCAB, (2, L, k))  # [B, L, k]
+        clean = lm.eval()(tst_bags=bags).logits
+        handle = activate_neftune(lm, neftune_noise_alpha=5.0)
+        torch.testing.assert_close(lm.eval()(tst_bags=bags).logits, clean, rtol=0, atol=0)
+        assert not torch.allclose(lm.train()(tst_bags=bags).logits, clean, atol=1e-3)
+        handle.remove()
+
+
 def test_short_windows_are_rejected(tmp_path):
     trainer = make_trainer(tmp_path, steps=2, tst=TSTConfig(bag_size=S, ratio=0.5))
     trainer.train_dataset = Windows(8, L + 1)
