@@ -2,9 +2,11 @@
 then compare / sweep / report end to end on tiny real runs."""
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -166,6 +168,28 @@ def test_the_shipped_map_places_the_gpt2_tiny_run_inside_it():
     tiny_gpt2 = regime(1_049_728, 14_000_000, 600, 16 * 128, points)
     assert tiny_gpt2["verdict"] == "no-gain" and "TST is not expected to pay here" in tiny_gpt2["text"]
     assert regime(106_203_456, 253_954_368, 20_000, 2_000_000, points)["point"] == "paper 270M"
+
+
+def test_the_crossover_benchmark_config_is_the_map_point(small_data, tmp_path):
+    """configs/gutenberg-medium.toml reruns the map's medium-n2000-b16 point: its two arms are the
+    plan's baseline and output-only arm but for the model's path, and its model is the plan's."""
+    spec = importlib.util.spec_from_file_location("regime_map", ROOT / "scripts" / "regime_map.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    args = argparse.Namespace(root=str(tmp_path), data=str(small_data), seq_len=64, eval_tokens=16384, device="cpu",
+                              plan="crossover")
+    jobs, point = dict(plan.jobs(args)), plan.point_dir(tmp_path, "medium", 2000, 16)
+    shipped = load_config(ROOT / "configs" / "gutenberg-medium.toml", [f"--data.dir={small_data}"])
+    for arm, config in [("baseline", arm_config(shipped, "baseline", ratio=0.0)), ("output-s2-r0.2", shipped)]:
+        planned = load_config(None, jobs[point / arm])
+        tst = arm != "baseline"  # a baseline is any [tst] without superposition
+        assert has_superposition(planned.tst, 2000) == has_superposition(config.tst, 2000) == tst
+        assert config_differences(planned, config, ignore_tst=not tst) == [
+            f"model.preset: {str(tmp_path / 'models' / 'medium')!r} -> 'configs/models/medium'"]
+    ours = json.loads((ROOT / "configs" / "models" / "medium" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "models" / "medium" / "config.json").read_text())
+    assert {k: v for k, v in ours.items() if k != "vocab_size"} == {k: v for k, v in theirs.items() if k != "vocab_size"}
+    assert ours["vocab_size"] == 8192
 
 
 def test_arm_configs_derive_a_true_baseline():
