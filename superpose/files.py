@@ -66,7 +66,7 @@ class DirectoryLock:
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise RunInUse(f"{self.what} {self.path.parent} is in use by another superpose process (pid {holder}); "
-                              f"wait for it to finish, stop it, or choose another {self.what}") from None
+                           f"wait for it to finish, stop it, or choose another {self.what}") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
