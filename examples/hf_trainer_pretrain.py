@@ -143,6 +143,7 @@ def main(argv=None) -> TSTTrainer:
     final = trainer.evaluate()
     print(f"final validation loss {final['eval_loss']:.4f} nats/token (perplexity {math.exp(final['eval_loss']):.1f}); "
           f"model in {Path(args.out) / 'model'}")
+    trainer.accelerator.end_training()  # under torchrun: destroys the process group (else a gloo rank can abort at exit)
     return trainer
 
 

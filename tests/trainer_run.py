@@ -91,6 +91,7 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         records = [h for h in trainer.state.log_history if "loss" in h]
         Path(args.records).write_text(json.dumps(records))
+    trainer.accelerator.end_training()  # destroys the process group: else a gloo rank can abort at exit
 
 
 if __name__ == "__main__":
