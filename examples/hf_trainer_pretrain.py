@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from superpose.config import TSTConfig
 from superpose.corpus import shakespeare_files
 from superpose.data import EOS, train_tokenizer
-from superpose.hf_trainer import TSTTrainer, window_tokens  # TST
+from superpose.hf_trainer import TSTTrainer, end_training, window_tokens  # TST
 from superpose.model import build_model
 
 BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".gz": "json", ".parquet": "parquet"}
@@ -143,7 +143,7 @@ def main(argv=None) -> TSTTrainer:
     final = trainer.evaluate()
     print(f"final validation loss {final['eval_loss']:.4f} nats/token (perplexity {math.exp(final['eval_loss']):.1f}); "
           f"model in {Path(args.out) / 'model'}")
-    trainer.accelerator.end_training()  # under torchrun: destroys the process group (else a gloo rank can abort at exit)
+    end_training(trainer)  # under torchrun: frees the DDP wrapper, then the process group (else a gloo rank can hang or abort at exit)
     return trainer
 
 

@@ -19,6 +19,7 @@ Both phases run the model on L positions per sample, so FLOPs per step are equal
 """
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any
@@ -121,3 +122,19 @@ class TSTTrainer(Trainer):
         if "loss" in logs and self.last_stage is not None:
             logs["tst_bag_size"] = self.last_stage.bag_size
         super().log(logs, start_time)
+
+
+def end_training(trainer: Trainer) -> None:
+    """End a torchrun script: free the trainer's DDP wrapper, then destroy the process group.
+
+    Trainer destroys neither, and both halves matter on gloo. A group left to the interpreter's
+    exit aborts the rank ("terminate called without an active exception"). And the group must
+    outlive the DDP wrapper: its C++ reducer frees its share of the group holding the GIL, so were
+    it the last owner, the group's destructor would wait for worker threads that wait for the GIL
+    (a hang, seen in CI and in 5 of 13 2-rank runs of tests/trainer_run.py here). Freed first, the wrapper
+    leaves the group to ``destroy_process_group``, which frees it with the GIL released.
+    Call it last: the trainer keeps its unwrapped model (and ``save_model``), not its DDP wrapper."""
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()  # accelerate's own references to the prepared model
+    gc.collect()  # a wrapper left in a reference cycle would otherwise be freed after the group
+    trainer.accelerator.end_training()
