@@ -143,7 +143,7 @@ def main(argv=None) -> TSTTrainer:
     final = trainer.evaluate()
     print(f"final validation loss {final['eval_loss']:.4f} nats/token (perplexity {math.exp(final['eval_loss']):.1f}); "
           f"model in {Path(args.out) / 'model'}")
-    end_training(trainer)  # under torchrun: frees the DDP wrapper, then the process group (else a gloo rank can hang or abort at exit)
+    end_training(trainer)  # under torchrun: frees the DDP wrapper, then the process group (else gloo can hang at exit)
     return trainer
 
 
