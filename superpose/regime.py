@@ -119,7 +119,8 @@ def regime(non_embedding: int, parameters: int, steps: int, tokens_per_step: int
         point = max(gains, key=lambda p: (p.non_embedding, p.steps))
         verdict, text = "gain", (
             f"This run ({where}) is at least as large and as long as a budget where TST beat the baseline beyond "
-            f"noise ({point.describe()}; {GAP}): TST is expected to pay here.")
+            f"noise ({point.describe()}; {GAP}): TST with that setting ({point.arm}) is expected to pay here; "
+            "other settings may not (docs/when-tst-pays.md).")
     elif no_gains:
         point = min(no_gains, key=lambda p: (p.non_embedding, p.steps))
         verdict, text = "no-gain", (

@@ -137,7 +137,8 @@ def test_regime_places_a_run_by_non_embedding_parameters_steps_and_tokens_per_st
     assert regime(5_000_000, 6_000_000, 600, 2048, points)["point"] == "m"  # smaller, shorter, more tokens per step
     assert regime(5_000_000, 6_000_000, 600, 512, points)["verdict"] == "untested"  # fewer tokens per step
     assert regime(10_000_001, 20_000_000, 1000, 1024, points)["verdict"] == "untested"
-    assert regime(200_000_000, 400_000_000, 30_000, 1_000_000, points)["verdict"] == "gain"
+    gain = regime(200_000_000, 400_000_000, 30_000, 1_000_000, points)
+    assert gain["verdict"] == "gain" and "TST with that setting (s6-r0.3) is expected to pay here" in gain["text"]
     assert regime(200_000_000, 400_000_000, 30_000, 4_000_000, points)["verdict"] == "untested"  # more tokens per step
     between = regime(50_000_000, 60_000_000, 5000, 1024, points)
     assert between["point"] == "m" and "closest gap measured: output-s2-r0.2 at m" in between["text"]
