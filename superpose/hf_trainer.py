@@ -127,13 +127,13 @@ class TSTTrainer(Trainer):
 def end_training(trainer: Trainer) -> None:
     """End a torchrun script: free the trainer's DDP wrapper, then destroy the process group.
 
-    Trainer destroys neither, and both halves matter on gloo. A group left to the interpreter's
-    exit aborts the rank ("terminate called without an active exception"). And the group must
-    outlive the DDP wrapper: its C++ reducer frees its share of the group holding the GIL, so were
-    it the last owner, the group's destructor would wait for worker threads that wait for the GIL
-    (a hang, seen in CI and in 5 of 13 2-rank runs of tests/trainer_run.py here). Freed first, the wrapper
-    leaves the group to ``destroy_process_group``, which frees it with the GIL released.
-    Call it last: the trainer keeps its unwrapped model (and ``save_model``), not its DDP wrapper."""
+    Trainer does neither, and both matter on gloo. A group left to the interpreter's exit aborts
+    the rank ("terminate called without an active exception"). And the group must outlive the
+    DDP wrapper: its C++ reducer frees its share of the group holding the GIL, so were it the last
+    owner, the group's destructor would join a worker thread that waits for the GIL (a hang, seen
+    in CI and in 5 of 13 2-rank runs of tests/trainer_run.py here). Freed first, the wrapper leaves
+    the group to ``destroy_process_group``, which frees it with the GIL released. Call it last:
+    the trainer keeps its unwrapped model (and ``save_model``), not its DDP wrapper."""
     trainer.model_wrapped = trainer.model
     trainer.accelerator.free_memory()  # accelerate's own references to the prepared model
     gc.collect()  # a wrapper left in a reference cycle would otherwise be freed after the group
