@@ -35,7 +35,8 @@ from superpose.config import Config
 from superpose.distributed import Runtime
 from superpose.model import TSTModel, build_model
 from superpose.schedule import Stage
-from superpose.train import make_optimizer, train_step
+from superpose.optim import make_optimizer
+from superpose.train import train_step
 
 MODES = ("none", "full", "selective")
 CPU = Runtime(0, 1, torch.device("cpu"))

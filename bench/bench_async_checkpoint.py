@@ -34,7 +34,8 @@ def run_mode(preset: str, asynchronous: bool, steps: int, every: int, batch: int
     from superpose.distributed import Runtime
     from superpose.model import TSTModel, build_model
     from superpose.schedule import Stage
-    from superpose.train import make_optimizer, train_step
+    from superpose.optim import make_optimizer
+    from superpose.train import train_step
 
     vocab = 1024
     cfg, runtime = Config(), Runtime(0, 1, torch.device("cpu"))

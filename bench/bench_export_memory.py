@@ -31,7 +31,7 @@ def make_checkpoint(preset_dir: str, data_dir: str, fmt: str, run_dir: str) -> N
     from superpose.data import TokenData
     from superpose.distributed import Runtime
     from superpose.model import TSTModel, build_model
-    from superpose.train import make_optimizer
+    from superpose.optim import make_optimizer
 
     cfg = Config()
     cfg.model.preset, cfg.data.dir, cfg.data.corpus = preset_dir, data_dir, ""

@@ -51,7 +51,8 @@ from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, sl
 from superpose.method import embed_bags, window_length
 from superpose.model import TSTModel, build_model, flops_per_step
 from superpose.schedule import Stage
-from superpose.train import autocast, make_optimizer, train_step
+from superpose.optim import make_optimizer
+from superpose.train import autocast, train_step
 
 # Dense bf16 peak FLOP/s of known devices (vendor figures, no sparsity); CPUs have none here.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12}

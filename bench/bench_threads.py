@@ -3,7 +3,7 @@
     python bench/bench_threads.py                    # tiny preset, L=128, B=16 (configs/quickstart.toml)
     python bench/bench_threads.py --preset small --threads 1,2 --rounds 5
 
-``train.threads = 0`` picks the thread count from this measurement (``superpose.train.default_threads``).
+``train.threads = 0`` picks the thread count from this measurement (``superpose.threads.default_threads``).
 Each thread count runs in its own fresh process (torch fixes its pool at start-up); the processes
 take turns, one at a time, for ``--rounds`` rounds of ``--steps`` timed phase-2 steps after two
 warm-up steps, so a load swing of a shared machine hits every count alike. Prints, per count, the
@@ -32,7 +32,8 @@ def child(preset: str, threads: int, steps: int, seq_len: int, batch: int) -> No
     from superpose.distributed import Runtime
     from superpose.model import TSTModel, build_model
     from superpose.schedule import Stage
-    from superpose.train import make_optimizer, train_step
+    from superpose.optim import make_optimizer
+    from superpose.train import train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -56,7 +56,8 @@ from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, sl
 from superpose.method import split_window, window_length
 from superpose.model import PRESETS, TSTModel, build_model
 from superpose.schedule import build_stages, lr_at, stage_at
-from superpose.train import autocast, make_optimizer, train_step
+from superpose.optim import make_optimizer
+from superpose.train import autocast, train_step
 
 IGNORE = -100
 # The 10B-A1B MoE with 2 of its 24 layers: its expert and head shapes on one card.

@@ -140,13 +140,20 @@ class Checkpoints:
     (sharded only) in the next ``save`` or ``wait``, so the loop goes on while the shards are
     written."""
 
-    def __init__(self, run_dir: Path, checkpoint_format: str, keep: int, asynchronous: bool, runtime: Runtime):
+    def __init__(self, run_dir: Path, checkpoint_format: str, keep: int, asynchronous: bool, runtime: Runtime,
+                 every: int = 0):
         if asynchronous and checkpoint_format != "sharded":  # "auto" on one process or under DDP
             raise ConfigError("train.async_checkpoint needs sharded checkpoints, and train.checkpoint_format = 'auto' "
                               "gives gathered ones here (sharded only under FSDP/HSDP); set train.checkpoint_format = 'sharded'")
         self.root, self.format, self.keep, self.runtime = Path(run_dir) / CHECKPOINTS, checkpoint_format, keep, runtime
         self.sharded = ShardedWriter(asynchronous) if checkpoint_format == "sharded" else None
         self.pending = None  # (step, rank 0's manifest entries, future of this rank's) of the save in flight
+        self.every = every  # a periodic checkpoint every this many steps (0: only at the end or when stopped)
+
+    def due(self, done: int, steps: int, stopping: bool, healthy: bool) -> bool:
+        """After the last step, when the run stops, and every ``every`` steps, but not inside a run of
+        skipped (non-finite) steps: the newest ``keep`` checkpoints stay ones from good steps."""
+        return done == steps or stopping or bool(self.every and done % self.every == 0 and healthy)
 
     def save(self, step: int, model: nn.Module, optimizer, trainer_state: dict) -> None:
         """Checkpoint ``step``, after publishing the save before it (so one is in flight at most)."""

@@ -23,9 +23,9 @@ from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
 from .plots import plot_sweep
 from .report import summary_table, write_report
-from .runs import config_differences, is_finished, load_run, load_run_config, method_name
+from .runs import config_changes, config_differences, is_finished, load_run, load_run_config, method_name
 from .schedule import build_stages, has_superposition
-from .train import config_changes, train
+from .train import train
 
 
 def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float | None = None) -> Config:

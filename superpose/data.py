@@ -233,6 +233,10 @@ class TokenData:
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.dir / self.meta["tokenizer"])
 
+    def longest(self, split: str) -> int:
+        """Tokens of the split's longest shard: no window can be longer (windows never cross shards)."""
+        return max(shard.size for shard in self.splits[split])
+
     def tokens(self, split: str) -> int:
         return sum(s.size for s in self.splits[split])
 

@@ -29,13 +29,12 @@ from torch import nn
 from transformers import Trainer
 
 from .config import Config, DataConfig, TrainConfig, TSTConfig, stage_tables, validate
-from .method import split_window, window_length
+from .method import window_length
 from .model import embed_bags_in_forward, tst_inputs, tst_loss_sum
-from .schedule import Stage, build_stages, stage_at
+from .schedule import NEXT_TOKEN, Stage, build_stages, stage_at
 
 logger = logging.getLogger(__name__)
 
-NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", 0)  # evaluation is always next-token loss
 
 
 def window_tokens(seq_len: int, tst: TSTConfig) -> int:
@@ -84,7 +83,7 @@ class TSTTrainer(Trainer):
 
     def stage_window(self, input_ids: torch.Tensor, stage: Stage, step: int) -> torch.Tensor:
         """The part of each sample ``[b, W]`` that ``stage`` reads at ``step``: ``[b, W_stage]``."""
-        need = window_length(self.seq_len, stage.bag_size, stage.mode)
+        need = stage.window_length(self.seq_len)
         if input_ids.shape[1] < need:
             raise ValueError(
                 f"samples of {input_ids.shape[1]} tokens are too short for the {stage.name} stage "
@@ -101,7 +100,7 @@ class TSTTrainer(Trainer):
             logger.info("step %d: TST stage -> %s (bag size %d)", step, stage.name, stage.bag_size)
             self.last_stage = stage
         window = self.stage_window(inputs["input_ids"], stage, step)  # [b, W_stage]
-        x, y = split_window(window, stage.bag_size, stage.mode)  # [b, L, k], [b, L, m]
+        x, y, weights = stage.split(window, step)  # [b, L, k], [b, L, m], [m] summing to 1
         lm = self.accelerator.unwrap_model(model)
         # the bag mean runs inside the (sharded) forward; installed at the first step, once, on the
         # model Trainer trains (also one it built itself, with model_init)
@@ -109,7 +108,6 @@ class TSTTrainer(Trainer):
         # The whole causal LM, through the (possibly DDP-wrapped) model, so that gradient
         # synchronisation sees the forward; the loss is the one `superpose train` scores.
         outputs = model(**tst_inputs(lm, x))
-        weights = stage.weights(step, y.shape[-1], device=y.device)  # [m], sums to 1
         loss_sum, weight = tst_loss_sum(lm, outputs, y, weights, model.training)
         loss = loss_sum / weight.clamp(min=torch.finfo(torch.float32).tiny)
         return (loss, outputs) if return_outputs else loss

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from .config import Config, config_from_dict, read_toml, stage_tables
+from .config import SHORTHAND, Config, config_from_dict, read_toml, stage_tables
 from .errors import ConfigError
 from .files import atomic_write_text
-from .schedule import Stage
+from .schedule import Stage, has_superposition
 from .stats import Curve, value_at
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
@@ -279,6 +279,41 @@ def non_embedding_parameters(run: Run) -> int:
     config = config.get("text_config") or config  # a multimodal config nests the language model's
     tied = config.get("tie_word_embeddings", True)  # the transformers default
     return total - config["vocab_size"] * config["hidden_size"] * (1 if tied else 2)
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
+    saved config lacks (a run saved before the key existed) counts as its default value; between
+    two plain next-token runs (no superposition stage) the [tst] keys make no difference; the
+    stage list counts, not how it was written (a stage list or the shorthand it expands to)."""
+    before = config_from_dict(saved)
+    plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
+    same_stages = stage_tables(before.tst) == stage_tables(cfg.tst)
+    stage_keys = {f"tst.{name}" for name in (*SHORTHAND, "stages")}
+    old, new = before.to_dict(), cfg.to_dict()
+    changes = [
+        (f"{section}.{key}", f"{section}.{key}: {old[section][key]!r} -> {value!r}")
+        for section, values in new.items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
+        and not (same_stages and f"{section}.{key}" in stage_keys)
+    ]
+    # Other stages written in the shorthand: name the shorthand keys, not the whole list.
+    shorthand = any(key in stage_keys - {"tst.stages"} for key, _ in changes)
+    return [text for key, text in changes if not (shorthand and key == "tst.stages")]
+
+
+def check_resume_config(saved: dict, cfg: Config) -> None:
+    """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
+    try:
+        changed = config_changes(saved, cfg)
+    except ConfigError as err:  # e.g. a key this version does not know
+        raise ConfigError(f"the checkpoint's config cannot be checked ({err}); pass --allow-config-change to resume anyway") from None
+    if changed:
+        raise ConfigError(
+            "resuming with a config that changes the run (" + "; ".join(changed) + "); "
+            "restore the saved config or pass --allow-config-change"
+        )
 
 
 def config_differences(reference: Config, other: Config, ignore_tst: bool = True) -> list[str]:

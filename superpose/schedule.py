@@ -50,6 +50,20 @@ class Stage:
         weighting = known["weighting"]
         return cls(**{**known, "weighting": tuple(weighting) if isinstance(weighting, list) else weighting})
 
+    def window_length(self, seq_len: int) -> int:
+        """Data tokens one sample of this stage reads (``superpose.method.window_length``)."""
+        from .method import window_length  # imports torch, as above
+
+        return window_length(seq_len, self.bag_size, self.mode)
+
+    def split(self, window: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows ``[B, W]`` -> inputs ``[B, L, k]``, targets ``[B, L, m]`` and the slot weights ``[m]``
+        of ``step`` (on the windows' device): what one step of this stage trains on."""
+        from .method import split_window
+
+        inputs, targets = split_window(window, self.bag_size, self.mode)
+        return inputs, targets, self.weights(step, targets.shape[-1], device=window.device)
+
     def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
         """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
         from .loss import slot_weights  # imports torch: a run's stages are read without it (superpose.runs)
@@ -61,6 +75,9 @@ class Stage:
             progress = (step - self.start_step) / max(1, self.end_step - self.start_step)
             base = (1 - progress) * base + progress * slot_weights("first", slots, device)
         return base
+
+
+NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", end_step=0)  # plain next-token prediction (what validation scores)
 
 
 def build_stages(tst: TSTConfig, steps: int) -> list[Stage]:

@@ -1,4 +1,4 @@
-"""The training loop: one step function for every stage, validation, checkpoints, export.
+"""The training loop: one step function for every stage; ``Trainer`` sets a run up and runs it.
 
 Per step: look up the stage, draw the windows that stage needs, split them into
 (inputs, targets), run forward/backward on each micro-batch with the loss divided by the
@@ -8,9 +8,7 @@ phase 2 differ only in the ``Stage`` the lookup returns.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import os
 import signal
 import sys
 import time
@@ -22,42 +20,30 @@ from torch import nn
 from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
-from .checkpoint import (Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint,
-                         set_aside_newer)
-from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
-from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
-from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
-                          on_main, shards_parameters)
+from .checkpoint import Checkpoints, load_checkpoint, resolve_format, select_checkpoint, set_aside_newer
+from .config import Config, ConfigError
+from .data import TokenData, WindowLoader, prepare, to_device
+from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, on_main,
+                          parallelize, shards_parameters)
 from .errors import CheckpointError, DataError, Interrupted, TrainingError
+from .checkpoint import export_info, export_model  # (moves to superpose.export)
 from .files import LOCK_FILE, DirectoryLock, writable_dir
-from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
+from .optim import make_optimizer
 from .preemption import StopRequest
-from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs, write_run_config
-from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
+from .progress import Pace
+from .runs import MetricsLog, check_resume_config, checkpoint_dirs, write_run_config
+from .schedule import Stage, build_stages, lr_at, stage_at
+from .threads import set_threads
 from .tracking import open_trackers
+from .validation import Validator
+
 
 @dataclass
 class StepResult:
     loss: float  # MCE (phase 1, without log s) or next-token CE, mean over the global batch
     grad_norm: float
     applied: bool  # False when the loss or gradients were not finite and the update was skipped
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; matrices get weight decay, norms and biases (1-D parameters) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-        fused=device.type == "cuda" or None,
-    )
 
 
 def train_step(
@@ -71,8 +57,7 @@ def train_step(
     runtime: Runtime,
 ) -> StepResult:
     """One optimizer step on this rank's windows ``[B_local, W]`` for any stage."""
-    inputs, targets = split_window(to_device(window, runtime.device), stage.bag_size, stage.mode)
-    weights = stage.weights(step, targets.shape[-1], device=runtime.device)  # [m], sums to 1
+    inputs, targets, weights = stage.split(to_device(window, runtime.device), step)  # [b, L, k], [b, L, m], [m] summing to 1
     # Every slot of our windows is a real token, so the global weight (= the number of
     # positions of the global batch) is known before the forward.
     global_weight = targets.shape[0] * targets.shape[1] * runtime.world
@@ -105,37 +90,6 @@ def autocast(cfg: Config, runtime: Runtime):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtime: Runtime, stage: Stage | None = None,
-                    step: int = 0) -> float:
-    """Loss (nats) on fixed held-out windows, split across ranks: the next-token loss on windows
-    ``[n, L+1]`` or, given a superposition ``stage``, that stage's own objective (MCE without
-    log s, at the slot weights of ``step``) on windows ``[n, window_length(L, s, mode)]``.
-
-    Every rank runs the same number of forwards (FSDP needs that): the last rank's share is
-    padded with windows whose targets are ignored."""
-    bag_size, mode = (stage.bag_size, stage.mode) if stage else (1, "full")
-    model.eval()
-    per_rank = -(-windows.shape[0] // runtime.world)
-    mine = windows[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
-    inputs, targets = split_window(mine, bag_size, mode)  # [b, L, k], [b, L, m]
-    pad = per_rank - inputs.shape[0]
-    if pad:
-        pad_inputs, pad_targets = split_window(windows[:pad], bag_size, mode)
-        inputs = torch.cat([inputs, pad_inputs])
-        targets = torch.cat([targets, torch.full_like(pad_targets, -100)])
-    weights = stage.weights(step, targets.shape[-1], runtime.device) if stage else torch.ones(1, device=runtime.device)
-    total = torch.zeros(2, device=runtime.device)
-    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // runtime.world)
-    for x, y in zip(inputs.split(micro), targets.split(micro)):
-        with autocast(cfg, runtime):
-            loss_sum, weight = model(x.to(runtime.device), y.to(runtime.device), weights)
-        total += torch.stack([loss_sum.float(), weight.float()])
-    total = all_reduce_sum(total)
-    model.train()
-    return (total[0] / total[1]).item()
-
-
 def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
     """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only)."""
     directory = Path(cfg.data.dir)
@@ -145,41 +99,6 @@ def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
             prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
         barrier()
     return TokenData(directory)
-
-
-def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
-    saved config lacks (a run saved before the key existed) counts as its default value; between
-    two plain next-token runs (no superposition stage) the [tst] keys make no difference; the
-    stage list counts, not how it was written (a stage list or the shorthand it expands to)."""
-    before = config_from_dict(saved)
-    plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
-    same_stages = stage_tables(before.tst) == stage_tables(cfg.tst)
-    stage_keys = {f"tst.{name}" for name in (*SHORTHAND, "stages")}
-    old, new = before.to_dict(), cfg.to_dict()
-    changes = [
-        (f"{section}.{key}", f"{section}.{key}: {old[section][key]!r} -> {value!r}")
-        for section, values in new.items()
-        for key, value in values.items()
-        if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
-        and not (same_stages and f"{section}.{key}" in stage_keys)
-    ]
-    # Other stages written in the shorthand: name the shorthand keys, not the whole list.
-    shorthand = any(key in stage_keys - {"tst.stages"} for key, _ in changes)
-    return [text for key, text in changes if not (shorthand and key == "tst.stages")]
-
-
-def check_resume_config(saved: dict, cfg: Config) -> None:
-    """Refuse to resume with a config that would change the run (``--allow-config-change`` skips)."""
-    try:
-        changed = config_changes(saved, cfg)
-    except ConfigError as err:  # e.g. a key this version does not know
-        raise ConfigError(f"the checkpoint's config cannot be checked ({err}); pass --allow-config-change to resume anyway") from None
-    if changed:
-        raise ConfigError(
-            "resuming with a config that changes the run (" + "; ".join(changed) + "); "
-            "restore the saved config or pass --allow-config-change"
-        )
 
 
 def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train") -> dict | None:
@@ -197,7 +116,11 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
         try:
             writable_dir(run_dir, "train.out_dir")
             on_main(runtime, lambda: stack.enter_context(DirectoryLock(run_dir, "train.out_dir")), ConfigError)
-            return _train(cfg, runtime, run_dir, resume, allow_config_change, label, stack)
+            if resume == "never" and (run_dir / "metrics.jsonl").exists():
+                raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
+            trainer = Trainer(cfg, runtime, run_dir, label, stack)
+            trainer.resume(resume, allow_config_change)
+            return trainer.fit()
         except BaseException:
             if created and runtime.is_main:
                 _remove_if_unused(run_dir)
@@ -210,234 +133,192 @@ def _remove_if_unused(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str,
-           stack: contextlib.ExitStack) -> dict | None:
-    if resume == "never" and (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
-    check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
-    set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
-    data = ensure_data(cfg, runtime)
-    resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
-    checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
-    # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.
-    checkpoints = stack.enter_context(Checkpoints(run_dir, checkpoint_format, cfg.train.keep_checkpoints,
-                                                  cfg.train.async_checkpoint, runtime))
-    barrier()  # every rank has checked the run directory before rank 0 writes into it
+class TrainState:
+    """What a checkpoint restores besides the model and the optimizer (torchtitan's ``Stateful``
+    shape): the steps done, the training time, the last validation, the data position and the RNG."""
 
-    torch.manual_seed(cfg.train.seed)  # the initial weights; under FSDP built on meta, drawn in parallelize alike
-    lm = build_model(cfg.model.preset, data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation,
-                     meta=shards_parameters(runtime, cfg.distributed.strategy))
-    model = TSTModel(lm, cfg.model.loss_chunk_size)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # before FSDP2 shards the wrapped blocks
-    if cfg.train.compile:
-        model.compile()  # in place: parameter names and checkpoints stay those of the plain model
-    model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype, cfg.distributed.reduce_dtype,
-                        cfg.distributed.shard_size)
-    optimizer = make_optimizer(model, cfg, runtime.device)
-    stages = build_stages(cfg.tst, cfg.train.steps)
-    for stage in stages:
-        width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
-        if max(s.size for s in data.splits["train"]) < width:
-            raise DataError(f"a {stage.name} window of {width} tokens is longer than the training data")
-    loader = WindowLoader(data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world,
-                                   vocab_size=data.vocab_size)
-    val_windows = validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
-    val_bpt = data.bytes_per_token("val")
+    def __init__(self, loader: WindowLoader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.step, self.elapsed, self.last_eval = 0, 0.0, None
 
-    start_step, elapsed, last_eval, set_aside = 0, 0.0, None, []
-    if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), model, optimizer)
-        if not allow_config_change:
-            check_resume_config(state["config"], cfg)
-        start_step, elapsed, last_eval = state["step"], state["elapsed"], state.get("last_eval")
-        loader.load_state_dict(state["loader"])
+    def state_dict(self) -> dict:
+        cuda = {"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}
+        return {"step": self.step, "elapsed": self.elapsed, "loader": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                **cuda, "last_eval": self.last_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.elapsed, self.last_eval = state["step"], state["elapsed"], state.get("last_eval")
+        self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and runtime.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
+
+class Trainer:
+    """One run: the setup (``__init__``: data, model, optimizer, stages, checkpoints, validation),
+    ``resume`` from a checkpoint, and ``fit``, the loop. Rank 0 writes; every rank trains."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, run_dir: Path, label: str, stack: contextlib.ExitStack):
+        self.cfg, self.runtime, self.run_dir, self.label = cfg, runtime, run_dir, label
+        check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
+        set_threads(cfg, runtime, lambda text: self.say(f"{label}: {text}"))
+        self.data = ensure_data(cfg, runtime)
+        self.resume_from, self.rejected = None, []
+        checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
+        # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.
+        self.checkpoints = stack.enter_context(Checkpoints(run_dir, checkpoint_format, cfg.train.keep_checkpoints,
+                                                           cfg.train.async_checkpoint, runtime, cfg.train.checkpoint_every))
+        torch.manual_seed(cfg.train.seed)  # the initial weights; under FSDP built on meta, drawn in parallelize alike
+        self.lm = build_model(cfg.model.preset, self.data.vocab_size, cfg.data.seq_len, cfg.model.attn_implementation,
+                              meta=shards_parameters(runtime, cfg.distributed.strategy))
+        model = TSTModel(self.lm, cfg.model.loss_chunk_size)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # before FSDP2 shards the wrapped blocks
+        if cfg.train.compile:
+            model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+        self.model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype,
+                                 cfg.distributed.reduce_dtype, cfg.distributed.shard_size)
+        self.optimizer = make_optimizer(self.model, cfg, runtime.device)
+        self.stages = build_stages(cfg.tst, cfg.train.steps)
+        for stage in self.stages:
+            width = stage.window_length(cfg.data.seq_len)
+            if self.data.longest("train") < width:
+                raise DataError(f"a {stage.name} window of {width} tokens is longer than the training data")
+        self.loader = WindowLoader(self.data.splits["train"], cfg.train.batch_size, cfg.train.seed, runtime.rank, runtime.world,
+                                   vocab_size=self.data.vocab_size)
+        self.validator = Validator(self.data, cfg, runtime, self.stages)
+        self.state = TrainState(self.loader, runtime.device)
+        self.step_flops = flops_per_step(self.lm, cfg.data.seq_len, cfg.train.batch_size * cfg.data.seq_len)
+        self.log, self.bar = None, None
+
+    def say(self, text: str) -> None:
+        if self.runtime.is_main:
+            (self.bar.write if self.bar else print)(text, file=sys.stderr)
+
+    def resume(self, resume: str, allow_config_change: bool) -> None:
+        """Restore the newest intact checkpoint (``resume`` = auto) or the one named, then open the run's log."""
+        run_dir, runtime, cfg = self.run_dir, self.runtime, self.cfg
+        self.resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
+        barrier()  # every rank has checked the run directory before rank 0 writes into it
+        set_aside = []
+        if self.resume_from is not None:
+            state = load_checkpoint(Path(self.resume_from), self.model, self.optimizer)
+            if not allow_config_change:
+                check_resume_config(state["config"], cfg)
+            self.state.load_state_dict(state)
+            self.say(f"{self.label}: resuming from step {self.state.step} ({self.resume_from})")
+            set_aside = on_main(runtime, lambda: set_aside_newer(run_dir, self.state.step), CheckpointError) or []
+        elif resume == "auto" and (run_dir / "metrics.jsonl").exists():
+            self.say(f"{self.label}: {run_dir} has no checkpoint to resume from; starting again from step 0")
         if runtime.is_main:
-            print(f"{label}: resuming from step {start_step} ({resume_from})", file=sys.stderr)
-        set_aside = on_main(runtime, lambda: set_aside_newer(run_dir, start_step), CheckpointError) or []
-    elif resume == "auto" and (run_dir / "metrics.jsonl").exists() and runtime.is_main:
-        print(f"{label}: {run_dir} has no checkpoint to resume from; starting again from step 0", file=sys.stderr)
+            write_run_config(run_dir, cfg)
+        resume_step = self.state.step if self.resume_from else None
+        self.log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step,
+                              open_trackers(cfg, run_dir, runtime.is_main, resume_step))
+        if rejected or set_aside:
+            self.log.write({"kind": "resume", "step": self.state.step, "checkpoint": str(self.resume_from),
+                            "rejected": rejected, "set_aside": set_aside})
+        if self.state.step == 0:
+            params = count_parameters(self.lm)
+            self.log.write({"kind": "start", "step": 0, "parameters": params["total"],
+                            "active_matmul_parameters": params["active_matmul"], "flops_per_step": self.step_flops,
+                            "positions_per_step": cfg.train.batch_size * cfg.data.seq_len, "world_size": runtime.world,
+                            "stages": [vars(s) for s in self.stages]})
 
-    if runtime.is_main:
-        write_run_config(run_dir, cfg)
-    resume_step = start_step if resume_from else None
-    log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
-    if rejected or set_aside:
-        log.write({"kind": "resume", "step": start_step, "checkpoint": str(resume_from), "rejected": rejected,
-                   "set_aside": set_aside})
-    params = count_parameters(lm)
-    positions = cfg.train.batch_size * cfg.data.seq_len
-    step_flops = flops_per_step(lm, cfg.data.seq_len, positions)
-    if start_step == 0:
-        log.write({"kind": "start", "step": 0, "parameters": params["total"], "active_matmul_parameters": params["active_matmul"],
-                   "flops_per_step": step_flops, "positions_per_step": positions, "world_size": runtime.world,
-                   "stages": [vars(s) for s in stages]})
-    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
-               desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
+    def fit(self) -> dict | None:
+        """The loop, from the restored step to the last; then the final validation and the export."""
+        cfg, state, steps = self.cfg, self.state, self.cfg.train.steps
+        self.bar = tqdm(total=steps, initial=state.step, disable=not (cfg.train.progress and self.runtime.is_main),
+                        desc=self.label, unit="step", file=sys.stderr, dynamic_ncols=True)
+        bad_steps, pace = 0, Pace(state.step, steps)
+        self.model.train()
+        with StopRequest(announce=self.runtime.is_main) as stop:
+            if state.step == 0:
+                self.validate()
+            while state.step < steps:
+                step = state.step
+                stage = stage_at(self.stages, step)
+                if step == 0 or stage != stage_at(self.stages, step - 1):
+                    self.log.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size,
+                                    "mode": stage.mode})
+                    if step > 0:
+                        self.say(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
+                start = time.perf_counter()
+                width = stage.window_length(cfg.data.seq_len)
+                window = self.loader.batch(step, width)
+                lr = lr_at(step, cfg.optim, steps, stage)
+                if cfg.tst.reset_optimizer and len(self.stages) > 1 and step == self.stages[-1].start_step:
+                    self.optimizer.state.clear()  # lever: forget phase-1 moments at the switch
+                result = train_step(self.model, self.optimizer, window, stage, step, lr, cfg, self.runtime)
+                seconds = time.perf_counter() - start
+                state.step, state.elapsed = step + 1, state.elapsed + seconds
+                bad_steps = 0 if result.applied else bad_steps + 1
+                if state.step % cfg.train.log_every == 0 or state.step == steps or not result.applied:
+                    self.log.write({"kind": "train", "step": state.step, "stage": stage.name, "phase": stage.phase,
+                                    "bag_size": stage.bag_size, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                                    "applied": result.applied, "tokens_seen": self.loader.tokens_seen,
+                                    "tokens_per_s": cfg.train.batch_size * width / seconds, "step_seconds": seconds,
+                                    "elapsed": state.elapsed})
+                if bad_steps >= cfg.train.max_bad_steps:
+                    raise self.fail(f"steps {state.step - bad_steps + 1}-{state.step} had a non-finite loss or gradient and "
+                                    f"were skipped (train.max_bad_steps = {cfg.train.max_bad_steps}); "
+                                    f"{self.newest_checkpoint('the newest checkpoint, {}, predates them')}; "
+                                    "lower optim.lr or check the data, then resume with --resume auto --allow-config-change")
+                if estimate := pace.update(state.step, seconds):
+                    self.say(f"{self.label}: {estimate}")
+                if self.validator.due(state.step):
+                    self.validate()
+                self.bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
+                                     val=f"{state.last_eval['val_loss']:.3f}" if state.last_eval else "-", refresh=False)
+                self.bar.update(1)
+                stopping = any_rank(stop.requested, self.runtime.device)
+                if self.checkpoints.due(state.step, steps, stopping, healthy=not bad_steps):
+                    self.checkpoints.save(state.step, self.model, self.optimizer, self.trainer_state())
+                if stopping and state.step < steps:
+                    self.close()
+                    # a rank that got no signal stops because another did: it exits as if it got SIGTERM
+                    raise Interrupted(state.step, self.run_dir / "checkpoints" / f"step-{state.step:08d}",
+                                      stop.signum or signal.SIGTERM)
+        self.bar.close()
+        self.checkpoints.close()
+        if state.last_eval is None or state.last_eval["step"] != steps:  # resumed from the final checkpoint
+            self.validate()
+        info = export_info(self.trainer_state(), cfg)
+        export_model(self.model, self.lm, self.data.tokenizer(), self.data.eos_id, self.run_dir / "model", info, self.runtime,
+                     cfg.train.progress)
+        self.log.write({"kind": "end", "step": steps, **info})
+        self.log.close()
+        return info if self.runtime.is_main else None
 
-    def trainer_state(step: int) -> dict:
-        return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
-                **({"cuda_rng": torch.cuda.get_rng_state(runtime.device)} if runtime.device.type == "cuda" else {}),
-                "config": cfg.to_dict(), "last_eval": last_eval}
+    def trainer_state(self) -> dict:
+        """What a checkpoint holds besides model and optimizer: the state and the config that made it."""
+        state = self.state.state_dict()
+        return {**state, "config": self.cfg.to_dict(), "last_eval": state.pop("last_eval")}
 
-    def newest_checkpoint(phrase: str) -> str:
+    def validate(self) -> None:
+        """Validate at the current step and log it; a non-finite loss stops the run (nothing is exported)."""
+        state = self.state
+        record = {**self.validator.record(self.model, state.step), "tokens_seen": self.loader.tokens_seen,
+                  "elapsed": state.elapsed, "flops": state.step * self.step_flops}
+        self.log.write(record)
+        if not math.isfinite(record["val_loss"]):
+            raise self.fail(f"the validation loss at step {state.step} is {record['val_loss']}: the model diverged and is "
+                            f"not exported; {self.newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check "
+                            "the data) and resume from a checkpoint before the divergence with --resume DIR --allow-config-change")
+        state.last_eval = record
+
+    def newest_checkpoint(self, phrase: str) -> str:
         """``phrase`` with {} as the newest checkpoint, or what to say when there is none."""
-        checkpoints.wait()  # one written in the background counts once it is complete
-        kept = checkpoint_dirs(run_dir)
+        self.checkpoints.wait()  # one written in the background counts once it is complete
+        kept = checkpoint_dirs(self.run_dir)
         return phrase.format(kept[-1]) if kept else "no checkpoint was written yet"
 
-    def fail(step: int, message: str) -> TrainingError:
+    def fail(self, message: str) -> TrainingError:
         """Record why the run stopped; the caller raises the returned error (no export happens)."""
-        log.write({"kind": "failed", "step": step, "error": message})
-        log.close()
-        bar.close()
+        self.log.write({"kind": "failed", "step": self.state.step, "error": message})
+        self.close()
         return TrainingError(message)
 
-    bag_windows = {}  # (bag size, mode) -> held-out windows of that superposition stage (None: val too short)
-    unigram = []  # log-probabilities [V] of the train split's token frequencies, computed on first use
-
-    def run_validation(step: int) -> dict:
-        loss = validation_loss(model, val_windows, cfg, runtime)
-        record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": bits_per_byte(loss, val_bpt),
-                  "tokens_seen": loader.tokens_seen, "elapsed": elapsed, "flops": step * step_flops}
-        trained = max(step - 1, 0)  # the step just trained (at step 0: the first step's stage)
-        stage = stage_at(stages, trained)
-        key, width = (stage.bag_size, stage.mode), window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
-        if stage.bag_size > 1 and key not in bag_windows:  # as many windows as the next-token eval
-            fits = max(s.size for s in data.splits["val"]) >= width
-            bag_windows[key] = validation_windows(data.splits["val"], width - 1, val_windows.shape[0] * (width - 1),
-                                                           data.vocab_size) if fits else None
-        if stage.bag_size > 1 and bag_windows[key] is not None:
-            # Diagnostic of phase 1: its own objective on held-out bags beside the unigram level, the
-            # MCE of predicting the train split's token frequencies at every position: a bag loss near
-            # it means phase 1 learned little beyond token frequencies.
-            if not unigram:
-                unigram.append(unigram_log_probs(data.splits["train"], data.vocab_size))
-            targets = split_window(bag_windows[key], stage.bag_size, stage.mode)[1]  # [n, L, m]
-            weights = stage.weights(trained, targets.shape[-1])  # [m], sums to 1
-            record["val_bag_loss"] = validation_loss(model, bag_windows[key], cfg, runtime, stage, trained)
-            record["val_bag_unigram_loss"] = -(unigram[0][targets] * weights).sum(-1).mean().item()
-        log.write(record)
-        if not math.isfinite(loss):
-            raise fail(step, f"the validation loss at step {step} is {loss}: the model diverged and is not exported; "
-                             f"{newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check the data) "
-                             "and resume from a checkpoint before the divergence with --resume DIR --allow-config-change")
-        return record
-
-    bad_steps = 0
-    model.train()
-    pace = Pace(start_step, cfg.train.steps)
-    with StopRequest(announce=runtime.is_main) as stop:
-        if start_step == 0:
-            last_eval = run_validation(0)
-        for step in range(start_step, cfg.train.steps):
-            stage = stage_at(stages, step)
-            if step == 0 or stage != stage_at(stages, step - 1):
-                log.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size, "mode": stage.mode})
-                if runtime.is_main and step > 0:
-                    bar.write(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
-            width = window_length(cfg.data.seq_len, stage.bag_size, stage.mode)
-            start = time.perf_counter()
-            window = loader.batch(step, width)
-            lr = lr_at(step, cfg.optim, cfg.train.steps, stage)
-            if cfg.tst.reset_optimizer and len(stages) > 1 and step == stages[-1].start_step:
-                optimizer.state.clear()  # lever: forget phase-1 moments at the switch
-            result = train_step(model, optimizer, window, stage, step, lr, cfg, runtime)
-            seconds = time.perf_counter() - start
-            elapsed += seconds
-            bad_steps = 0 if result.applied else bad_steps + 1
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps or not result.applied:
-                log.write({"kind": "train", "step": done, "stage": stage.name, "phase": stage.phase, "bag_size": stage.bag_size,
-                           "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
-                           "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
-                           "step_seconds": seconds, "elapsed": elapsed})
-            if bad_steps >= cfg.train.max_bad_steps:
-                raise fail(done, f"steps {done - bad_steps + 1}-{done} had a non-finite loss or gradient and were skipped "
-                                 f"(train.max_bad_steps = {cfg.train.max_bad_steps}); "
-                                 f"{newest_checkpoint('the newest checkpoint, {}, predates them')}; "
-                                 "lower optim.lr or check the data, then resume with --resume auto --allow-config-change")
-            if (estimate := pace.update(done, seconds)) and runtime.is_main:
-                bar.write(f"{label}: {estimate}", file=sys.stderr)
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                last_eval = run_validation(done)
-            bar.set_postfix(stage=stage.name, s=stage.bag_size, loss=f"{result.loss:.3f}",
-                            val=f"{last_eval['val_loss']:.3f}" if last_eval else "-", refresh=False)
-            bar.update(1)
-            stopping = any_rank(stop.requested, runtime.device)
-            # No periodic checkpoint inside a run of skipped steps: the last K stay ones from good steps.
-            periodic = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and not bad_steps
-            if done == cfg.train.steps or periodic or stopping:
-                checkpoints.save(done, model, optimizer, trainer_state(done))
-            if stopping and done < cfg.train.steps:
-                checkpoints.close()
-                log.close()
-                bar.close()
-                # a rank that got no signal stops because another did: it exits as if it got SIGTERM
-                raise Interrupted(done, run_dir / "checkpoints" / f"step-{done:08d}", stop.signum or signal.SIGTERM)
-    bar.close()
-    checkpoints.close()
-    if last_eval is None or last_eval["step"] != cfg.train.steps:  # resumed from the final checkpoint
-        last_eval = run_validation(cfg.train.steps)
-
-    info = export_info(trainer_state(cfg.train.steps), cfg)
-    export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime, cfg.train.progress)
-    log.write({"kind": "end", "step": cfg.train.steps, **info})
-    log.close()
-    return info if runtime.is_main else None
-
-
-class Pace:
-    """The expected duration of the rest of the run, from the first steps this process timed.
-
-    The first step is left out (allocator warm-up, compilation); five after it give the pace."""
-
-    WARMUP, MEASURED = 1, 5
-
-    def __init__(self, start_step: int, steps: int):
-        self.start, self.steps, self.seconds = start_step, steps, []
-
-    def update(self, done: int, seconds: float) -> str | None:
-        """One line, once, after the measured steps; else None."""
-        if done - self.start <= self.WARMUP or len(self.seconds) >= self.MEASURED:
-            return None
-        self.seconds.append(seconds)
-        if len(self.seconds) < self.MEASURED or done >= self.steps:
-            return None
-        pace = sum(self.seconds) / len(self.seconds)
-        left = pace * (self.steps - done)
-        return (f"{pace:.3f} s/step over steps {done - self.MEASURED + 1}-{done}: about "
-                f"{left / 60:.1f} min for the remaining {self.steps - done} steps (validation not included)")
-
-
-def set_threads(cfg: Config, runtime: Runtime, say) -> None:
-    """CPU threads of this process: ``train.threads``, or (0) the cores no one else is using."""
-    if runtime.device.type != "cpu" or (not cfg.train.threads and "OMP_NUM_THREADS" in os.environ):
-        return  # an explicit OMP_NUM_THREADS stands unless train.threads is set
-    threads = cfg.train.threads or default_threads()
-    torch.set_num_threads(threads)
-    if not cfg.train.threads:
-        cores, load = machine_load()
-        say(f"{threads} CPU thread(s) per process ({cores} cores, load average {load:.1f} when superpose started; "
-            "train.threads sets it)")
-
-
-@functools.cache
-def machine_load() -> tuple[int, float]:
-    """(cores this process may use, the 1-minute load average) when first asked: cached, so that every
-    run of one command (the arms of a comparison) takes the same decision."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores, os.getloadavg()[0]
-
-
-def default_threads() -> int:
-    """All of this rank's share of the free cores, at least 1. bench/bench_threads.py on the
-    project's 2-core machine: a quick-start step took 0.51 s with 1 thread and 0.31 s with 2 when
-    the machine was otherwise idle, but 0.52 s and 3.40 s when one other process ran (OpenMP
-    threads waiting for a busy core); the quick start with torch's default 2 threads on a shared
-    machine took 44 CPU-minutes instead of 12.5. The load average says which case this is."""
-    cores, load = machine_load()
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share its cores
-    return max(1, min(cores // ranks, round(max(0.0, cores - load) / ranks)))
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.log.close()
+        self.bar.close()

@@ -85,7 +85,7 @@ def test_progress_bar_ends_with_the_final_validation(small_data, tmp_path, capsy
 
 def test_pace_estimates_the_rest_of_the_run_once():
     """After one warm-up step and five timed ones, one line with the pace and the time left."""
-    from superpose.train import Pace
+    from superpose.progress import Pace
 
     pace = Pace(start_step=10, steps=110)
     lines = [pace.update(done, 2.0 if done == 11 else 0.5) for done in range(11, 30)]
@@ -97,7 +97,7 @@ def test_pace_estimates_the_rest_of_the_run_once():
                                                           (16, 4.0, 1, 12), (16, 0.0, 8, 2), (2, 0.0, 2, 1)])
 def test_default_threads_take_the_free_cores(monkeypatch, cores, load, ranks, threads):
     """train.threads = 0: all free cores when the machine is idle, 1 thread when others use it."""
-    from superpose import train as train_mod
+    from superpose import threads as train_mod
 
     monkeypatch.setattr(train_mod, "machine_load", lambda: (cores, load))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))

@@ -12,7 +12,7 @@ from superpose.config import OptimConfig, TSTConfig
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
 from superpose.schedule import build_stages, lr_at, stage_at
 from superpose.runs import load_run_config, write_run_config
-from superpose.train import config_changes
+from superpose.runs import config_changes
 
 GPT2 = str(SHARED_DATA / "tokenizers" / "gpt2")
 

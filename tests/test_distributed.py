@@ -159,7 +159,7 @@ def test_sharded_checkpoint_reshards_model_and_optimizer_state_onto_one_process(
     steps after it."""
     from superpose.checkpoint import load_checkpoint
     from superpose.data import TokenData
-    from superpose.train import make_optimizer
+    from superpose.optim import make_optimizer
 
     cfg = load_config(runs["fsdp"] / "config.toml")
     model = TSTModel(build_model(cfg.model.preset, TokenData(small_data).vocab_size, cfg.data.seq_len))

@@ -165,7 +165,7 @@ def test_resuming_from_an_older_checkpoint_moves_the_later_ones_out_of_the_way(r
 def diverges_after(monkeypatch):
     """Validation of the runs whose out_dir ends with ``name`` turns NaN after ``step`` steps,
     as a diverged model's does (the real validation runs first, so the run is otherwise real)."""
-    import superpose.train as train_mod
+    import superpose.validation as train_mod
 
     def arm(name: str, step: int):
         real = train_mod.validation_loss

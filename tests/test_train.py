@@ -14,7 +14,9 @@ from superpose.distributed import Runtime
 from superpose.model import TSTModel, build_model, hf_progress_bars
 from superpose.method import split_window
 from superpose.schedule import Stage
-from superpose.train import make_optimizer, train, train_step, validation_loss
+from superpose.optim import make_optimizer
+from superpose.train import train, train_step
+from superpose.validation import validation_loss
 
 
 def records(run_dir, kind):
