@@ -305,7 +305,8 @@ def tst_runs(size, device) -> dict:
 def tst_run(size, device, tokens, precision: str, compile: bool, fused: bool) -> list[float]:
     cfg = Config()
     cfg.train.precision = precision
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.tst.bag_size, cfg.tst.ratio = 1e-3, 5, 4, RUN_SWITCH / RUN_STEPS
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 5
+    cfg.tst = cfg.tst.with_shorthand(bag_size=4, ratio=RUN_SWITCH / RUN_STEPS)
     runtime = Runtime(0, 1, device)
     torch.manual_seed(0)
     model = TSTModel(build_model(size["run_preset"], size["run_vocab"], size["run_seq"])).to(device)

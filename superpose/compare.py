@@ -33,12 +33,12 @@ def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float
     arm = copy.deepcopy(cfg)
     arm.train.out_dir = str(Path(cfg.train.out_dir) / name)
     if bag_size is not None:
-        if cfg.tst.stages:
+        if not cfg.tst.written_as_shorthand:
             raise ConfigError("sweep varies tst.bag_size and tst.ratio, the shorthand of the stage list: give [tst] in "
                               "that form, not as [[tst.stages]] tables (whose other settings the grid could not keep)")
-        arm.tst.bag_size = bag_size
+        arm.tst = arm.tst.with_shorthand(bag_size=bag_size)
     if ratio is not None:
-        arm.tst.ratio, arm.tst.curriculum, arm.tst.stages = ratio, [], []  # a stage list or curriculum would replace (s, r)
+        arm.tst = arm.tst.with_shorthand(ratio=ratio, curriculum=[])  # a stage list or curriculum would replace (s, r)
     validate(arm)
     return arm
 

@@ -1,21 +1,23 @@
-"""One typed config tree for every command: defaults live here and nowhere else.
+"""One typed config tree for every command: defaults and checks live here and nowhere else.
 
 A config is built from the dataclass defaults, then a TOML file, then ``--section.key=value``
-overrides. Unknown sections or keys and values of the wrong type are rejected with a one-line
-``ConfigError`` naming the key, before any work starts.
+overrides. Every field carries its default, its type (``Literal`` for choices) and, where it has
+one, its check (``setting``); a section checks itself when it is built, so unknown sections or
+keys, values of the wrong type and values out of range are a one-line ``ConfigError`` naming the
+key, before any work starts.
+
+The ``[tst]`` shorthand (``bag_size``, ``ratio``, ...) is expanded once, when the section is built,
+into ``tst.stages``: typed ``StageConfig`` tables, the one form the rest of superpose reads.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import io
-import json
 import math
 import sys
-import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
 
 from .errors import ConfigError
 
@@ -24,126 +26,335 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+Weighting = Literal["uniform", "power", "exp", "first"]  # slot weightings of the multi-hot loss (loss.make_slot_weights)
+Mode = Literal["full", "input", "output"]  # what a stage bags: inputs and targets, inputs only, targets only
+WEIGHTINGS, MODES = typing.get_args(Weighting), typing.get_args(Mode)
+CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name
+
+
+def setting(default, check: Callable[[Any], bool] | None = None, rule: str = ""):
+    """A field with its default and, optionally, its check: ``check(value)`` must hold, and the
+    error reads "<key> <rule>" (e.g. ``setting(600, lambda v: v >= 1, "must be >= 1")``)."""
+    meta = {"check": check, "rule": rule} if check else {}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_ok(value, hint) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return _number(value)
+    if hint is int:
+        return _integer(value)
+    return isinstance(value, hint)
+
+
+def type_name(hint) -> str:
+    """How the reference names a field's type: a ``Literal`` is a str with choices."""
+    if typing.get_origin(hint) is Literal:
+        return "str"
+    return getattr(hint, "__name__", str(hint)).replace("|", "or")
+
+
+def choices(cls: type, name: str) -> tuple:
+    """The allowed values of a ``Literal`` field (empty for any other)."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+
+class Section:
+    """Base of the config sections: on construction every field is checked against its type (a
+    whole number is accepted as a float) and its ``setting`` check, then the section's own
+    ``check`` (rules across its fields). ``NAME`` prefixes the keys in errors."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if not _type_ok(value, hint):
+                raise ConfigError(self._type_error(f, value, hint))
+            if hint is float and not math.isfinite(value):
+                raise ConfigError(f"{self.key(f.name)} must be a finite number, got {value!r}")
+            if hint is float and not isinstance(value, float):
+                object.__setattr__(self, f.name, float(value))
+            check = f.metadata.get("check")
+            if check is not None and not check(value):
+                raise ConfigError(f"{self.key(f.name)} {f.metadata['rule']}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve several fields of the section (none by default)."""
+
+    def key(self, name: str) -> str:
+        return f"{self.NAME}.{name}"
+
+    def _type_error(self, f: dataclasses.Field, value, hint) -> str:
+        if typing.get_origin(hint) is Literal:
+            return f"{self.key(f.name)} = {value!r} is not one of {', '.join(typing.get_args(hint))}"
+        return f"{self.key(f.name)} must be {type_name(hint)}, got {value!r} ({type(value).__name__})"
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    NAME: ClassVar[str] = "model"
     preset: str = "tiny"  # a name from superpose.model.PRESETS, or a local HF model/config directory
     attn_implementation: str = "sdpa"  # sdpa | eager | any attention the transformers model supports
-    loss_chunk_size: int = 0  # > 0: head + loss run this many positions at a time (no full logits)
+    loss_chunk_size: int = setting(0, lambda v: v >= 0, "must be >= 0 (0 = the full logits at once)")  # > 0: head + loss run this many positions at a time (no full logits)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    NAME: ClassVar[str] = "data"
     dir: str = "data/shakespeare"  # a directory written by `superpose prepare`
     corpus: str = "shakespeare"  # prepared into `dir` on first use if `dir` does not exist ("" = never)
-    vocab_size: int = 8192  # BPE size used when `corpus` is prepared automatically
-    seq_len: int = 128  # L: positions the model runs on, in every stage
+    vocab_size: int = setting(8192, lambda v: v > 256, "must be > 256 (byte-level BPE needs the 256 bytes)")  # BPE size used when `corpus` is prepared automatically
+    seq_len: int = setting(128, lambda v: v >= 1, "must be >= 1")  # L: positions the model runs on, in every stage
+
+    def check(self) -> None:
+        if self.corpus not in CORPORA + ("",):
+            raise ConfigError(f"data.corpus = {self.corpus!r}: only {', '.join(map(repr, CORPORA))} is embedded "
+                              "(\"\" = never prepare); run `superpose prepare` for other data")
 
 
-@dataclass
-class TSTConfig:
-    bag_size: int = 4  # s: tokens averaged into one input position in phase 1 (1 = baseline)
-    ratio: float = 0.3  # r: fraction of steps in phase 1 (0 = baseline)
-    weighting: str = "uniform"  # uniform | power | exp | first
-    mode: str = "full"  # full | input (bagged inputs only) | output (bag targets only)
-    # Research levers (docs/when-tst-pays.md); the defaults are the paper's method.
-    curriculum: list = field(default_factory=list)  # [[s, r], ...]: several phase-1 stages; replaces bag_size/ratio
-    slot_weights: list = field(default_factory=list)  # explicit slot weights (>= s floats); replaces weighting
-    anneal_to_ntp: bool = False  # slot weights move linearly to next-token-only over each phase-1 stage
-    blend_steps: int = 0  # smooth switch: the last K phase-1 steps turn gradually into next-token steps
-    lr_scale: float = 1.0  # LR multiplier during phase 1
-    reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
-    rewarmup_steps: int = 0  # linear LR re-warmup over the first next-token steps
-    # The keys above are the shorthand of this list (config.stage_tables); a run's config.toml records it expanded.
-    stages: list = field(default_factory=list)  # [[tst.stages]] tables (see below): the stages literally; empty = the shorthand's
+def _slot_weights_ok(weights, bag_size: int) -> bool:
+    """Explicit slot weights: at least ``bag_size`` non-negative numbers, the first positive."""
+    return (isinstance(weights, list) and len(weights) >= bag_size and all(_number(w) and w >= 0 for w in weights)
+            and weights[0] > 0)
 
 
-@dataclass
-class StageTable:
+@dataclass(frozen=True)
+class StageConfig(Section):
     """One [[tst.stages]] table. A stage runs for `steps` steps or a `fraction` of train.steps (one
     of the two; the last stage may give neither: it takes the steps left)."""
 
-    bag_size: int = 0  # s, the tokens of one bag (1 = next-token prediction); every table must give it
-    steps: int = 0  # the stage's length in steps
-    fraction: float = 0.0  # or its length as a fraction of train.steps
-    mode: str = "full"  # full | input | output (what the stage bags)
+    bag_size: int = setting(0, lambda v: v >= 1, "must be an integer >= 1")  # s, the tokens of one bag (1 = next-token prediction); every table must give it
+    steps: int = setting(0, lambda v: v >= 0, "must be an integer >= 0")  # the stage's length in steps
+    fraction: float = setting(0.0, lambda v: 0 <= v <= 1, "must be a number in [0, 1]")  # or its length as a fraction of train.steps
+    mode: Mode = "full"  # what the stage bags
     weighting: str | list = "uniform"  # a slot weighting (uniform | power | exp | first) or >= s slot weights
     anneal: bool = False  # slot weights move linearly to next-token-only over the stage
-    lr_scale: float = 1.0  # LR multiplier during the stage
-    blend_steps: int = 0  # the stage's last K steps turn gradually into next-token steps
-    rewarmup_steps: int = 0  # linear LR re-warmup over the stage's first steps
+    lr_scale: float = setting(1.0, lambda v: v > 0, "must be a number > 0")  # LR multiplier during the stage
+    blend_steps: int = setting(0, lambda v: v >= 0, "must be an integer >= 0")  # the stage's last K steps turn gradually into next-token steps
+    rewarmup_steps: int = setting(0, lambda v: v >= 0, "must be an integer >= 0")  # linear LR re-warmup over the stage's first steps
+
+    def check(self) -> None:
+        if self.steps and self.fraction:
+            raise ConfigError("give steps or fraction, not both")
+        if not (self.weighting in WEIGHTINGS or _slot_weights_ok(self.weighting, self.bag_size)):
+            raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)} or >= bag_size non-negative numbers, "
+                              "the first positive")
+        if self.bag_size == 1 and self.blend_steps:
+            raise ConfigError("blend_steps turn bag steps into next-token steps: a bag_size 1 stage has none")
+
+    @property
+    def open_ended(self) -> bool:
+        """Neither steps nor fraction: the stage runs to the end of the run."""
+        return not (self.steps or self.fraction)
+
+    def key(self, name: str) -> str:
+        return name  # TSTConfig names the table: "tst.stages[i]: <key> ..."
+
+    def _type_error(self, f: dataclasses.Field, value, hint) -> str:
+        """A table's errors say what the key takes (its check's words), whatever was wrong."""
+        if f.metadata.get("rule"):
+            return f"{f.name} {f.metadata['rule']}"
+        if typing.get_origin(hint) is Literal:
+            return f"{f.name} must be one of {', '.join(typing.get_args(hint))}"
+        return f"{f.name} must be true or false" if hint is bool else f"{f.name} must be {type_name(hint)}"
 
 
-STAGE_KEYS = {f.name: f.default for f in dataclasses.fields(StageTable)}  # every key of a table, with its default
 SHORTHAND = ("bag_size", "ratio", "weighting", "mode", "curriculum", "slot_weights", "anneal_to_ntp", "blend_steps",
              "lr_scale", "rewarmup_steps")
 
 
-def stage_tables(tst: TSTConfig) -> list[dict]:
-    """The stage list of a [tst] section: ``tst.stages`` (each table with every key of STAGE_KEYS),
-    or, when it is empty, the expansion of the shorthand: one superposition stage of bag_size for a
-    fraction ratio (or one per curriculum entry), then next-token prediction for the steps left."""
-    if tst.stages:
-        return [{**STAGE_KEYS, **table} for table in tst.stages]
-    plan = [tuple(entry) for entry in tst.curriculum] or [(tst.bag_size, tst.ratio)]
-    weighting = list(tst.slot_weights) if tst.slot_weights else tst.weighting
-    tables = [{**STAGE_KEYS, "bag_size": s, "fraction": float(r), "mode": tst.mode, "weighting": weighting,
-               "anneal": tst.anneal_to_ntp, "lr_scale": tst.lr_scale} for s, r in plan if s > 1 and r > 0]
-    if tables:
-        tables[-1]["blend_steps"] = tst.blend_steps
-    return tables + [{**STAGE_KEYS, "bag_size": 1, "rewarmup_steps": tst.rewarmup_steps if tables else 0}]
+@dataclass(frozen=True)
+class TSTConfig(Section):
+    """The stages of a run: ``stages`` literally, or the shorthand (the keys of ``SHORTHAND``),
+    which is expanded into ``stages`` when the section is built. Frozen: a changed shorthand must
+    be expanded again, so it goes through ``with_shorthand`` instead of an assignment that would
+    silently leave the stages as they were."""
+
+    NAME: ClassVar[str] = "tst"
+    bag_size: int = setting(4, lambda v: v >= 1, "must be an integer >= 1 (1 = plain next-token baseline)")  # s: tokens averaged into one input position in phase 1 (1 = baseline)
+    ratio: float = setting(0.3, lambda v: 0 <= v <= 1, "must be in [0, 1] (the fraction of steps in phase 1)")  # r: fraction of steps in phase 1 (0 = baseline)
+    weighting: Weighting = "uniform"  # slot weighting of the multi-hot loss
+    mode: Mode = "full"  # full TST, or an ablation: input (bagged inputs only) | output (bag targets only)
+    # Research levers (docs/when-tst-pays.md); the defaults are the paper's method.
+    curriculum: list = setting([])  # [[s, r], ...]: several phase-1 stages; replaces bag_size/ratio
+    slot_weights: list = setting([])  # explicit slot weights (>= s floats); replaces weighting
+    anneal_to_ntp: bool = False  # slot weights move linearly to next-token-only over each phase-1 stage
+    blend_steps: int = setting(0, lambda v: v >= 0, "must be >= 0")  # smooth switch: the last K phase-1 steps turn gradually into next-token steps
+    lr_scale: float = setting(1.0, lambda v: v > 0, "must be > 0")  # LR multiplier during phase 1
+    reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
+    rewarmup_steps: int = setting(0, lambda v: v >= 0, "must be >= 0")  # linear LR re-warmup over the first next-token steps
+    # The keys above are the shorthand of this list; a run's config.toml records it expanded.
+    stages: list = setting([])  # [[tst.stages]] tables (see below): the stages literally; empty = the shorthand's
+
+    def check(self) -> None:
+        for entry in self.curriculum:
+            if not _curriculum_entry(entry):
+                raise ConfigError(f"tst.curriculum entry {entry!r} must be [bag_size >= 2, ratio in (0, 1]]")
+        if sum(entry[1] for entry in self.curriculum) > 1:
+            raise ConfigError("tst.curriculum ratios must sum to at most 1")
+        largest = max([self.bag_size] + [entry[0] for entry in self.curriculum])
+        if self.slot_weights and not _slot_weights_ok(self.slot_weights, largest):
+            raise ConfigError(f"tst.slot_weights must list >= {largest} non-negative numbers, the first positive")
+        if not self.stages:
+            object.__setattr__(self, "stages", self.shorthand_stages())
+            return
+        tables = [_stage_table(table, index) for index, table in enumerate(self.stages, 1)]
+        object.__setattr__(self, "stages", tables)
+        for index, table in enumerate(tables, 1):
+            if table.open_ended and index < len(tables):
+                raise ConfigError(f"tst.stages[{index}]: needs steps or fraction (only the last stage may run to the end "
+                                  "without them)")
+            if table.bag_size > 1 and any(t.bag_size == 1 for t in tables[: index - 1]):
+                raise ConfigError(f"tst.stages[{index}]: a superposition stage after next-token training: phase 1 "
+                                  "(bag_size > 1) comes first")
+        defaults = TSTConfig()
+        touched = [key for key in SHORTHAND if getattr(self, key) != getattr(defaults, key)]
+        if touched and not self.written_as_shorthand:
+            raise ConfigError(f"tst.stages is given, so tst.{touched[0]} (its shorthand) must not be set as well")
+
+    def shorthand_stages(self) -> list[StageConfig]:
+        """The shorthand's stages: one superposition stage of bag_size for a fraction ratio (or one
+        per curriculum entry), then next-token prediction for the steps left."""
+        plan = [tuple(entry) for entry in self.curriculum] or [(self.bag_size, self.ratio)]
+        weighting = list(self.slot_weights) if self.slot_weights else self.weighting
+        tables = [StageConfig(bag_size=s, fraction=float(r), mode=self.mode, weighting=weighting, anneal=self.anneal_to_ntp,
+                              lr_scale=self.lr_scale) for s, r in plan if s > 1 and r > 0]
+        if tables:
+            tables[-1] = dataclasses.replace(tables[-1], blend_steps=self.blend_steps)
+        return tables + [StageConfig(bag_size=1, rewarmup_steps=self.rewarmup_steps if tables else 0)]
+
+    @property
+    def written_as_shorthand(self) -> bool:
+        """Are the stages those of the shorthand (given as the shorthand, or literally the same)?"""
+        return self.stages == self.shorthand_stages()
+
+    def with_shorthand(self, **changes) -> TSTConfig:
+        """This section with other shorthand values, its stages expanded from them again."""
+        return dataclasses.replace(self, **changes, stages=[])
+
+    def to_dict(self) -> dict:
+        """As written: the shorthand alone when the stages are its expansion, else with the stage list."""
+        values = dataclasses.asdict(self)
+        if self.written_as_shorthand:
+            values["stages"] = []
+        return values
+
+
+def _curriculum_entry(entry) -> bool:
+    return (isinstance(entry, list) and len(entry) == 2 and _integer(entry[0]) and entry[0] >= 2 and _number(entry[1])
+            and 0 < entry[1] <= 1)
+
+
+def _stage_table(table, index: int) -> StageConfig:
+    """The ``index``-th [[tst.stages]] table (a dict from TOML, or a StageConfig), checked."""
+    where = f"tst.stages[{index}]"
+    if isinstance(table, StageConfig):
+        return table
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([[tst.stages]] with bag_size = ...), got {table!r}")
+    known = [f.name for f in dataclasses.fields(StageConfig)]
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]}; known: {', '.join(known)}")
+    try:
+        return StageConfig(**table)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 3e-3  # peak learning rate, reached after the warmup
-    min_lr_ratio: float = 0.0  # the LR decays linearly to lr * min_lr_ratio
-    warmup_steps: int = 50  # linear warmup from 0 over the first steps
-    decay_fraction: float = 0.1  # warmup-stable-decay: linear decay over the last fraction of steps
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.95  # AdamW second-moment decay
-    eps: float = 1e-8  # AdamW denominator epsilon
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
-    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+class OptimConfig(Section):
+    NAME: ClassVar[str] = "optim"
+    lr: float = setting(3e-3, lambda v: v > 0, "must be > 0")  # peak learning rate, reached after the warmup
+    min_lr_ratio: float = setting(0.0, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # the LR decays linearly to lr * min_lr_ratio
+    warmup_steps: int = setting(50, lambda v: v >= 0, "must be >= 0")  # linear warmup from 0 over the first steps
+    decay_fraction: float = setting(0.1, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # warmup-stable-decay: linear decay over the last fraction of steps
+    beta1: float = setting(0.9, lambda v: 0 <= v < 1, "must be in [0, 1)")  # AdamW first-moment decay
+    beta2: float = setting(0.95, lambda v: 0 <= v < 1, "must be in [0, 1)")  # AdamW second-moment decay
+    eps: float = setting(1e-8, lambda v: v > 0, "must be > 0")  # AdamW denominator epsilon
+    weight_decay: float = setting(0.1, lambda v: v >= 0, "must be >= 0")  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
+    grad_clip: float = setting(1.0, lambda v: v >= 0, "must be >= 0")  # max global grad norm (0 = no clipping)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    NAME: ClassVar[str] = "train"
     out_dir: str = "runs/tiny"  # the run directory (compare and sweep: the parent of one directory per arm)
-    steps: int = 600  # optimizer steps in all, both phases included
-    batch_size: int = 16  # global batch, in samples (windows), over all ranks and micro-batches
-    micro_batch_size: int = 0  # per rank and forward pass; 0 = the whole per-rank batch at once
+    steps: int = setting(600, lambda v: v >= 1, "must be >= 1")  # optimizer steps in all, both phases included
+    batch_size: int = setting(16, lambda v: v >= 1, "must be >= 1")  # global batch, in samples (windows), over all ranks and micro-batches
+    micro_batch_size: int = setting(0, lambda v: v >= 0, "must be >= 0")  # per rank and forward pass; 0 = the whole per-rank batch at once
     seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the device of every rank
+    threads: int = setting(0, lambda v: v >= 0, "must be >= 0 (0 = chosen automatically)")  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; parameters and optimizer state stay fp32
     compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
-    activation_checkpointing: str = "none"  # none | full | selective: recompute each decoder block's activations in backward
-    eval_every: int = 100  # validate every this many steps, and after the last one
-    eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
-    log_every: int = 10  # a train record in metrics.jsonl every this many steps, and after the last one
-    checkpoint_every: int = 200  # 0 = only at the end
-    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
-    checkpoint_format: str = "auto"  # auto (sharded under FSDP/HSDP, else gathered) | sharded (DCP, every rank its shards) | gathered
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute each decoder block's activations in backward
+    eval_every: int = setting(100, lambda v: v >= 1, "must be >= 1")  # validate every this many steps, and after the last one
+    eval_tokens: int = setting(65536, lambda v: v >= 0, "must be >= 0")  # held-out tokens per validation (next-token loss); 0 = whole split
+    log_every: int = setting(10, lambda v: v >= 1, "must be >= 1")  # a train record in metrics.jsonl every this many steps, and after the last one
+    checkpoint_every: int = setting(200, lambda v: v >= 0, "must be >= 0")  # 0 = only at the end
+    keep_checkpoints: int = setting(2, lambda v: v >= 1, "must be >= 1")  # the newest this many checkpoints are kept
+    checkpoint_format: Literal["auto", "sharded", "gathered"] = "auto"  # auto: sharded under FSDP/HSDP, else gathered; sharded: DCP, every rank its shards
     async_checkpoint: bool = False  # sharded checkpoints are written in the background while training goes on
-    max_bad_steps: int = 5  # consecutive non-finite steps tolerated before the run stops
+    max_bad_steps: int = setting(5, lambda v: v >= 1, "must be >= 1")  # consecutive non-finite steps tolerated before the run stops
     progress: bool = True  # tqdm progress bars (rank 0 only)
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
     wandb: bool = False  # also log to Weights & Biases (pip install 'superpose[wandb]')
     wandb_project: str = "superpose"  # W&B project of the run
-    wandb_mode: str = "online"  # online | offline (no account needed; upload later with `wandb sync`)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline needs no account (upload later with `wandb sync`)
+
+    def check(self) -> None:
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if self.async_checkpoint and self.checkpoint_format == "gathered":
+            raise ConfigError("train.async_checkpoint needs sharded checkpoints; set train.checkpoint_format = 'sharded' "
+                              "(or 'auto' under FSDP/HSDP)")
 
 
 @dataclass
-class DistributedConfig:
-    strategy: str = "ddp"  # ddp | fsdp | hsdp (used when launched with torchrun and WORLD_SIZE > 1)
+class DistributedConfig(Section):
+    NAME: ClassVar[str] = "distributed"
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"  # used when launched with torchrun and WORLD_SIZE > 1
     shard_size: int = 0  # hsdp: ranks per shard group (e.g. GPUs per node); the WORLD_SIZE / shard_size groups replicate
-    param_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters (fp32 | bf16)
-    reduce_dtype: str = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gathered parameters
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp/hsdp mixed precision (WORLD_SIZE > 1): dtype of gradient reduction
+
+    def check(self) -> None:
+        if self.strategy == "ddp" and (self.param_dtype, self.reduce_dtype) != ("fp32", "fp32"):
+            raise ConfigError("distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 "
+                              "(use train.precision=bf16)")
+        if self.strategy != "hsdp" and self.shard_size:
+            raise ConfigError("distributed.shard_size applies to strategy hsdp only; set distributed.strategy=hsdp or drop "
+                              "shard_size")
+        if self.strategy == "hsdp" and self.shard_size < 1:
+            raise ConfigError("distributed.strategy = hsdp needs distributed.shard_size >= 1 (ranks per shard group, e.g. "
+                              "GPUs per node)")
 
 
 @dataclass
 class Config:
+    """The whole tree; built, it is checked (``validate`` checks it again after edits in place)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tst: TSTConfig = field(default_factory=TSTConfig)
@@ -151,8 +362,27 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """The rule across sections: the stage list covers train.steps."""
+        tables, steps = self.tst.stages, self.train.steps
+        covered = sum(t.fraction + t.steps / steps for t in tables)  # in units of train.steps
+        if covered > 1 + 1e-9 or (not tables[-1].open_ended and covered < 1 - 0.5 / steps):
+            raise ConfigError(f"tst.stages cover {covered * steps:g} of train.steps = {steps} steps; they must cover them all "
+                              "(a last stage without steps or fraction runs to the end)")
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: (self.tst.to_dict() if f.name == "tst" else dataclasses.asdict(getattr(self, f.name)))
+                for f in dataclasses.fields(self)}
+
+
+def validate(cfg: Config) -> None:
+    """Check ``cfg`` again (every section, then across them): for a config edited in place."""
+    for f in dataclasses.fields(cfg):
+        getattr(cfg, f.name).validate()
+    cfg.check()
 
 
 # Options of the commands that take no run config: the defaults of the CLI flags and of the
@@ -194,62 +424,23 @@ class EvalOptions:
 COMMAND_OPTIONS = {"prepare": PrepareOptions, "sweep": SweepOptions, "generate": GenerateOptions, "eval": EvalOptions}
 
 
-WEIGHTINGS = ("uniform", "power", "exp", "first")  # slot weightings of the multi-hot loss (loss.slot_weights)
-MODES = ("full", "input", "output")  # what a stage bags: inputs and targets, inputs only, targets only
-CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name
-CHOICES = {
-    ("tst", "weighting"): WEIGHTINGS,
-    ("tst", "mode"): MODES,
-    ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "precision"): ("fp32", "bf16"),
-    ("train", "activation_checkpointing"): ("none", "full", "selective"),
-    ("train", "wandb_mode"): ("online", "offline"),
-    ("train", "checkpoint_format"): ("auto", "sharded", "gathered"),
-    ("distributed", "strategy"): ("ddp", "fsdp", "hsdp"),
-    ("distributed", "param_dtype"): ("fp32", "bf16"),
-    ("distributed", "reduce_dtype"): ("fp32", "bf16"),
-}
-
-
-def _coerce(section: str, key: str, value, typ):
-    name = f"{section}.{key}"
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
-            return float(value)
-    elif typ is str:
-        if isinstance(value, str):
-            return value
-    elif typ is list:
-        if isinstance(value, list):
-            return value
-    else:  # pragma: no cover - every field above has one of these types
-        raise TypeError(f"unsupported config type {typ} for {name}")
-    raise ConfigError(f"{name} must be {typ.__name__}, got {value!r} ({type(value).__name__})")
-
-
-def _apply(cfg: Config, updates: dict, origin: str) -> None:
-    sections = {f.name: f for f in dataclasses.fields(cfg)}
-    for section, values in updates.items():
-        if section not in sections:
-            raise ConfigError(f"unknown config section [{section}] in {origin}; known: {', '.join(sections)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] in {origin} must be a table of keys")
-        sub = getattr(cfg, section)
-        hints = typing.get_type_hints(type(sub))
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(
-                    f"unknown config key {section}.{key} in {origin}; known: {', '.join(hints)}"
-                )
-            setattr(sub, key, _coerce(section, key, value, hints[key]))
+def _build(layers: list[tuple[dict, str]]) -> Config:
+    """A config from layers of ``{section: {key: value}}`` (later layers win), each named by its
+    origin for the errors of unknown sections and keys; the sections check their values when built."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    merged = {name: {} for name in sections}
+    for values, origin in layers:
+        for section, table in values.items():
+            if section not in sections:
+                raise ConfigError(f"unknown config section [{section}] in {origin}; known: {', '.join(sections)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}] in {origin} must be a table of keys")
+            known = [f.name for f in dataclasses.fields(sections[section])]
+            for key, value in table.items():
+                if key not in known:
+                    raise ConfigError(f"unknown config key {section}.{key} in {origin}; known: {', '.join(known)}")
+                merged[section][key] = value
+    return Config(**{name: cls(**merged[name]) for name, cls in sections.items()})
 
 
 def parse_override(text: str) -> dict:
@@ -269,18 +460,16 @@ def parse_override(text: str) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- TOML file <- overrides, then validated."""
-    cfg = Config()
+    layers = []
     if path is not None:
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"config file {path} is a directory; give a TOML file (a run's config is RUN/config.toml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        _apply(cfg, read_toml(path), str(path))
-    for text in overrides:
-        _apply(cfg, parse_override(text), "command line")
-    validate(cfg)
-    return cfg
+        layers.append((read_toml(path), str(path)))
+    layers += [(parse_override(text), "command line") for text in overrides]
+    return _build(layers)
 
 
 def read_toml(path: Path) -> dict:
@@ -292,175 +481,4 @@ def read_toml(path: Path) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = Config()
-    _apply(cfg, data, "saved config")
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    for (section, key), allowed in CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(allowed)}")
-    checks = [
-        (cfg.tst.bag_size >= 1, "tst.bag_size must be an integer >= 1 (1 = plain next-token baseline)"),
-        (0.0 <= cfg.tst.ratio <= 1.0, "tst.ratio must be in [0, 1] (the fraction of steps in phase 1)"),
-        (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
-        (cfg.data.corpus in CORPORA + ("",), f"data.corpus = {cfg.data.corpus!r}: only {', '.join(map(repr, CORPORA))} is embedded "
-         "(\"\" = never prepare); run `superpose prepare` for other data"),
-        (cfg.model.loss_chunk_size >= 0, "model.loss_chunk_size must be >= 0 (0 = the full logits at once)"),
-        (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
-        (cfg.train.steps >= 1, "train.steps must be >= 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.train.micro_batch_size >= 0, "train.micro_batch_size must be >= 0"),
-        (cfg.train.threads >= 0, "train.threads must be >= 0 (0 = chosen automatically)"),
-        (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
-        (cfg.train.eval_tokens >= 0, "train.eval_tokens must be >= 0"),
-        (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
-        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
-        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-        (0.0 <= cfg.optim.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1]"),
-        (0.0 <= cfg.optim.beta1 < 1.0 and 0.0 <= cfg.optim.beta2 < 1.0, "optim.beta1/beta2 must be in [0, 1)"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
-        (not (cfg.train.async_checkpoint and cfg.train.checkpoint_format == "gathered"),
-         "train.async_checkpoint needs sharded checkpoints; set train.checkpoint_format = 'sharded' (or 'auto' under FSDP/HSDP)"),
-        (cfg.distributed.strategy != "ddp" or (cfg.distributed.param_dtype, cfg.distributed.reduce_dtype) == ("fp32", "fp32"),
-         "distributed.param_dtype/reduce_dtype apply to strategies fsdp and hsdp only; DDP keeps fp32 "
-         "(use train.precision=bf16)"),
-        (cfg.distributed.strategy == "hsdp" or cfg.distributed.shard_size == 0,
-         "distributed.shard_size applies to strategy hsdp only; set distributed.strategy=hsdp or drop shard_size"),
-        (cfg.distributed.strategy != "hsdp" or cfg.distributed.shard_size >= 1,
-         "distributed.strategy = hsdp needs distributed.shard_size >= 1 (ranks per shard group, e.g. GPUs per node)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    _validate_levers(cfg.tst, cfg.train.steps)
-    if cfg.train.micro_batch_size and cfg.train.batch_size % cfg.train.micro_batch_size:
-        raise ConfigError(
-            f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({cfg.train.micro_batch_size})"
-        )
-
-
-def _validate_levers(tst: TSTConfig, steps: int) -> None:
-    for entry in tst.curriculum:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and entry[0] >= 2
-                and isinstance(entry[1], (int, float)) and 0 < entry[1] <= 1):
-            raise ConfigError(f"tst.curriculum entry {entry!r} must be [bag_size >= 2, ratio in (0, 1]]")
-    if sum(entry[1] for entry in tst.curriculum) > 1:
-        raise ConfigError("tst.curriculum ratios must sum to at most 1")
-    largest = max([tst.bag_size] + [entry[0] for entry in tst.curriculum])
-    if tst.slot_weights and (
-        len(tst.slot_weights) < largest
-        or not all(isinstance(w, (int, float)) and w >= 0 for w in tst.slot_weights)
-        or tst.slot_weights[0] <= 0
-    ):
-        raise ConfigError(f"tst.slot_weights must list >= {largest} non-negative numbers, the first positive")
-    if tst.blend_steps < 0 or tst.rewarmup_steps < 0:
-        raise ConfigError("tst.blend_steps and tst.rewarmup_steps must be >= 0")
-    if tst.lr_scale <= 0:
-        raise ConfigError("tst.lr_scale must be > 0")
-    if tst.stages:
-        _validate_stages(tst, steps)
-
-
-def _validate_stages(tst: TSTConfig, steps: int) -> None:
-    """Each [[tst.stages]] table is complete and sane, the list covers train.steps, phase 1 comes
-    first, and the shorthand keys are untouched or say the same (as in a run's own config.toml)."""
-    covered, tables = 0.0, stage_tables(tst)  # in units of train.steps
-    for index, (table, stage) in enumerate(zip(tst.stages, tables), 1):
-        where = f"tst.stages[{index}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where} must be a table ([[tst.stages]] with bag_size = ...)")
-        unknown = set(table) - set(STAGE_KEYS)
-        if unknown:
-            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}; known: {', '.join(STAGE_KEYS)}")
-        integer = lambda key, low: _integer(stage[key]) and stage[key] >= low  # noqa: E731
-        weighting = stage["weighting"]
-        checks = [  # in order, each one only once the ones before it hold (later ones rely on the types)
-            (lambda: integer("bag_size", 1), "bag_size must be an integer >= 1"),
-            (lambda: integer("steps", 0), "steps must be an integer >= 0"),
-            (lambda: _number(stage["fraction"]) and 0 <= stage["fraction"] <= 1, "fraction must be a number in [0, 1]"),
-            (lambda: not (stage["steps"] and stage["fraction"]), "give steps or fraction, not both"),
-            (lambda: index == len(tables) or stage["steps"] or stage["fraction"],
-             "needs steps or fraction (only the last stage may run to the end without them)"),
-            (lambda: stage["mode"] in MODES, f"mode must be one of {', '.join(MODES)}"),
-            (lambda: weighting in WEIGHTINGS or (isinstance(weighting, list) and len(weighting) >= stage["bag_size"]
-                                                 and all(_number(w) and w >= 0 for w in weighting) and weighting[0] > 0),
-             f"weighting must be one of {', '.join(WEIGHTINGS)} or >= bag_size non-negative numbers, the first positive"),
-            (lambda: isinstance(stage["anneal"], bool), "anneal must be true or false"),
-            (lambda: _number(stage["lr_scale"]) and stage["lr_scale"] > 0, "lr_scale must be a number > 0"),
-            (lambda: integer("blend_steps", 0), "blend_steps must be an integer >= 0"),
-            (lambda: stage["bag_size"] > 1 or not stage["blend_steps"],
-             "blend_steps turn bag steps into next-token steps: a bag_size 1 stage has none"),
-            (lambda: integer("rewarmup_steps", 0), "rewarmup_steps must be an integer >= 0"),
-            (lambda: stage["bag_size"] == 1 or all(t["bag_size"] > 1 for t in tables[: index - 1]),
-             "a superposition stage after next-token training: phase 1 (bag_size > 1) comes first"),
-        ]
-        for ok, message in checks:
-            if not ok():
-                raise ConfigError(f"{where}: {message}")
-        covered += stage["fraction"] + stage["steps"] / steps
-    open_end = not (tables[-1]["steps"] or tables[-1]["fraction"])
-    if covered > 1 + 1e-9 or (not open_end and covered < 1 - 0.5 / steps):
-        raise ConfigError(f"tst.stages cover {covered * steps:g} of train.steps = {steps} steps; they must cover them all "
-                          "(a last stage without steps or fraction runs to the end)")
-    defaults = TSTConfig()
-    touched = [key for key in SHORTHAND if getattr(tst, key) != getattr(defaults, key)]
-    if touched and stage_tables(dataclasses.replace(tst, stages=[])) != tables:
-        raise ConfigError(f"tst.stages is given, so tst.{touched[0]} (its shorthand) must not be set as well")
-
-
-def _integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """Each field's trailing ``# comment`` in the source of dataclass ``cls``: the config's own
-    documentation, read by ``reference_markdown`` so that the reference cannot drift from the code."""
-    fields, comments = {f.name for f in dataclasses.fields(cls)}, {}
-    name, first = None, True  # the field that the current logical line defines; at its first token
-    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
-        if tok.type == tokenize.NEWLINE:
-            name, first = None, True
-        elif tok.type in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL) or (first and tok.type == tokenize.COMMENT):
-            continue  # a comment on a line of its own belongs to no field
-        elif first:
-            name, first = tok.string if tok.type == tokenize.NAME and tok.string in fields else None, False
-        elif tok.type == tokenize.COMMENT and name is not None:
-            comments[name] = " ".join(filter(None, [comments.get(name), tok.string.lstrip("#").strip()]))
-    return comments
-
-
-def reference_markdown() -> str:
-    """The config reference (docs/reference.md, below its marker): every section and key of
-    ``Config``, the keys of a [[tst.stages]] table and the flags of the commands that take no run
-    config, each with its type, default, comment and allowed choices. Written by scripts/reference.py."""
-    tables = [(f"[{section}]", section + ".", cls) for section, cls in typing.get_type_hints(Config).items()]
-    tables.append(("[[tst.stages]], one table per stage", "tst.stages[].", StageTable))
-    tables += [(f"`superpose {command}` flags", "--", cls) for command, cls in COMMAND_OPTIONS.items()]
-    lines = []
-    for title, prefix, cls in tables:
-        hints, comments, defaults = typing.get_type_hints(cls), field_comments(cls), cls()
-        lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            meaning = comments.get(f.name, "").replace("|", "\\|")  # a bare | would end the table cell
-            if (prefix[:-1], f.name) in CHOICES:
-                meaning += "; one of " + ", ".join(f"`{c}`" for c in CHOICES[prefix[:-1], f.name])
-            default = json.dumps(getattr(defaults, f.name))  # a TOML literal for every type used here
-            key = prefix + (f.name.replace("_", "-") if prefix == "--" else f.name)
-            kind = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("|", "or")
-            lines.append(f"| `{key}` | {kind} | `{default}` | {meaning} |")
-        lines.append("")
-    return "\n".join(lines)
+    return _build([(data, "saved config")])

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .config import Config, DataConfig, TrainConfig, TSTConfig, stage_tables, validate
+from .config import Config, DataConfig, TrainConfig, TSTConfig
 from .method import window_length
 from .model import embed_bags_in_forward, tst_inputs, tst_loss_sum
 from .schedule import NEXT_TOKEN, Stage, build_stages, stage_at
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 def window_tokens(seq_len: int, tst: TSTConfig) -> int:
     """Tokens per dataset sample: the widest window any stage of the run reads."""
-    widths = [window_length(seq_len, t["bag_size"], t["mode"]) for t in stage_tables(tst) if t["bag_size"] > 1]
+    widths = [window_length(seq_len, t.bag_size, t.mode) for t in tst.stages if t.bag_size > 1]
     return max(widths + [seq_len + 1])
 
 
@@ -57,8 +57,8 @@ class TSTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # The same checks as `superpose train`; a stage list of absolute steps must fit max_steps, if given.
         steps = self.args.max_steps if self.args.max_steps > 0 else sys.maxsize
-        validate(Config(tst=tst, data=DataConfig(seq_len=seq_len), train=TrainConfig(steps=steps)))
-        if tst.reset_optimizer or any(t["lr_scale"] != 1.0 or t["rewarmup_steps"] for t in stage_tables(tst)):
+        Config(tst=tst, data=DataConfig(seq_len=seq_len), train=TrainConfig(steps=steps))  # checked when built
+        if tst.reset_optimizer or any(t.lr_scale != 1.0 or t.rewarmup_steps for t in tst.stages):
             raise ValueError("lr_scale, rewarmup_steps and tst.reset_optimizer act on the optimizer and LR, "
                              "which Trainer owns: set them through TrainingArguments / a custom scheduler instead")
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)

@@ -22,6 +22,7 @@ reader here skips such a line instead of failing on it. ``MetricsLog`` is the on
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
-from .config import SHORTHAND, Config, config_from_dict, read_toml, stage_tables
+from .config import SHORTHAND, Config, config_from_dict, read_toml
 from .errors import ConfigError
 from .files import atomic_write_text
 from .schedule import Stage, has_superposition
@@ -103,7 +104,7 @@ def write_run_config(run_dir: str | Path, cfg: Config) -> None:
     """Save the resolved config as the run's ``config.toml``, its stage list written out
     (``tst.stages``: the tables the shorthand expands to, when it was not given literally)."""
     resolved = cfg.to_dict()
-    resolved["tst"]["stages"] = stage_tables(cfg.tst)
+    resolved["tst"]["stages"] = [dataclasses.asdict(table) for table in cfg.tst.stages]
     atomic_write_text(Path(run_dir) / CONFIG, tomli_w.dumps(resolved))
 
 
@@ -288,7 +289,7 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     stage list counts, not how it was written (a stage list or the shorthand it expands to)."""
     before = config_from_dict(saved)
     plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
-    same_stages = stage_tables(before.tst) == stage_tables(cfg.tst)
+    same_stages = before.tst.stages == cfg.tst.stages
     stage_keys = {f"tst.{name}" for name in (*SHORTHAND, "stages")}
     old, new = before.to_dict(), cfg.to_dict()
     changes = [

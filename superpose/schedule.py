@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import OptimConfig, TSTConfig, stage_tables
+from .config import OptimConfig, TSTConfig
 
 if TYPE_CHECKING:
     import torch
@@ -81,31 +81,31 @@ NEXT_TOKEN = Stage("next-token", 1, "full", "uniform", end_step=0)  # plain next
 
 
 def build_stages(tst: TSTConfig, steps: int) -> list[Stage]:
-    """The stages of a run of ``steps`` steps, one per table of ``stage_tables(tst)`` in order: a
+    """The stages of a run of ``steps`` steps, one per table of ``tst.stages`` in order: a
     fraction is ``round(fraction * steps)`` steps, every stage ends by the end of the run, the last
     one runs to it, and a stage of no steps is dropped. A table's ``blend_steps`` split its last
     steps off into a blend stage (those of a table that got no steps, the previous stage's: the
     blend ends phase 1). A re-warmup needs a stage before it. Superposition stages are named
     superposition, or superposition-i (the i-th table) in a list of several."""
-    tables = stage_tables(tst)
-    several = sum(table["bag_size"] > 1 for table in tables) > 1
+    tables = tst.stages
+    several = sum(table.bag_size > 1 for table in tables) > 1
     stages, start, index = [], 0, 0
     for number, table in enumerate(tables):
         last = number == len(tables) - 1
-        end = steps if last else min(steps, start + (table["steps"] or round(table["fraction"] * steps)))
-        weighting = tuple(table["weighting"]) if isinstance(table["weighting"], list) else table["weighting"]
-        if table["bag_size"] == 1:
+        end = steps if last else min(steps, start + (table.steps or round(table.fraction * steps)))
+        weighting = tuple(table.weighting) if isinstance(table.weighting, list) else table.weighting
+        if table.bag_size == 1:
             name = "next-token"
         else:
             index += 1
             name = f"superposition-{index}" if several else "superposition"
         if end > start:
-            stages.append(Stage(name, table["bag_size"], table["mode"], weighting, end, start, table["lr_scale"],
-                                table["rewarmup_steps"] if stages else 0, table["anneal"]))
+            stages.append(Stage(name, table.bag_size, table.mode, weighting, end, start, table.lr_scale,
+                                table.rewarmup_steps if stages else 0, table.anneal))
             start = end
-        if table["blend_steps"] and stages and stages[-1].bag_size > 1 and not stages[-1].blend:
+        if table.blend_steps and stages and stages[-1].bag_size > 1 and not stages[-1].blend:
             stage = stages.pop()
-            cut = max(stage.start_step, stage.end_step - table["blend_steps"])
+            cut = max(stage.start_step, stage.end_step - table.blend_steps)
             if cut > stage.start_step:
                 stages.append(dataclasses.replace(stage, end_step=cut))
             stages.append(dataclasses.replace(stage, name="blend", start_step=cut, blend=True))

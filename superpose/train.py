@@ -240,8 +240,8 @@ class Trainer:
                 if step == 0 or stage != stage_at(self.stages, step - 1):
                     self.log.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size,
                                     "mode": stage.mode})
-                    if step > 0:
-                        self.say(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
+                    if step > 0 and self.runtime.is_main:  # on stdout, beside the bar
+                        self.bar.write(f"step {step}: stage -> {stage.name} (bag size {stage.bag_size})")
                 start = time.perf_counter()
                 width = stage.window_length(cfg.data.seq_len)
                 window = self.loader.batch(step, width)

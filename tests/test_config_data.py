@@ -7,7 +7,7 @@ import torch
 import pytest
 from conftest import SHARED_DATA
 
-from superpose.config import Config, ConfigError, load_config, stage_tables, validate
+from superpose.config import Config, ConfigError, load_config, validate
 from superpose.config import OptimConfig, TSTConfig
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
 from superpose.schedule import build_stages, lr_at, stage_at
@@ -169,7 +169,7 @@ def test_a_literal_stage_list_is_the_stages_its_shorthand_expands_to(tmp_path):
     write_run_config(recorded, shorthand)
     assert "[[tst.stages]]" in (recorded / "config.toml").read_text()  # recorded expanded
     again = load_run_config(recorded)
-    assert [t["bag_size"] for t in again.tst.stages] == [4, 2, 1] and again.tst.stages == stage_tables(shorthand.tst)
+    assert [t.bag_size for t in again.tst.stages] == [4, 2, 1] and again.tst.stages == shorthand.tst.stages
     assert build_stages(again.tst, 100) == build_stages(shorthand.tst, 100)
     assert build_stages(TSTConfig(bag_size=6, ratio=0.3), 100) == build_stages(load_config(None, ["--tst.bag_size=6"]).tst, 100)
 
@@ -202,7 +202,7 @@ def test_a_recorded_shorthand_reads_back_and_a_loaded_config_stays_editable(tmp_
     assert build_stages(again.tst, 7) == build_stages(cfg.tst, 7)
     assert [(s.bag_size, s.start_step, s.end_step) for s in build_stages(again.tst, 7)] == [(4, 0, 4), (2, 4, 7)]
     assert config_changes(again.to_dict(), cfg) == []  # the recorded list is the same stages as the shorthand
-    cfg.tst.curriculum, cfg.tst.ratio = [], 0.5
+    cfg.tst = cfg.tst.with_shorthand(curriculum=[], ratio=0.5)
     validate(cfg)
     assert [s.end_step for s in build_stages(cfg.tst, 7)] == [4, 7]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import superpose
 from superpose.cli import build_parser
-from superpose.config import CHOICES, COMMAND_OPTIONS, Config, StageTable, field_comments, reference_markdown
+from scripts.reference import field_comments, reference_markdown
+from superpose.config import COMMAND_OPTIONS, Config, StageConfig, choices, type_name
 from superpose.model import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_reference_is_current():
 
 
 def test_every_config_field_has_a_comment():
-    tables = {**SECTIONS, "tst.stages[]": StageTable, **COMMAND_OPTIONS}
+    tables = {**SECTIONS, "tst.stages[]": StageConfig, **COMMAND_OPTIONS}
     missing = [f"{name}.{f.name}" for name, cls in tables.items() for f in dataclasses.fields(cls)
                if not field_comments(cls).get(f.name)]
     assert not missing, f"config fields without a trailing comment (their meaning in docs/reference.md): {missing}"
@@ -57,9 +58,9 @@ def test_reference_rows_carry_type_default_and_choices():
         for f in dataclasses.fields(cls):
             row = next(line for line in text.splitlines() if line.startswith(f"| `{name}.{f.name}` |"))
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
-            assert cells[1] == typing.get_type_hints(cls)[f.name].__name__
+            assert cells[1] == type_name(typing.get_type_hints(cls)[f.name])
             assert cells[3].startswith(field_comments(cls).get(f.name, "").replace("|", "\\|"))
-            for choice in CHOICES.get((name, f.name), ()):
+            for choice in choices(cls, f.name):
                 assert f"`{choice}`" in cells[3]
     assert '| `tst.bag_size` | int | `4` |' in text and '| `model.preset` | str | `"tiny"` |' in text
     assert '| `tst.curriculum` | list | `[]` |' in text and '| `train.compile` | bool | `false` |' in text
