@@ -5,7 +5,7 @@
 
 Only superpose's public functions touch the method: ``build_stages``/``stage_at`` say which stage a
 step is in, ``window_length``/``split_window`` cut a window of tokens into bags and their targets,
-``bag_embeddings`` averages each bag's embeddings, ``multi_hot_cross_entropy`` scores the next bag.
+``embed_bags`` averages each bag's embeddings, ``multi_hot_cross_entropy`` scores the next bag.
 With bag size 1 (phase 2) the same lines are ordinary next-token training.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from superpose import bag_embeddings, build_stages, multi_hot_cross_entropy, split_window, stage_at, window_length
+from superpose import build_stages, embed_bags, multi_hot_cross_entropy, split_window, stage_at, window_length
 from superpose.config import TSTConfig
 from superpose.data import TokenData
 
@@ -30,7 +30,7 @@ def batch(tokens: np.ndarray, width: int, size: int, gen: torch.Generator) -> to
 
 def loss_of(model: LlamaForCausalLM, window: torch.Tensor, bag_size: int) -> torch.Tensor:
     inputs, targets = split_window(window, bag_size)  # [B, L, s], [B, L, s]: bag i predicts bag i+1
-    x = bag_embeddings(model.get_input_embeddings(), inputs.flatten(1), bag_size)  # [B, L, d]
+    x = embed_bags(model.get_input_embeddings(), inputs)  # [B, L, d]
     hidden = model.model(inputs_embeds=x).last_hidden_state  # [B, L, d]
     return multi_hot_cross_entropy(model.lm_head(hidden), targets)  # logits [B, L, V]
 

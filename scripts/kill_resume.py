@@ -53,7 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from superpose.integrity import problem  # noqa: E402  (torch-free: the parent never imports torch)
+from superpose.integrity import find_damage  # noqa: E402  (torch-free: the parent never imports torch)
 from superpose.runs import CHECKPOINT_FILES, STATE_FILE, checkpoint_dirs, checkpoint_step, logged_step, read_records  # noqa: E402
 
 DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
@@ -236,7 +236,7 @@ def workers(pid: int) -> list[int]:
 
 def newest_checkpoint(run_dir: Path) -> int:
     """The step a resume would start from (checkpoints that verify, as the trainer sees them)."""
-    return max((checkpoint_step(p) for p in checkpoint_dirs(run_dir) if problem(p) is None), default=0)
+    return max((checkpoint_step(p) for p in checkpoint_dirs(run_dir) if find_damage(p) is None), default=0)
 
 
 def records(run_dir: Path) -> list[tuple]:

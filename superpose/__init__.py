@@ -1,6 +1,6 @@
 """superpose: Token Superposition Training for Hugging Face causal LMs.
 
-The method as pure functions (``bag_embeddings``, ``multi_hot_cross_entropy``, ``split_window``),
+The method as pure functions (``embed_bags``, ``multi_hot_cross_entropy``, ``split_window``),
 the stage schedule, and a trainer with its command-line tool ``superpose``.
 
 The names below are imported on first use (PEP 562), so ``import superpose`` and the CLI's
@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "config": ("Config", "ConfigError", "load_config"),
-    "loss": ("multi_hot_cross_entropy", "multi_hot_cross_entropy_sum", "slot_weights"),
-    "method": ("bag_embeddings", "embed_bags", "split_window", "window_length"),
+    "loss": ("multi_hot_cross_entropy", "multi_hot_cross_entropy_sum", "slot_weight_vector"),
+    "method": ("embed_bags", "split_window", "window_length"),
     "model": ("PRESETS", "TSTModel", "build_model"),
     "schedule": ("Stage", "build_stages", "lr_at", "stage_at"),
 }

@@ -43,7 +43,7 @@ from .data import TokenData
 from .distributed import Runtime, all_gather_object, barrier, broadcast_object, on_main, raise_together, shards_parameters
 from .errors import CheckpointError, ConfigError
 from .files import writable_dir
-from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, problem, write_manifest
+from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, find_damage, write_manifest
 from .model import hf_progress_bars, model_config
 from .runs import ABANDONED, CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs, checkpoint_step
 from .schedule import build_stages
@@ -77,7 +77,7 @@ def _select(run_dir: Path, resume: str) -> tuple[Path | None, list[dict]]:
         return verified(Path(resume), "--resume", run_dir / CHECKPOINTS / "step-00000100"), []
     rejected = []
     for path in reversed(checkpoint_dirs(run_dir)):
-        found = problem(path)
+        found = find_damage(path)
         if found is None:
             return path, rejected
         print(f"superpose: warning: checkpoint {path} failed verification ({found}); trying the one before", file=sys.stderr)
@@ -120,7 +120,7 @@ def verified(path: Path, what: str, example: Path) -> Path:
             f"{what} {path}: expected {'never, auto, or ' if what == '--resume' else ''}a checkpoint directory "
             f"(one holding {' or '.join(CHECKPOINT_FILES)}, e.g. {example})"
         )
-    found = problem(path)
+    found = find_damage(path)
     if found == NO_MANIFEST and is_sharded(path):  # every sharded checkpoint was written with one
         raise CheckpointError(f"checkpoint {path} has lost its {MANIFEST}, so its shards cannot be checked; "
                               "pass an older checkpoint directory")

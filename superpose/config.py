@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-Weighting = Literal["uniform", "power", "exp", "first"]  # slot weightings of the multi-hot loss (loss.make_slot_weights)
+Weighting = Literal["uniform", "power", "exp", "first"]  # slot weightings of the multi-hot loss (loss.slot_weight_vector)
 Mode = Literal["full", "input", "output"]  # what a stage bags: inputs and targets, inputs only, targets only
 WEIGHTINGS, MODES = typing.get_args(Weighting), typing.get_args(Mode)
 CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name

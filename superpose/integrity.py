@@ -82,7 +82,7 @@ def write_manifest(directory: str | Path, known: dict[str, dict] | None = None) 
         os.fsync(handle.fileno())
 
 
-def problem(directory: str | Path) -> str | None:
+def find_damage(directory: str | Path) -> str | None:
     """What is wrong with ``directory`` against its manifest (one phrase naming the file), or None."""
     directory = Path(directory)
     path = directory / MANIFEST
@@ -120,4 +120,4 @@ def verify_targets(path: str | Path) -> list[tuple[Path, str | None]]:
         dirs = [path]
     else:
         raise ConfigError(f"{path} is neither a run directory nor a checkpoint or model directory")
-    return [(d, problem(d)) for d in dirs]
+    return [(d, find_damage(d)) for d in dirs]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .config import WEIGHTINGS
 
 
-def slot_weights(weighting: str | Sequence[float], bag_size: int, device=None) -> torch.Tensor:
+def slot_weight_vector(weighting: str | Sequence[float], bag_size: int, device=None) -> torch.Tensor:
     """Weights of the s target slots of a bag, fp32 ``[s]`` (paper, Appendix D).
 
     uniform: 1; power: 1/j; exp: exp(-j); first: only slot 1 (j = 1..s). A sequence of s floats
@@ -80,7 +80,7 @@ def multi_hot_cross_entropy(
 
     logits ``[..., V]``, targets ``[..., s]`` -> fp32 scalar.
     """
-    weights = slot_weights(weighting, targets.shape[-1], device=logits.device)
+    weights = slot_weight_vector(weighting, targets.shape[-1], device=logits.device)
     total, weight = multi_hot_cross_entropy_sum(logits, targets, weights, ignore_index)
     return total / weight.clamp(min=torch.finfo(torch.float32).tiny)
 

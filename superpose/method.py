@@ -48,14 +48,6 @@ def _plain_weight(embedding: nn.Module | torch.Tensor) -> torch.Tensor | None:
     return embedding.weight if plain and not (embedding.scale_grad_by_freq or embedding.sparse) else None
 
 
-def bag_embeddings(embedding: nn.Module | torch.Tensor, tokens: torch.Tensor, bag_size: int) -> torch.Tensor:
-    """Average each run of ``bag_size`` contiguous token embeddings: ``[B, L*s]`` -> ``[B, L, d]``."""
-    batch, length = tokens.shape
-    if length % bag_size:
-        raise ValueError(f"token length {length} is not a multiple of bag_size {bag_size}")
-    return embed_bags(embedding, tokens.view(batch, length // bag_size, bag_size))
-
-
 def window_length(seq_len: int, bag_size: int, mode: str = "full") -> int:
     """Data tokens one sample of a stage reads: full s*L+s, input s*L+1, output L+s (s=1: L+1)."""
     if mode == "full":

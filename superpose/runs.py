@@ -56,7 +56,7 @@ RESUME_SAFE_KEYS = {
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Checkpoints of a run, oldest first: every ``step-N`` directory (temporary ones are hidden
-    and skipped). Whether one is still intact is ``superpose.integrity.problem``'s to say."""
+    and skipped). Whether one is still intact is ``superpose.integrity.find_damage``'s to say."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -282,26 +282,31 @@ def non_embedding_parameters(run: Run) -> int:
     return total - config["vocab_size"] * config["hidden_size"] * (1 if tied else 2)
 
 
-def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
-    saved config lacks (a run saved before the key existed) counts as its default value; between
-    two plain next-token runs (no superposition stage) the [tst] keys make no difference; the
-    stage list counts, not how it was written (a stage list or the shorthand it expands to)."""
-    before = config_from_dict(saved)
-    plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
-    same_stages = before.tst.stages == cfg.tst.stages
+def config_diff(before: Config, after: Config, skip: set[str] = frozenset()) -> list[str]:
+    """Where two configs differ ("section.key: a -> b"), outside ``skip`` (keys and whole sections).
+    [tst] counts as the stages it gives: between two plain next-token runs (no superposition stage)
+    it makes no difference, and a stage list counts, not how it was written (a list or the
+    shorthand it expands to); other stages written in the shorthand name the shorthand keys that
+    differ, not the whole list."""
+    plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(after.tst, after.train.steps)
+    same_stages = before.tst.stages == after.tst.stages
     stage_keys = {f"tst.{name}" for name in (*SHORTHAND, "stages")}
-    old, new = before.to_dict(), cfg.to_dict()
+    old, new = before.to_dict(), after.to_dict()
     changes = [
         (f"{section}.{key}", f"{section}.{key}: {old[section][key]!r} -> {value!r}")
-        for section, values in new.items()
+        for section, values in new.items() if section not in skip and not (plain and section == "tst")
         for key, value in values.items()
-        if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
+        if f"{section}.{key}" not in skip and old[section][key] != value
         and not (same_stages and f"{section}.{key}" in stage_keys)
     ]
-    # Other stages written in the shorthand: name the shorthand keys, not the whole list.
     shorthand = any(key in stage_keys - {"tst.stages"} for key, _ in changes)
     return [text for key, text in changes if not (shorthand and key == "tst.stages")]
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
+    saved config lacks (a run saved before the key existed) counts as its default value."""
+    return config_diff(config_from_dict(saved), cfg, RESUME_SAFE_KEYS)
 
 
 def check_resume_config(saved: dict, cfg: Config) -> None:
@@ -318,23 +323,13 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
 
 
 def config_differences(reference: Config, other: Config, ignore_tst: bool = True) -> list[str]:
-    """Keys that make two runs not comparable ("section.key: a -> b"); logging, output directory and
-    (by default) the [tst] section are ignored. Data directories count as equal when their
-    ``meta.json`` files are identical (the same prepared data under two paths)."""
-    ref, oth = reference.to_dict(), other.to_dict()
-    skip = set(RESUME_SAFE_KEYS) | {"train.out_dir", "train.eval_every"}
-    diffs = []
-    for section, values in ref.items():
-        if ignore_tst and section == "tst":
-            continue
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            if name in skip or oth[section][key] == value:
-                continue
-            if section == "data" and key in ("dir", "corpus", "vocab_size") and _same_data(reference, other):
-                continue
-            diffs.append(f"{name}: {value!r} -> {oth[section][key]!r}")
-    return diffs
+    """Keys that make two runs not comparable; logging, output directory and (by default) the [tst]
+    section are ignored. Data directories count as equal when their ``meta.json`` files are
+    identical (the same prepared data under two paths)."""
+    skip = RESUME_SAFE_KEYS | {"train.out_dir", "train.eval_every"} | ({"tst"} if ignore_tst else set())
+    if _same_data(reference, other):
+        skip |= {"data.dir", "data.corpus", "data.vocab_size"}
+    return config_diff(reference, other, skip)
 
 
 def _same_data(a: Config, b: Config) -> bool:

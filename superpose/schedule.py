@@ -66,14 +66,14 @@ class Stage:
 
     def weights(self, step: int, slots: int, device=None) -> torch.Tensor:
         """Slot weights ``[m]`` at ``step``, normalised to sum 1: every position counts once."""
-        from .loss import slot_weights  # imports torch: a run's stages are read without it (superpose.runs)
+        from .loss import slot_weight_vector  # imports torch: a run's stages are read without it (superpose.runs)
 
         weighting = self.weighting[:slots] if isinstance(self.weighting, tuple) else self.weighting
-        base = slot_weights(weighting if slots == self.bag_size else "first", slots, device)
+        base = slot_weight_vector(weighting if slots == self.bag_size else "first", slots, device)
         base = base / base.sum()
         if self.anneal and slots > 1:
             progress = (step - self.start_step) / max(1, self.end_step - self.start_step)
-            base = (1 - progress) * base + progress * slot_weights("first", slots, device)
+            base = (1 - progress) * base + progress * slot_weight_vector("first", slots, device)
         return base
 
 

@@ -15,7 +15,7 @@ import torch
 from superpose.cli import main
 from superpose.errors import RunInUse
 from superpose.files import DirectoryLock
-from superpose.integrity import MANIFEST, file_entry, problem, write_manifest
+from superpose.integrity import MANIFEST, file_entry, find_damage, write_manifest
 from superpose.runs import ABANDONED, checkpoint_dirs, is_finished, read_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,30 +71,30 @@ def test_manifest_detects_every_kind_of_damage(tmp_path):
     (directory / "a.bin").write_bytes(os.urandom(1 << 16))
     (directory / "sub" / "b.json").write_text("{}")
     write_manifest(directory, {"a.bin": file_entry(directory / "a.bin")})
-    assert problem(directory) is None
+    assert find_damage(directory) is None
     manifest = json.loads((directory / MANIFEST).read_text())
     assert sorted(manifest["files"]) == ["a.bin", "sub/b.json"]
 
     damaged = Path(shutil.copytree(directory, tmp_path / "flipped"))
     flip(damaged / "a.bin", 20000, 16)
-    assert problem(damaged) == "a.bin does not match its sha256 checksum (the file is damaged)"
+    assert find_damage(damaged) == "a.bin does not match its sha256 checksum (the file is damaged)"
     damaged = Path(shutil.copytree(directory, tmp_path / "truncated"))
     (damaged / "a.bin").write_bytes((damaged / "a.bin").read_bytes()[:100])
-    assert problem(damaged) == f"a.bin has 100 bytes, the manifest says {1 << 16}"
+    assert find_damage(damaged) == f"a.bin has 100 bytes, the manifest says {1 << 16}"
     damaged = Path(shutil.copytree(directory, tmp_path / "deleted"))
     (damaged / "sub" / "b.json").unlink()
-    assert problem(damaged) == "sub/b.json is missing"
+    assert find_damage(damaged) == "sub/b.json is missing"
     damaged = Path(shutil.copytree(directory, tmp_path / "no-manifest"))
     (damaged / MANIFEST).unlink()
-    assert problem(damaged) == "manifest.json is missing"
+    assert find_damage(damaged) == "manifest.json is missing"
     damaged = Path(shutil.copytree(directory, tmp_path / "bad-manifest"))
     (damaged / MANIFEST).write_text('{"files": ')
-    assert problem(damaged) == "manifest.json is damaged"
+    assert find_damage(damaged) == "manifest.json is damaged"
 
 
 def test_checkpoints_and_export_carry_manifests_that_verify(reference, capsys):
     for directory in [*sorted((reference / "checkpoints").iterdir()), reference / "model"]:
-        assert (directory / MANIFEST).is_file() and problem(directory) is None, directory
+        assert (directory / MANIFEST).is_file() and find_damage(directory) is None, directory
     main(["verify", str(reference)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("ok ") for line in lines), lines
@@ -136,7 +136,7 @@ def test_resume_auto_falls_back_to_the_newest_good_checkpoint(reference, tmp_pat
     assert len(rejected) == 1 and [Path(r["checkpoint"]).name for r in rejected[0]["rejected"]] == ["step-00000006", "step-00000004"]
     assert outcome(run) == outcome(reference)  # every loss, gradient norm, LR and validation loss, bit for bit
     assert (run / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
-    assert problem(run / "checkpoints" / "step-00000006") is None  # rewritten by the resumed run
+    assert find_damage(run / "checkpoints" / "step-00000006") is None  # rewritten by the resumed run
 
 
 def test_resuming_from_an_older_checkpoint_moves_the_later_ones_out_of_the_way(reference, tmp_path, capsys):

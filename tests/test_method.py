@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from superpose import bag_embeddings, multi_hot_cross_entropy, slot_weights, split_window, window_length
+from superpose import embed_bags, multi_hot_cross_entropy, slot_weight_vector, split_window, window_length
 
 
 def naive_mce(logits, targets, weights, ignore_index=-100):
@@ -33,7 +33,7 @@ def test_mce_matches_naive_loop_with_duplicates_and_ignore(weighting):
     targets[2, 4] = -100  # a position with no valid slot contributes nothing
     ours = multi_hot_cross_entropy(logits, targets, weighting)
     (g_ours,) = torch.autograd.grad(ours, logits)
-    ref = naive_mce(logits, targets, slot_weights(weighting, 4))
+    ref = naive_mce(logits, targets, slot_weight_vector(weighting, 4))
     (g_ref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(g_ours, g_ref)
@@ -53,7 +53,7 @@ def test_mce_per_position_formula():
     """logsumexp(z) - sum_j w_j z[y_j] / sum_j w_j, without the constant log s."""
     z = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
     y = torch.tensor([[2, 2, 0]])
-    w = slot_weights("power", 3)
+    w = slot_weight_vector("power", 3)
     expected = torch.logsumexp(z[0], 0) - (w * z[0, y[0]]).sum() / w.sum()
     torch.testing.assert_close(multi_hot_cross_entropy(z, y, "power"), expected)
 
@@ -68,24 +68,24 @@ def test_s1_equals_cross_entropy():
     )
 
 
-def test_slot_weights():
-    torch.testing.assert_close(slot_weights("power", 3), torch.tensor([1.0, 0.5, 1 / 3]))
-    torch.testing.assert_close(slot_weights("exp", 2), torch.exp(-torch.tensor([1.0, 2.0])))
-    torch.testing.assert_close(slot_weights("first", 3), torch.tensor([1.0, 0.0, 0.0]))
-    torch.testing.assert_close(slot_weights([1.0, 0.5], 2), torch.tensor([1.0, 0.5]))
+def test_slot_weight_vector():
+    torch.testing.assert_close(slot_weight_vector("power", 3), torch.tensor([1.0, 0.5, 1 / 3]))
+    torch.testing.assert_close(slot_weight_vector("exp", 2), torch.exp(-torch.tensor([1.0, 2.0])))
+    torch.testing.assert_close(slot_weight_vector("first", 3), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(slot_weight_vector([1.0, 0.5], 2), torch.tensor([1.0, 0.5]))
     with pytest.raises(ValueError):
-        slot_weights("nope", 2)
+        slot_weight_vector("nope", 2)
     with pytest.raises(ValueError):
-        slot_weights([1.0], 2)
+        slot_weight_vector([1.0], 2)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
-def test_bag_embeddings_equals_loop_of_lookups(as_tensor):
+def test_embed_bags_equals_loop_of_lookups(as_tensor):
     torch.manual_seed(3)
     emb = torch.nn.Embedding(50, 8)
     tokens = torch.randint(0, 50, (2, 12))
     tokens[0, :3] = 5  # a repeated token within a bag
-    ours = bag_embeddings(emb.weight if as_tensor else emb, tokens, 3)
+    ours = embed_bags(emb.weight if as_tensor else emb, tokens.view(2, 4, 3))
     ref = torch.stack([
         torch.stack([sum(emb.weight[tokens[b, 3 * i + j]] for j in range(3)) / 3 for i in range(4)]) for b in range(2)
     ])
@@ -96,10 +96,10 @@ def test_bag_embeddings_equals_loop_of_lookups(as_tensor):
     assert (g_ours[tokens.unique()].abs().sum(-1) > 0).all()  # every token's row gets a gradient
 
 
-def test_bag_embeddings_accumulate_in_fp32():
+def test_embed_bags_accumulate_in_fp32():
     weight = torch.tensor([[1.0], [1.0 + 2**-7]], dtype=torch.bfloat16)  # bf16 has 8 mantissa bits
     tokens = torch.tensor([[0, 1, 1, 1]])
-    out = bag_embeddings(weight, tokens, 4)
+    out = embed_bags(weight, tokens.view(1, 1, 4))
     assert out.dtype == torch.bfloat16
     expected = (weight.float()[tokens[0]].mean()).to(torch.bfloat16)
     assert out.item() == expected.item()

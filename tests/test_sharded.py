@@ -16,7 +16,7 @@ from test_integrity import damage, flip, outcome, run_args
 
 from superpose.cli import main
 from superpose.config import ConfigError
-from superpose.integrity import MANIFEST, problem
+from superpose.integrity import MANIFEST, find_damage
 from superpose.runs import read_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def test_sharded_run_equals_gathered_and_verifies(gathered, sharded, capsys):
     assert [p.name for p in checkpoints] == ["step-00000002", "step-00000004", "step-00000006"]
     for checkpoint in checkpoints:
         assert sorted(manifest(checkpoint)) == [".metadata", "__0_0.distcp", "trainer.pt"], checkpoint
-        assert problem(checkpoint) is None
+        assert find_damage(checkpoint) is None
     main(["verify", str(sharded)])
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["ok"] * 4
 
@@ -82,7 +82,7 @@ def test_async_checkpoints_equal_synchronous_ones(small_data, sharded, tmp_path)
     assert outcome(run) == outcome(sharded)
     for step in (2, 4, 6):
         name = f"step-{step:08d}"
-        assert problem(run / "checkpoints" / name) is None
+        assert find_damage(run / "checkpoints" / name) is None
         assert manifest(run / "checkpoints" / name)["__0_0.distcp"] == manifest(sharded / "checkpoints" / name)["__0_0.distcp"]
     shutil.rmtree(run / "model")
     main(["train", str(run / "config.toml"), f"--train.out_dir={run}", "--resume", str(run / "checkpoints" / "step-00000002")])
@@ -100,7 +100,7 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(gathered, sharded, tm
         assert (out / name).read_text() == (run / "model" / name).read_text(), name
     info, own = json.loads((out / "superpose.json").read_text()), json.loads((run / "model" / "superpose.json").read_text())
     assert info.pop("checkpoint") == str(run / "checkpoints" / "step-00000006") and info == own
-    assert problem(out) is None
+    assert find_damage(out) is None
     main(["export", str(run / "checkpoints" / "step-00000002"), str(out), "--quiet"])  # replaces the export
     assert json.loads((out / "superpose.json").read_text())["steps"] == 2
 
