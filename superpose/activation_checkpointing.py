@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .distributed import transformer_blocks
+from .model import transformer_blocks
 
 _aten = torch.ops.aten
 # What ``selective`` keeps: the ops whose recompute would cost FLOPs (matmuls, attention).

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import __version__
 from .config import EvalOptions, GenerateOptions, PrepareOptions, SweepOptions  # torch-free
 from .errors import Interrupted, TrainingError, UserError
+from .launch import is_main_process
 
 # OSError: a full disk, a missing file, no permission; the message names the path.
 USER_ERRORS = (UserError, OSError)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Interrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             print(f"superpose: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop

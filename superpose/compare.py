@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from .config import Config, ConfigError, SweepOptions, validate
 from .errors import Interrupted, TrainingError
 from .files import atomic_write_text
+from .launch import is_main_process
 from .plots import plot_sweep
 from .report import summary_table, write_report
 from .runs import config_changes, config_differences, is_finished, load_run, load_run_config, method_name
@@ -102,7 +102,7 @@ def compare(cfg: Config) -> tuple[dict | None, Path]:
     arms = [("baseline", arm_config(cfg, "baseline", ratio=0.0)), ("tst", arm_config(cfg, "tst"))]
     failed = run_arms(arms, "compare")
     out = Path(cfg.train.out_dir) / "report"
-    if not _is_main_process():
+    if not is_main_process():
         return None, out
     return _report_or_fail(arms, failed, out), out
 
@@ -136,11 +136,6 @@ def report_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> tu
     return write_report([baselines[0], *runs], out), out
 
 
-def _is_main_process() -> bool:
-    """Under torchrun every rank trains; only rank 0 writes the report."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # ---------------------------------------------------------------------------- sweeps
 
 
@@ -168,7 +163,7 @@ def sweep(cfg: Config, bag_sizes: list[int] | None = None, ratios: list[float] |
     arms += [(f"s{s}-r{r:g}", arm_config(cfg, f"s{s}-r{r:g}", s, r)) for s in bag_sizes for r in ratios]
     failed = run_arms(arms, "sweep")
     root = Path(cfg.train.out_dir)
-    if not _is_main_process():
+    if not is_main_process():
         return [], root, {}
     summary = _report_or_fail(arms, failed, root / "report", paired=False)
     rows = sweep_rows(summary)

@@ -6,15 +6,14 @@ from the environment. CUDA ranks use NCCL, CPU ranks gloo.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import launch
 from .config import ConfigError
-from .errors import ModelError
 from .meta_init import initialize_like_one_process, is_on_meta
 
 
@@ -31,9 +30,7 @@ class Runtime:
 
 def init_runtime(device: str = "auto") -> Runtime:
     """Read torchrun's environment, pick this rank's device and join the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = launch.world_size(), launch.rank(), launch.local_rank()
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = 'cuda' but PyTorch sees no CUDA device; use train.device = 'auto' or 'cpu'")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -161,6 +158,8 @@ def parallelize(model: nn.Module, runtime: Runtime, strategy: str, param_dtype: 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from .model import transformer_blocks  # superpose.model imports this module
+
     if strategy == "hsdp":
         mesh = init_device_mesh(runtime.device.type, (runtime.world // shard_size, shard_size),
                                 mesh_dim_names=("replicate", "shard"))
@@ -182,16 +181,6 @@ def _materialize(model: nn.Module, device: torch.device) -> nn.Module:
     model.to_empty(device=device)
     initialize_like_one_process(model.lm)
     return model
-
-
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The repeated decoder blocks of an HF causal LM (the ModuleList under its body), as the model
-    holds them: a block wrapped for activation checkpointing is its wrapper."""
-    body = model.lm.base_model
-    for child in body.children():
-        if isinstance(child, nn.ModuleList):
-            return child
-    raise ModelError(f"cannot find the transformer blocks (a ModuleList) of {type(body).__name__} to shard or checkpoint")
 
 
 @contextlib.contextmanager

@@ -145,6 +145,16 @@ class TSTModel(nn.Module):
         return tst_loss_sum(self.lm, out, targets, weights, self.training, self.loss_chunk_size)
 
 
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks of an HF causal LM (the ModuleList under its body), as the model
+    holds them: a block wrapped for activation checkpointing is its wrapper."""
+    body = model.lm.base_model
+    for child in body.children():
+        if isinstance(child, nn.ModuleList):
+            return child
+    raise ModelError(f"cannot find the transformer blocks (a ModuleList) of {type(body).__name__} to shard or checkpoint")
+
+
 def is_moe(lm: nn.Module) -> bool:
     """A mixture of experts, which adds its load-balancing loss in training (Qwen3-MoE and kin)."""
     return hasattr(lm.config, "router_aux_loss_coef")

@@ -8,6 +8,7 @@ import torch
 
 from .config import Config
 from .distributed import Runtime
+from .launch import local_world_size
 
 
 def set_threads(cfg: Config, runtime: Runtime, say) -> None:
@@ -37,5 +38,5 @@ def default_threads() -> int:
     threads waiting for a busy core); the quick start with torch's default 2 threads on a shared
     machine took 44 CPU-minutes instead of 12.5. The load average says which case this is."""
     cores, load = machine_load()
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share its cores
+    ranks = local_world_size()  # torchrun's processes on this machine share its cores
     return max(1, min(cores // ranks, round(max(0.0, cores - load) / ranks)))
