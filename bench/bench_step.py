@@ -47,7 +47,7 @@ from torch import nn
 
 from superpose.config import Config
 from superpose.distributed import Runtime
-from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weights
+from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weight_vector
 from superpose.method import embed_bags, window_length
 from superpose.model import TSTModel, build_model, flops_per_step
 from superpose.schedule import Stage
@@ -165,7 +165,7 @@ def chunk_variants(vocab: int, bags: int, positions: int, width: int, chunk: int
     head = nn.Linear(width, vocab, bias=False).to(device)
     hidden = torch.randn(positions, width, device=device, requires_grad=True)
     y = torch.randint(vocab, (positions, bags), device=device)
-    weights = slot_weights("uniform", bags, device)
+    weights = slot_weight_vector("uniform", bags, device)
 
     def run(fn):
         def call():

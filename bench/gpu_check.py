@@ -52,7 +52,7 @@ from superpose import loss as loss_mod
 from superpose.config import Config
 from superpose.data import WindowLoader, to_device
 from superpose.distributed import Runtime
-from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weights
+from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weight_vector
 from superpose.method import split_window, window_length
 from superpose.model import PRESETS, TSTModel, build_model
 from superpose.schedule import build_stages, lr_at, stage_at
@@ -233,7 +233,7 @@ def mce_checks(size, device) -> list[dict]:
     out = []
     for bags, weighting in [(1, "uniform"), (6, "uniform"), (16, "power")]:
         y = bag_targets(n, bags, v, device, seed=bags)
-        w = slot_weights(weighting, bags, device)
+        w = slot_weight_vector(weighting, bags, device)
         for dtype, precision in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
             z = base.to(dtype)
             ref_z = z.double().requires_grad_()
@@ -258,7 +258,7 @@ def chunk_checks(size, device) -> list[dict]:
     head = nn.Linear(d, v, bias=True).to(device)
     hidden = torch.randn(n, d, device=device)
     y = bag_targets(n, 6, v, device)
-    w = slot_weights("uniform", 6, device)
+    w = slot_weight_vector("uniform", 6, device)
     out = []
     for precision in ("fp32", "bf16"):
         cast = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from superpose import loss as loss_mod
 from superpose.config import ConfigError, load_config
-from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weights
+from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weight_vector
 from superpose.method import embed_bags
 from superpose.model import TSTModel
 
@@ -53,7 +53,7 @@ def blocks(request, monkeypatch):
 def test_mce_equals_loop_of_cross_entropies(blocks, bag_size, weighting):
     logits = torch.randn(2, 9, 257) * 3
     targets = bag_targets((2, 9, bag_size), 257)
-    weights = slot_weights(weighting, bag_size)
+    weights = slot_weight_vector(weighting, bag_size)
     got = value_and_grad(lambda z: multi_hot_cross_entropy_sum(z, targets, weights), logits)
     ref = value_and_grad(lambda z: reference_sum(z, targets, weights), logits)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-4)
@@ -94,7 +94,7 @@ def test_chunked_head_equals_full_logits(bias, chunk):
     head = nn.Linear(16, 301, bias=bias)
     hidden = torch.randn(3, 11, 16)
     targets = bag_targets((3, 11, 4), 301)
-    weights = slot_weights("power", 4)
+    weights = slot_weight_vector("power", 4)
 
     def run(fn):
         head.zero_grad(set_to_none=True)
@@ -125,7 +125,7 @@ def test_tst_model_chunked_equals_unfused(bag_size, precision):
     lm = tiny_lm()
     inputs = torch.randint(300, (2, 12, bag_size))
     targets = bag_targets((2, 12, bag_size), 300)
-    weights = slot_weights("uniform", bag_size)
+    weights = slot_weight_vector("uniform", bag_size)
     results = []
     for chunk in (0, 5):
         model = TSTModel(lm, loss_chunk_size=chunk)
@@ -200,7 +200,7 @@ def test_compile_traces_model_and_loss_as_one_graph(chunk, one_thread):
     torch._dynamo.reset()
     model = TSTModel(tiny_lm(), loss_chunk_size=chunk)
     inputs = torch.randint(300, (2, 12, 4))
-    explained = torch._dynamo.explain(model)(inputs, bag_targets((2, 12, 4), 300), slot_weights("uniform", 4))
+    explained = torch._dynamo.explain(model)(inputs, bag_targets((2, 12, 4), 300), slot_weight_vector("uniform", 4))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     ops = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes}
     assert any("autograd_function_apply" in op for op in ops), sorted(ops)
@@ -216,7 +216,7 @@ def test_compiled_model_equals_eager(chunk):
     def run(model, bag_size):
         inputs = torch.randint(300, (2, 12, bag_size), generator=torch.Generator().manual_seed(bag_size))
         lm.zero_grad(set_to_none=True)
-        loss_sum, weight = model(inputs, bag_targets((2, 12, bag_size), 300), slot_weights("uniform", bag_size))
+        loss_sum, weight = model(inputs, bag_targets((2, 12, bag_size), 300), slot_weight_vector("uniform", bag_size))
         (loss_sum / weight).backward()
         return loss_sum.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
 
