@@ -11,7 +11,6 @@ losses the run logs to DUMP/metrics.jsonl.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,11 +24,11 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torchtitan.components.loss import cross_entropy_loss  # noqa: E402
 from torchtitan.config import ConfigManager  # noqa: E402
-from torchtitan.models.common import Embedding  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from superpose.model import TSTModel  # noqa: E402
 from superpose.schedule import stage_at  # noqa: E402
+from superpose.torchtitan.embedding import with_stock_embedding  # noqa: E402
 from superpose.torchtitan.export import hf_llama_config  # noqa: E402
 
 
@@ -43,10 +42,7 @@ def superpose_loss(model_config, adapter, weights, inputs, labels, stage, step):
 
 
 def stock_loss(model_config, weights, inputs, labels):
-    tok = model_config.tok_embeddings
-    stock = dataclasses.replace(model_config, tok_embeddings=Embedding.Config(
-        **{f.name: getattr(tok, f.name) for f in dataclasses.fields(Embedding.Config)}))
-    model = stock.build()
+    model = with_stock_embedding(model_config).build()
     with torch.no_grad():
         model.init_weights(buffer_device=None)
     model.load_state_dict(weights, strict=True)

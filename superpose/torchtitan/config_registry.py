@@ -9,15 +9,19 @@ gives the global batch; the global batch is fixed by ``--training.global_batch_s
 """
 from __future__ import annotations
 
+import dataclasses
+
 from torchtitan.components.checkpoint import CheckpointManager
-from torchtitan.components.loss import ChunkedLossWrapper
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.trainer import Trainer
 
 from .data import TokenWindowDataLoader
+from .embedding import with_stock_embedding
 from .loss import MultiHotLoss
 from .models import llama3_spec, qwen3_moe_10b_a1b_spec
 from .trainer import TSTOptions, TSTTrainer
@@ -45,10 +49,26 @@ def tst_config(model_spec: ModelSpec, *, lr: float, steps: int, warmup: int, glo
     )
 
 
+def baseline(config: TSTTrainer.Config) -> Trainer.Config:
+    """The same run on torchtitan's stock ``Trainer``: its ``Embedding``, its cross-entropy, every step
+    next-token, the same windows (by seed and step). A TST checkpoint loads into it (same keys).
+    ``--tst.ratio 0`` on a TST config trains the same steps; this is the unmodified reference."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(Trainer.Config)}
+    spec = dataclasses.replace(config.model_spec, model=with_stock_embedding(config.model_spec.model))
+    loss = ChunkedLossWrapper.Config(num_chunks=config.loss.num_chunks,
+                                     loss_fn=CrossEntropyLoss.Config(global_vocab_size=spec.model.vocab_size))
+    return Trainer.Config(**{**fields, "model_spec": spec, "loss": loss})
+
+
 def llama3_tiny_tst() -> TSTTrainer.Config:
     """A 2-layer d=64 llama3 for CPU checks (vocab 8192: superpose prepare's default), s=4, r=0.3."""
     return tst_config(llama3_spec("tiny", vocab_size=8192), lr=3e-3, steps=20, warmup=2, global_batch=4, local_batch=4,
                       seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare", chunks=2, log_freq=1)
+
+
+def llama3_tiny_baseline() -> Trainer.Config:
+    """``llama3_tiny_tst`` on torchtitan's stock Trainer (``baseline``)."""
+    return baseline(llama3_tiny_tst())
 
 
 def llama3_270m_tst() -> TSTTrainer.Config:

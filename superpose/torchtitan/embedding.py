@@ -34,8 +34,16 @@ class BagEmbedding(Embedding):
 
 
 def with_bag_embedding(model_config):
-    """The model config with its ``tok_embeddings`` made a ``BagEmbedding`` (same fields)."""
-    stock = model_config.tok_embeddings
-    fields = {f.name: getattr(stock, f.name) for f in dataclasses.fields(stock)}
-    model_config.tok_embeddings = BagEmbedding.Config(**fields)
-    return model_config
+    """A copy of the model config whose ``tok_embeddings`` is a ``BagEmbedding`` (same fields)."""
+    return _with_embedding(model_config, BagEmbedding.Config)
+
+
+def with_stock_embedding(model_config):
+    """A copy of the model config whose ``tok_embeddings`` is torchtitan's own ``Embedding``."""
+    return _with_embedding(model_config, Embedding.Config)
+
+
+def _with_embedding(model_config, kind):
+    old = model_config.tok_embeddings
+    fields = {f.name: getattr(old, f.name) for f in dataclasses.fields(Embedding.Config)}
+    return dataclasses.replace(model_config, tok_embeddings=kind(**fields))
