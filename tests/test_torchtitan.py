@@ -152,3 +152,27 @@ def test_unsupported_stage_levers_are_rejected_up_front(tmp_path):
     with pytest.raises(ConfigError, match="lr_scale"):
         TSTOptions(config=str(config)).stages(10)
     assert [s.bag_size for s in TSTOptions(bag_size=4, ratio=0.5).stages(10)] == [4, 1]
+
+
+@pytest.mark.parametrize("name, toml", [("llama3_270m_tst", "llama-270m"), ("llama3_600m_tst", "llama-600m"),
+                                        ("llama3_3b_tst", "llama-3b"), ("qwen3_moe_10b_a1b_tst", "qwen3-moe-10b-a1b")])
+def test_paper_configs_mirror_configs_paper(name, toml):
+    """The torchtitan paper configs take the recipe of configs/paper/*.toml, and the model has the
+    preset's parameter count (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from superpose.config import load_config
+    from superpose.model import model_config
+    from superpose.torchtitan import config_registry
+
+    titan, paper = getattr(config_registry, name)(), load_config(HERE.parent / "configs" / "paper" / f"{toml}.toml")
+    assert (titan.tst.bag_size, titan.tst.ratio) == (paper.tst.bag_size, paper.tst.ratio)
+    assert titan.optimizer.param_groups[0].optimizer_kwargs["lr"] == paper.optim.lr
+    assert (titan.training.steps, titan.lr_scheduler.warmup_steps, titan.lr_scheduler.decay_ratio) == (
+        paper.train.steps, paper.optim.warmup_steps, paper.optim.decay_fraction)
+    assert (titan.training.global_batch_size, titan.training.seq_len) == (paper.train.batch_size, paper.data.seq_len)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in titan.model_spec.model.build().parameters())
+        hf = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(paper.model.preset, 128256)).parameters())
+    assert ours == hf

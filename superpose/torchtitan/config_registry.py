@@ -77,6 +77,11 @@ def llama3_270m_tst() -> TSTTrainer.Config:
                       seq_len=2048, tst=TSTOptions(bag_size=6, ratio=0.3), data_dir="data/dclm-llama3")
 
 
+def llama3_270m_baseline() -> Trainer.Config:
+    """``llama3_270m_tst`` on torchtitan's stock Trainer (``baseline``): the bench's reference step."""
+    return baseline(llama3_270m_tst())
+
+
 def llama3_600m_tst() -> TSTTrainer.Config:
     """The paper's 600M run (configs/paper/llama-600m.toml): peak LR 1e-3, 20k steps."""
     return tst_config(llama3_spec("600m"), lr=1e-3, steps=20000, warmup=2000, global_batch=1024, local_batch=8,

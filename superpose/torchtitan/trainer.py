@@ -81,6 +81,15 @@ class TSTTrainer(Trainer):
 
         self.metrics_processor.log = log_with_record
 
+    def batch_generator(self, data_iterable):
+        """torchtitan's, but its tokens/s and MFU count model positions (the FLOPs) in a bag step:
+        it counts ``labels.numel()``, which is s target tokens per position. ``n_tokens_seen``
+        still counts the data tokens read (s per position in phase 1)."""
+        for input_dict, labels in super().batch_generator(data_iterable):
+            if labels.ndim == 3:  # [b, L, m]
+                self.metrics_processor.ntokens_since_last_log -= labels.numel() - labels[..., 0].numel()
+            yield input_dict, labels
+
     def train_step(self, data_iterator):
         step = self.step - 1  # torchtitan counts steps from 1, superpose's stages from 0
         stage = stage_at(self.stages, step)
