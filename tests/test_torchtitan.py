@@ -154,6 +154,30 @@ def test_unsupported_stage_levers_are_rejected_up_front(tmp_path):
     assert [s.bag_size for s in TSTOptions(bag_size=4, ratio=0.5).stages(10)] == [4, 1]
 
 
+def test_bad_setups_fail_before_torchtitan_starts(small_data, tmp_path):
+    """One-line errors before any process group, model or file exists."""
+    import dataclasses
+
+    from superpose.errors import ConfigError, DataError
+    from superpose.torchtitan.config_registry import llama3_tiny_tst, tst_config
+    from superpose.torchtitan.models import llama3_spec
+    from superpose.torchtitan.trainer import TSTOptions, TSTTrainer
+
+    small_vocab = tst_config(llama3_spec("tiny", vocab_size=512), lr=1e-3, steps=4, warmup=1, global_batch=4, local_batch=4,
+                             seq_len=32, tst=TSTOptions(bag_size=4), data_dir=str(small_data))
+    small_vocab.dump_folder = str(tmp_path / "a")
+    with pytest.raises(ConfigError, match="vocabulary is 512"):
+        TSTTrainer(small_vocab)
+    no_data = llama3_tiny_tst()
+    no_data.dataloader.dir = str(tmp_path / "missing")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        TSTTrainer(no_data)
+    bad_mode = dataclasses.replace(llama3_tiny_tst(), tst=TSTOptions(mode="sideways"))
+    with pytest.raises(ConfigError, match="tst.mode"):
+        TSTTrainer(bad_mode)
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("name, toml", [("llama3_270m_tst", "llama-270m"), ("llama3_600m_tst", "llama-600m"),
                                         ("llama3_3b_tst", "llama-3b"), ("qwen3_moe_10b_a1b_tst", "qwen3-moe-10b-a1b")])
 def test_paper_configs_mirror_configs_paper(name, toml):

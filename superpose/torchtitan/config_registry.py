@@ -16,6 +16,7 @@ from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import ParallelismConfig, TrainingConfig
+from torchtitan.config.configs import DebugConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
@@ -46,6 +47,7 @@ def tst_config(model_spec: ModelSpec, *, lr: float, steps: int, warmup: int, glo
         parallelism=ParallelismConfig(),
         checkpoint=CheckpointManager.Config(enable=True, interval=1000, last_save_model_only=False),
         activation_checkpoint=SelectiveAC.Config(),
+        debug=DebugConfig(seed=0),  # the initial weights, like superpose's train.seed (the windows: --dataloader.seed)
     )
 
 

@@ -9,6 +9,7 @@ from torchtitan.components.loss import ChunkedLossWrapper
 from torchtitan.trainer import Trainer
 
 from ..config import config_from_dict, load_config
+from ..data import TokenData
 from ..errors import ConfigError
 from ..runs import METRICS, MetricsLog
 from ..schedule import Stage, build_stages, stage_at
@@ -113,7 +114,8 @@ class TSTTrainer(Trainer):
 
 
 def check_parts(config: TSTTrainer.Config) -> None:
-    """The three parts the stages need, checked before torchtitan builds anything."""
+    """The three parts the stages need and a vocabulary that holds the data's ids, checked before
+    torchtitan builds anything."""
     loss = config.loss.loss_fn if isinstance(config.loss, ChunkedLossWrapper.Config) else config.loss
     problems = [
         (isinstance(loss, MultiHotLoss.Config), "loss (or the loss_fn of ChunkedLossWrapper) must be MultiHotLoss"),
@@ -124,6 +126,10 @@ def check_parts(config: TSTTrainer.Config) -> None:
     for ok, message in problems:
         if not ok:
             raise ConfigError(f"TSTTrainer: {message}")
+    data, model = TokenData(config.dataloader.dir), config.model_spec.model
+    if data.vocab_size > model.vocab_size:
+        raise ConfigError(f"{config.dataloader.dir} has {data.vocab_size} token ids but the model's vocabulary is "
+                          f"{model.vocab_size}; use a model config with vocab_size >= {data.vocab_size}")
 
 
 def _rank() -> int:
