@@ -101,7 +101,7 @@ class TSTTrainer(Trainer):
             if _rank() == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
             self.records = MetricsLog(path, _rank() == 0, resume_step=step or None)
-        if (self.stage is None or stage.name != self.stage.name):
+        if self.stage is None or stage.name != self.stage.name:
             self.records.write({"kind": "stage", "step": step, "stage": stage.name, "bag_size": stage.bag_size,
                                 "mode": stage.mode})
         self.stage = stage
