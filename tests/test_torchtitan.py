@@ -154,6 +154,37 @@ def test_unsupported_stage_levers_are_rejected_up_front(tmp_path):
     assert [s.bag_size for s in TSTOptions(bag_size=4, ratio=0.5).stages(10)] == [4, 1]
 
 
+def test_loader_serves_each_stage_and_splits_ranks(small_data, tmp_path):
+    """A curriculum (s=4 input-only, then s=2 full, then next-token) served by the windows of
+    superpose's own trainer; two ranks' micro-batches make up one rank's batch; the state resumes."""
+    import torch
+
+    from superpose.torchtitan.data import TokenWindowDataLoader
+    from superpose.torchtitan.trainer import TSTOptions
+
+    config = tmp_path / "c.toml"
+    config.write_text('[tst]\nstages = [{bag_size = 4, steps = 1, mode = "input"}, {bag_size = 2, steps = 1}, {bag_size = 1}]\n')
+    stages = TSTOptions(config=str(config)).stages(3)
+    make = lambda rank, world, batch: TokenWindowDataLoader(TokenWindowDataLoader.Config(dir=str(small_data), seed=3),
+                                                            dp_world_size=world, dp_rank=rank, seq_len=8, local_batch_size=batch)
+    one = make(0, 1, 4)
+    one.plan(stages, accumulation=1)
+    served = iter(one)
+    shapes = []
+    for _ in range(3):
+        batch, labels = next(served)
+        shapes.append((tuple(batch["input"].shape), tuple(labels.shape)))
+    assert shapes == [((4, 8, 4), (4, 8)), ((4, 8, 2), (4, 8, 2)), ((4, 8), (4, 8))]
+    assert one.state_dict()["steps_served"] == 3
+    halves = [make(rank, 2, 1) for rank in (0, 1)]
+    for loader in halves:
+        loader.plan(stages, accumulation=2)  # 1 window per micro-batch, 2 micro-batches, 2 ranks = 4
+        loader.load_state_dict({"steps_served": 1})
+    parts = [[next(it) for _ in range(2)] for it in map(iter, halves)]  # step 1 (s=2), both micro-batches
+    inputs = torch.cat([b["input"] for rank in parts for b, _ in rank])
+    assert torch.equal(inputs, one.step_batch(1)[0])
+
+
 def test_bad_setups_fail_before_torchtitan_starts(small_data, tmp_path):
     """One-line errors before any process group, model or file exists."""
     import dataclasses
