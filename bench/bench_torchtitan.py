@@ -1,0 +1,129 @@
+"""torchtitan TST step vs torchtitan's baseline step vs superpose's own trainer: tokens/s and MFU.
+
+    python bench/bench_torchtitan.py --data DIR --out OUT              # one CUDA GPU: llama-270m, bf16, L=2048
+    python bench/bench_torchtitan.py --data DIR --out OUT --smoke      # CPU, the tiny model (torchtitan CPU shims)
+
+DIR is a ``superpose prepare`` directory (the same windows feed every arm). Five runs of --steps
+steps each, one after another on the same device, each its own process:
+
+  titan-tst       torchrun -m torchtitan.train --module superpose.torchtitan --config llama3_270m_tst, every step phase 1 (s=6)
+  titan-ntp       the same config with --tst.ratio 0: every step next-token (torchtitan's own step path)
+  titan-stock     llama3_270m_baseline: torchtitan's unmodified Trainer, embedding and loss
+  superpose-tst   superpose train configs/paper/llama-270m.toml, every step phase 1
+  superpose-ntp   the same with --tst.ratio 0
+
+Every arm runs B x L = batch x seq_len positions per step (equal FLOPs); the table gives median
+seconds per step after --warmup steps, positions/s and MFU (6*N*positions + attention, each
+framework's own FLOPs count over the bf16 peak torchtitan assumes for the card). Needs
+``superpose[torchtitan]`` installed; on CUDA it uses FlexAttention and torchtitan's defaults
+(bf16 FSDP, selective activation checkpointing; add --compile to compile the model in both
+frameworks). Results go to OUT/bench_torchtitan.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def titan_command(config: str, dump: Path, args, *flags: str) -> list[str]:
+    script = [str(ROOT / "tests" / "torchtitan_on_cpu.py")] if args.smoke else ["-m", "torchtitan.train"]
+    sizes = ["--training.local_batch_size", str(args.batch), "--training.global_batch_size", str(args.batch),
+             "--training.seq_len", str(args.seq_len)]
+    compile_flags = ["--compile.enable"] if args.compile else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *script,
+            "--module", "superpose.torchtitan", "--config", config, "--dataloader.dir", str(args.data),
+            "--hf_assets_path", str(args.data), "--dump_folder", str(dump), "--training.steps", str(args.steps),
+            "--checkpoint.no-enable", "--metrics.log_freq", "1", "--lr_scheduler.warmup_steps", "1",
+            *sizes, *compile_flags, *flags]
+
+
+def superpose_command(config: str, out: Path, args, ratio: float) -> list[str]:
+    return [sys.executable, "-m", "superpose", "train", config, f"--data.dir={json.dumps(str(args.data))}",
+            f"--train.out_dir={json.dumps(str(out))}", f"--train.steps={args.steps}", f"--train.batch_size={args.batch}",
+            f"--train.micro_batch_size={args.batch}", f"--data.seq_len={args.seq_len}", f"--tst.ratio={ratio}",
+            f"--train.eval_every={args.steps}", "--train.eval_tokens=4096", "--train.log_every=1",
+            "--train.checkpoint_every=0", "--train.progress=false", "--optim.warmup_steps=1",
+            f"--train.compile={'true' if args.compile else 'false'}", "--distributed.strategy=ddp",
+            f"--train.precision={'fp32' if args.smoke else 'bf16'}", f"--train.device={'cpu' if args.smoke else 'cuda'}"]
+
+
+def titan_times(dump: Path, warmup: int) -> dict:
+    """Median seconds per step, positions/s and MFU from torchtitan's TensorBoard scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (dump / "tb").rglob("events.*")}
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    pick = lambda tag: [e.value for e in acc.Scalars(tag) if e.step > warmup] if tag in acc.Tags()["scalars"] else []
+    mfu = pick("mfu(%)")
+    return {"step_seconds": statistics.median(pick("time_metrics/end_to_end(s)")),
+            "positions_per_s": statistics.median(pick("throughput(tps)")), "mfu_percent": statistics.median(mfu) if mfu else None}
+
+
+def superpose_times(out: Path, warmup: int, peak: float | None) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["kind"] == "start")
+    seconds = statistics.median(r["step_seconds"] for r in records if r["kind"] == "train" and r["step"] > warmup)
+    return {"step_seconds": seconds, "positions_per_s": start["positions_per_step"] / seconds,
+            "mfu_percent": 100 * start["flops_per_step"] / seconds / peak if peak else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, CPU shims")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="windows per step (one micro-batch)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    smoke = dict(steps=4, warmup=1, batch=4, seq_len=32) if args.smoke else dict(steps=30, warmup=10, batch=8, seq_len=2048)
+    for key, value in smoke.items():
+        setattr(args, key, getattr(args, key) if getattr(args, key) is not None else value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    titan, paper = ("llama3_tiny", ROOT / "configs" / "tiny.toml") if args.smoke else ("llama3_270m", ROOT / "configs" / "paper" / "llama-270m.toml")
+    peak = None
+    if not args.smoke:
+        from torchtitan.tools.utils import get_peak_flops  # the denominator torchtitan's own MFU uses
+        import torch
+
+        peak = get_peak_flops(torch.cuda.get_device_name())
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    arms = {
+        "titan-tst": (titan_command(f"{titan}_tst", args.out / "titan-tst", args, "--tst.ratio", "1"), "titan"),
+        "titan-ntp": (titan_command(f"{titan}_tst", args.out / "titan-ntp", args, "--tst.ratio", "0"), "titan"),
+        "titan-stock": (titan_command(f"{titan}_baseline", args.out / "titan-stock", args), "titan"),
+        "superpose-tst": (superpose_command(str(paper), args.out / "superpose-tst", args, 1.0), "superpose"),
+        "superpose-ntp": (superpose_command(str(paper), args.out / "superpose-ntp", args, 0.0), "superpose"),
+    }
+    results = {}
+    for name, (command, kind) in arms.items():
+        run = subprocess.run(command, env=env, capture_output=True, text=True)
+        (args.out / f"{name}.log").write_text(run.stdout + run.stderr)
+        if run.returncode:
+            results[name] = {"error": (run.stdout + run.stderr)[-2000:]}
+            continue
+        results[name] = titan_times(args.out / name, args.warmup) if kind == "titan" else superpose_times(args.out / name, args.warmup, peak)
+    (args.out / "bench_torchtitan.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                                "peak_flops": peak, "results": results}, indent=2))
+    print(f"{'arm':<15} {'s/step':>9} {'positions/s':>12} {'MFU %':>7}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<15} failed (see {args.out / (name + '.log')})")
+        else:
+            mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
+            print(f"{name:<15} {r['step_seconds']:>9.4f} {r['positions_per_s']:>12.0f} {mfu:>7}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""superpose.torchtitan on torchtitan's own Trainer, CPU processes over gloo (tests/torchtitan_on_cpu.py).
+
+References: superpose's own objective (superpose.model.TSTModel on a Hugging Face copy of the
+weights) for superposition steps, torchtitan's stock model + cross-entropy for next-token steps
+(tests/torchtitan_parity.py), the uninterrupted run for a resume, torchtitan's stock Trainer for
+phase 2 after the switch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'superpose[torchtitan]')")
+
+HERE = Path(__file__).resolve().parent
+STEPS, SWITCH = 8, 4  # --tst.ratio 0.5: steps 1-4 superposition (s = 4), 5-8 next-token
+# fp32 parameters (torchtitan's FSDP default is bf16) so that parity is within fp32 rounding
+COMMON = ["--module", "superpose.torchtitan", "--training.steps", str(STEPS),
+          "--training.mixed_precision_param", "float32", "--debug.seed", "0", "--checkpoint.interval", str(SWITCH)]
+
+
+def torchtitan_run(script: str, data: Path, dump: Path, config: str = "llama3_tiny_tst", ranks: int = 1, *flags: str) -> dict:
+    """Run ``script`` under torchrun; return the run's superpose train records (metrics.jsonl) by step."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(HERE / script),
+               *COMMON, "--config", config, *(["--tst.ratio", "0.5"] if config.endswith("_tst") else []), "--dataloader.dir", str(data), "--hf_assets_path", str(data),
+               "--dump_folder", str(dump), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return records(dump) if (dump / "metrics.jsonl").is_file() else {}
+
+
+def records(dump: Path, kind: str = "train") -> dict:
+    lines = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if r["kind"] == kind}
+
+
+@pytest.fixture(scope="module")
+def tst_run(small_data, tmp_path_factory):
+    """8 steps of llama3_tiny_tst across the switch, each step also scored by the references."""
+    dump = tmp_path_factory.mktemp("titan") / "tst"
+    train = torchtitan_run("torchtitan_parity.py", small_data, dump)
+    reference = {int(k): v for k, v in json.loads((dump / "reference.json").read_text()).items()}
+    return dump, train, reference
+
+
+def test_one_process_switches_and_matches_references(tst_run):
+    dump, train, reference = tst_run
+    assert sorted(train) == list(range(1, STEPS + 1))
+    assert [r["bag_size"] for r in train.values()] == [4] * SWITCH + [1] * (STEPS - SWITCH)
+    stages = records(dump, "stage")
+    assert {s: r["stage"] for s, r in stages.items()} == {0: "superposition", SWITCH: "next-token"}
+    for step, record in train.items():  # phase 1: superpose's objective; phase 2: torchtitan's baseline step
+        assert record["loss"] == pytest.approx(reference[step], rel=1e-6, abs=2e-6), (step, record["stage"])
+    # phase 1 reads s = 4 times the data tokens of a next-token step (B x L x s targets)
+    tokens = [train[s]["tokens_seen"] for s in sorted(train)]
+    assert tokens[0] == 4 * 32 * 4 and tokens[SWITCH] - tokens[SWITCH - 1] == 4 * 32
+    assert train[STEPS]["loss"] < train[1]["loss"]
+
+
+def test_exported_model_loads(tst_run, small_data, tmp_path):
+    """The HF export of the last checkpoint (torchtitan's state-dict adapter) loads with no missing
+    keys; the parity test above scored every superposition step on such a copy of the weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from superpose.torchtitan.export import main
+
+    dump, _, _ = tst_run
+    out = tmp_path / "hf"
+    assert main(["llama3_tiny_tst", str(dump / "checkpoint" / f"step-{STEPS}"), str(small_data), str(out)]) == 0
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, local_files_only=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True).vocab_size == 1024
+    assert main(["llama3_tiny_tst", str(tmp_path / "no-checkpoint"), str(small_data), str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_resume_at_the_switch_equals_uninterrupted(tst_run, small_data, tmp_path):
+    dump, train, _ = tst_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(dump / "checkpoint" / f"step-{SWITCH}", resumed / "checkpoint" / f"step-{SWITCH}")
+    after = torchtitan_run("torchtitan_on_cpu.py", small_data, resumed)
+    assert sorted(after) == list(range(SWITCH + 1, STEPS + 1))
+    assert [after[s]["loss"] for s in sorted(after)] == [train[s]["loss"] for s in sorted(after)]
+
+
+@pytest.mark.slow
+def test_phase_two_equals_torchtitans_stock_trainer(tst_run, small_data, tmp_path):
+    """From the checkpoint at the switch, torchtitan's unmodified Trainer (stock embedding and loss,
+    same optimizer state and LR schedule) trains the next-token steps exactly as the TST run does."""
+    dump, train, _ = tst_run
+    stock = tmp_path / "stock"
+    shutil.copytree(dump / "checkpoint" / f"step-{SWITCH}", stock / "checkpoint" / f"step-{SWITCH}")
+    torchtitan_run("torchtitan_on_cpu.py", small_data, stock, "llama3_tiny_baseline")
+    losses = tensorboard_losses(stock)  # the stock Trainer writes no superpose records
+    assert losses == pytest.approx([train[s]["loss"] for s in range(SWITCH + 1, STEPS + 1)], rel=1e-6)
+
+
+def tensorboard_losses(dump: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (dump / "tb").rglob("events.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return [e.value for e in accumulator.Scalars("loss_metrics/global_avg_loss")]
+
+
+@pytest.mark.slow
+def test_two_ranks_fsdp_match_references(small_data, tmp_path):
+    """2-rank gloo FSDP2 (local batch 2, the same global batch of 4) across the switch: every step
+    equals the references on the gathered weights and both ranks' windows."""
+    dump = tmp_path / "fsdp"
+    train = torchtitan_run("torchtitan_parity.py", small_data, dump, "llama3_tiny_tst", 2, "--training.local_batch_size", "2")
+    reference = {int(k): v for k, v in json.loads((dump / "reference.json").read_text()).items()}
+    assert [r["bag_size"] for r in train.values()] == [4] * SWITCH + [1] * (STEPS - SWITCH)
+    for step, record in train.items():
+        assert record["loss"] == pytest.approx(reference[step], rel=1e-6, abs=2e-6), step
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_the_one_process_run_at_the_switch(tst_run, small_data, tmp_path):
+    """The 1-process checkpoint at the switch, resharded over 2 FSDP ranks (each reads half of
+    every global batch), trains the same phase 2 as the 1-process run, within fp32 reduction order.
+    (A fresh 2-rank run draws other initial weights than 1 process: torchtitan's sharded init.)"""
+    dump, one, _ = tst_run
+    resumed = tmp_path / "resharded"
+    shutil.copytree(dump / "checkpoint" / f"step-{SWITCH}", resumed / "checkpoint" / f"step-{SWITCH}")
+    train = torchtitan_run("torchtitan_on_cpu.py", small_data, resumed, "llama3_tiny_tst", 2, "--training.local_batch_size", "2")
+    assert sorted(train) == list(range(SWITCH + 1, STEPS + 1))
+    for step, record in train.items():
+        assert record["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+
+
+def test_importing_superpose_does_not_import_torchtitan():
+    code = "import sys, superpose, superpose.cli; assert 'torchtitan' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_unsupported_stage_levers_are_rejected_up_front(tmp_path):
+    from superpose.errors import ConfigError
+    from superpose.torchtitan.trainer import TSTOptions
+
+    config = tmp_path / "c.toml"
+    config.write_text("[tst]\nbag_size = 4\nratio = 0.5\nlr_scale = 0.5\n")
+    with pytest.raises(ConfigError, match="lr_scale"):
+        TSTOptions(config=str(config)).stages(10)
+    assert [s.bag_size for s in TSTOptions(bag_size=4, ratio=0.5).stages(10)] == [4, 1]
+
+
+def test_loader_serves_each_stage_and_splits_ranks(small_data, tmp_path):
+    """A curriculum (s=4 input-only, then s=2 full, then next-token) served by the windows of
+    superpose's own trainer; two ranks' micro-batches make up one rank's batch; the state resumes."""
+    import torch
+
+    from superpose.torchtitan.data import TokenWindowDataLoader
+    from superpose.torchtitan.trainer import TSTOptions
+
+    config = tmp_path / "c.toml"
+    config.write_text('[tst]\nstages = [{bag_size = 4, steps = 1, mode = "input"}, {bag_size = 2, steps = 1}, {bag_size = 1}]\n')
+    stages = TSTOptions(config=str(config)).stages(3)
+    make = lambda rank, world, batch: TokenWindowDataLoader(TokenWindowDataLoader.Config(dir=str(small_data), seed=3),
+                                                            dp_world_size=world, dp_rank=rank, seq_len=8, local_batch_size=batch)
+    one = make(0, 1, 4)
+    one.plan(stages, accumulation=1)
+    served = iter(one)
+    shapes = []
+    for _ in range(3):
+        batch, labels = next(served)
+        shapes.append((tuple(batch["input"].shape), tuple(labels.shape)))
+    assert shapes == [((4, 8, 4), (4, 8)), ((4, 8, 2), (4, 8, 2)), ((4, 8), (4, 8))]
+    assert one.state_dict()["steps_served"] == 3
+    halves = [make(rank, 2, 1) for rank in (0, 1)]
+    for loader in halves:
+        loader.plan(stages, accumulation=2)  # 1 window per micro-batch, 2 micro-batches, 2 ranks = 4
+        loader.load_state_dict({"steps_served": 1})
+    parts = [[next(it) for _ in range(2)] for it in map(iter, halves)]  # step 1 (s=2), both micro-batches
+    inputs = torch.cat([b["input"] for rank in parts for b, _ in rank])
+    assert torch.equal(inputs, one.step_batch(1)[0])
+
+
+def test_bad_setups_fail_before_torchtitan_starts(small_data, tmp_path):
+    """One-line errors before any process group, model or file exists."""
+    import dataclasses
+
+    from superpose.errors import ConfigError, DataError
+    from superpose.torchtitan.config_registry import llama3_tiny_tst, tst_config
+    from superpose.torchtitan.models import llama3_spec
+    from superpose.torchtitan.trainer import TSTOptions, TSTTrainer
+
+    small_vocab = tst_config(llama3_spec("tiny", vocab_size=512), lr=1e-3, steps=4, warmup=1, global_batch=4, local_batch=4,
+                             seq_len=32, tst=TSTOptions(bag_size=4), data_dir=str(small_data))
+    small_vocab.dump_folder = str(tmp_path / "a")
+    with pytest.raises(ConfigError, match="vocabulary is 512"):
+        TSTTrainer(small_vocab)
+    no_data = llama3_tiny_tst()
+    no_data.dataloader.dir = str(tmp_path / "missing")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        TSTTrainer(no_data)
+    bad_mode = dataclasses.replace(llama3_tiny_tst(), tst=TSTOptions(mode="sideways"))
+    with pytest.raises(ConfigError, match="tst.mode"):
+        TSTTrainer(bad_mode)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("name, toml", [("llama3_270m_tst", "llama-270m"), ("llama3_600m_tst", "llama-600m"),
+                                        ("llama3_3b_tst", "llama-3b"), ("qwen3_moe_10b_a1b_tst", "qwen3-moe-10b-a1b")])
+def test_paper_configs_mirror_configs_paper(name, toml):
+    """The torchtitan paper configs take the recipe of configs/paper/*.toml, and the model has the
+    preset's parameter count (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from superpose.config import load_config
+    from superpose.model import model_config
+    from superpose.torchtitan import config_registry
+
+    titan, paper = getattr(config_registry, name)(), load_config(HERE.parent / "configs" / "paper" / f"{toml}.toml")
+    assert (titan.tst.bag_size, titan.tst.ratio) == (paper.tst.bag_size, paper.tst.ratio)
+    assert titan.optimizer.param_groups[0].optimizer_kwargs["lr"] == paper.optim.lr
+    assert (titan.training.steps, titan.lr_scheduler.warmup_steps, titan.lr_scheduler.decay_ratio) == (
+        paper.train.steps, paper.optim.warmup_steps, paper.optim.decay_fraction)
+    assert (titan.training.global_batch_size, titan.training.seq_len) == (paper.train.batch_size, paper.data.seq_len)
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in titan.model_spec.model.build().parameters())
+        hf = sum(p.numel() for p in AutoModelForCausalLM.from_config(model_config(paper.model.preset, 128256)).parameters())
+    assert ours == hf
