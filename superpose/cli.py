@@ -27,6 +27,7 @@ def cmd_prepare(args) -> None:
         seed=args.seed,
         progress=not args.quiet,
         num_proc=args.num_proc,
+        force=args.force,
     )
     splits = meta["splits"]
     print(
@@ -46,7 +47,8 @@ def cmd_train(args) -> None:
     from .train import train
 
     try:
-        info = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        info = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                     allow_data_change=args.allow_data_change)
     finally:
         shutdown()
     if info is not None:
@@ -54,17 +56,21 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, compare_runs, print_summary
     from .config import ConfigError, load_config
-    from .distributed import shutdown
 
     if args.runs:
         if args.config or args.overrides:
             raise ConfigError("--runs reports on existing runs; it takes no config or overrides")
-        summary, out = compare_runs(*args.runs, out=args.out)
+        from .compare import compare_runs, print_summary
+
+        summary, out = compare_runs(*args.runs, out=args.out, force=args.force)
     else:
+        cfg = load_config(args.config, args.overrides)  # config errors answer before torch is imported
+        from .compare import compare, print_summary
+        from .distributed import shutdown
+
         try:
-            summary, out = compare(load_config(args.config, args.overrides))
+            summary, out = compare(cfg)
         finally:
             shutdown()
     if summary is not None:
@@ -78,13 +84,14 @@ def _fail_if_arms_failed(failed: dict[str, str]) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .compare import parse_list, print_sweep, sweep
+    from .compare import parse_list, print_sweep, sweep  # torch-free until an arm trains
     from .config import load_config
-    from .distributed import shutdown
 
     cfg = load_config(args.config, args.overrides)
     bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes is not None else None
     ratios = parse_list(args.ratios, float, "--ratios") if args.ratios is not None else None
+    from .distributed import shutdown
+
     try:
         rows, root, failed = sweep(cfg, bag_sizes, ratios)
     finally:
@@ -97,7 +104,7 @@ def cmd_sweep(args) -> None:
 def cmd_report(args) -> None:
     from .compare import print_summary, report_runs
 
-    summary, out = report_runs(args.runs, out=args.out)
+    summary, out = report_runs(args.runs, out=args.out, force=args.force)
     print_summary(summary, out)
 
 
@@ -114,9 +121,17 @@ def cmd_verify(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import export_checkpoint
+    from pathlib import Path
 
-    info = export_checkpoint(args.checkpoint, args.out_dir, progress=not args.quiet)
+    from .files import check_replace
+    from .runs import CHECKPOINTS, require_checkpoint
+
+    # the arguments are checked before torch is imported; export_checkpoint checks them again, and the rest
+    require_checkpoint(args.checkpoint, "CHECKPOINT_DIR", Path("RUN") / CHECKPOINTS / "step-00000100")
+    check_replace(args.out_dir, "model", "OUT_DIR", args.force)
+    from .export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.out_dir, force=args.force, allow_data_change=args.allow_data_change)
     print(f"wrote {args.out_dir}: the model at step {info['steps']} of {args.checkpoint}")
 
 
@@ -142,6 +157,12 @@ def cmd_eval(args) -> None:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
+CONFIG_EPILOG = (
+    "config sections: [model] [data] [tst] [optim] [train] [distributed]; every key is listed with its default and "
+    "meaning in docs/reference.md. Override any key: --section.key=value (e.g. --train.steps=600)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The commands and their flags; the defaults of the flags are the config module's option tables."""
     prep, grid, gen, ev = PrepareOptions(), SweepOptions(), GenerateOptions(), EvalOptions()
@@ -160,13 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=prep.num_proc, help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
     p.add_argument("--val-fraction", type=float, default=prep.val_fraction)
     p.add_argument("--seed", type=int, default=prep.seed)
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds prepared data (nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train baseline or TST from a config", epilog="override any key: --section.key=value")
+    p = sub.add_parser("train", help="train baseline or TST from a config", epilog=CONFIG_EPILOG)
     p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
     p.add_argument("--resume", default="never", help="never | auto (newest complete checkpoint) | a checkpoint directory")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changes the run")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even if data.dir now holds other data than the run trained on (recorded in metrics.jsonl)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train a baseline and TST at equal FLOPs and report on them",
@@ -174,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="TOML config of the TST arm (runs go to train.out_dir/{baseline,tst,report})")
     p.add_argument("--runs", nargs=2, metavar=("BASELINE_DIR", "TST_DIR"), help="report on two existing comparable runs instead")
     p.add_argument("--out", help="report directory for --runs (default: next to TST_DIR, named report)")
+    p.add_argument("--force", action="store_true", help="with --runs: replace the report directory if it holds a report")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="train a grid of (bag size, ratio) plus a baseline at the same budget",
@@ -184,18 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="regenerate the comparison report from existing run directories")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs; the first baseline among them is the reference")
-    p.add_argument("--out", help="report directory (default: next to the first run, named report)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="runs (a compare or sweep directory stands for its arms); the first baseline among them is the reference")
+    p.add_argument("--out", help="report directory (default: next to the first run, named report; in a compare directory, its report)")
+    p.add_argument("--force", action="store_true", help="replace the report directory if it already holds a report")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("verify", help="check checkpoints and exported models against their checksums (exit 0 = intact, 2 = damaged)")
-    p.add_argument("path", help="a run directory (all its checkpoints and model/), a checkpoint directory or a model directory")
+    p.add_argument("path", help="a run directory (all its checkpoints and model/), a compare or sweep directory (every arm), "
+                                "a checkpoint, model or prepared data directory")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write the model of a checkpoint (sharded or gathered) as a Hugging Face model directory")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory, e.g. RUN/checkpoints/step-00000600")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write (replaced if it exists)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write: new, empty, or an export (with --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an exported model (nothing else is ever replaced)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="export even if the run's data.dir now holds other data (its tokenizer is used; superpose.json records it)")
+    p.add_argument("--quiet", action="store_true", help="accepted for compatibility: an export draws no progress bars")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
@@ -246,6 +277,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    for arg in rest:
+        if str(arg).startswith("--") and "." in str(arg).split("=", 1)[0]:  # what split_overrides left: no value
+            parser.error(f"{arg} needs a value: {arg}=VALUE (a config key, see docs/reference.md)")
     args = parser.parse_args(rest)
     if overrides and args.command not in ("train", "compare", "sweep"):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")

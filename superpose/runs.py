@@ -32,8 +32,8 @@ import numpy as np
 import tomli_w
 
 from .config import Config, config_from_dict, read_toml, stage_tables
-from .errors import ConfigError
-from .files import atomic_write_text
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write_text, dir_kind
 from .schedule import Stage
 from .stats import Curve, value_at
 
@@ -66,6 +66,27 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint directory ``step-NNNNNNNN``."""
     return int(path.name[5:])
+
+
+def require_checkpoint(path: str | Path, what: str, example: Path) -> Path:
+    """``path`` if it is a checkpoint directory (holds one of ``CHECKPOINT_FILES``), else a one-line error."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
+        raise CheckpointError(
+            f"{what} {path}: expected {'never, auto, or ' if what == '--resume' else ''}a checkpoint directory "
+            f"(one holding {' or '.join(CHECKPOINT_FILES)}, e.g. {example})"
+        )
+    return path
+
+
+def arm_dirs(path: str | Path) -> list[Path]:
+    """The run directories of a comparison or sweep directory (``compare``/``sweep``'s train.out_dir),
+    the baseline first; [] for any other directory."""
+    path = Path(path)
+    if dir_kind(path) != "comparison":
+        return []
+    arms = sorted(p for p in path.iterdir() if p.is_dir() and (p / METRICS).is_file())
+    return sorted(arms, key=lambda p: p.name != "baseline")
 
 
 def read_records(run_dir: str | Path) -> list[dict]:

@@ -22,17 +22,19 @@ from torch import nn
 from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
-from .checkpoint import (Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint,
-                         set_aside_newer)
+from .checkpoint import Checkpoints, load_checkpoint, resolve_format, select_checkpoint, set_aside_newer
+from .export import export_info, export_model
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
-from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
+from .data import (TokenData, WindowLoader, bits_per_byte, check_same_data, prepare, to_device, unigram_log_probs,
+                   validation_windows)
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
                           on_main, shards_parameters)
 from .errors import CheckpointError, DataError, Interrupted, TrainingError
-from .files import LOCK_FILE, DirectoryLock, writable_dir
+from .files import LOCK_FILE, MARKER, DirectoryLock, claim_dir, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .preemption import StopRequest
+from .provenance import provenance
 from .runs import RESUME_SAFE_KEYS, MetricsLog, checkpoint_dirs, write_run_config
 from .schedule import Stage, build_stages, has_superposition, lr_at, stage_at
 from .tracking import open_trackers
@@ -136,9 +138,13 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtim
     return (total[0] / total[1]).item()
 
 
-def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
-    """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only)."""
+def ensure_data(cfg: Config, runtime: Runtime, resuming: bool = False) -> TokenData:
+    """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only): never for
+    a run that has checkpoints (``resuming``), which continues only on the data it was trained on."""
     directory = Path(cfg.data.dir)
+    if resuming and not (directory / "meta.json").is_file():
+        raise DataError(f"data.dir {directory}, the data this run was trained on, is not there (no meta.json); restore it, "
+                        "or prepare the same data there again (the resume checks that it is the same)")
     if not (directory / "meta.json").is_file() and cfg.data.corpus:  # the embedded corpus (validate allows no other)
         if runtime.is_main:
             print(f"preparing the embedded Shakespeare corpus in {directory} ...", file=sys.stderr)
@@ -182,7 +188,8 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
         )
 
 
-def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train") -> dict | None:
+def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train",
+          allow_data_change: bool = False) -> dict | None:
     """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics
     (on rank 0; None on the other ranks, which write nothing). ``label`` names the run on the
     progress bar (e.g. the arm of a comparison).
@@ -195,9 +202,10 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, torch.get_num_threads())  # set_threads changes them for the run only
         try:
+            on_main(runtime, lambda: claim_dir(run_dir, "run", "train.out_dir"), ConfigError)
             writable_dir(run_dir, "train.out_dir")
             on_main(runtime, lambda: stack.enter_context(DirectoryLock(run_dir, "train.out_dir")), ConfigError)
-            return _train(cfg, runtime, run_dir, resume, allow_config_change, label, stack)
+            return _train(cfg, runtime, run_dir, resume, allow_config_change, label, stack, allow_data_change)
         except BaseException:
             if created and runtime.is_main:
                 _remove_if_unused(run_dir)
@@ -205,18 +213,20 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
 
 
 def _remove_if_unused(run_dir: Path) -> None:
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, MARKER}:
+        for name in (LOCK_FILE, MARKER):
+            (run_dir / name).unlink(missing_ok=True)
         run_dir.rmdir()
 
 
 def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_config_change: bool, label: str,
-           stack: contextlib.ExitStack) -> dict | None:
+           stack: contextlib.ExitStack, allow_data_change: bool = False) -> dict | None:
     if resume == "never" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
     check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
-    data = ensure_data(cfg, runtime)
+    data = ensure_data(cfg, runtime, resuming=resume != "never" and bool(checkpoint_dirs(run_dir)))
+    data_id = data.identity()  # in every checkpoint and the start record: a resume or export checks it
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
     checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
     # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.
@@ -244,11 +254,12 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     val_windows = validation_windows(data.splits["val"], cfg.data.seq_len, cfg.train.eval_tokens, data.vocab_size)
     val_bpt = data.bytes_per_token("val")
 
-    start_step, elapsed, last_eval, set_aside = 0, 0.0, None, []
+    start_step, elapsed, last_eval, set_aside, data_change = 0, 0.0, None, [], None
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), model, optimizer)
         if not allow_config_change:
             check_resume_config(state["config"], cfg)
+        data_change = check_same_data(state.get("data"), data, f"the run in {run_dir}", "--allow-data-change", allow_data_change)
         start_step, elapsed, last_eval = state["step"], state["elapsed"], state.get("last_eval")
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
@@ -264,23 +275,24 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         write_run_config(run_dir, cfg)
     resume_step = start_step if resume_from else None
     log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step, open_trackers(cfg, run_dir, runtime.is_main, resume_step))
-    if rejected or set_aside:
+    if rejected or set_aside or data_change:
         log.write({"kind": "resume", "step": start_step, "checkpoint": str(resume_from), "rejected": rejected,
-                   "set_aside": set_aside})
+                   "set_aside": set_aside, **({"data_changed": data_change} if data_change else {})})
     params = count_parameters(lm)
     positions = cfg.train.batch_size * cfg.data.seq_len
     step_flops = flops_per_step(lm, cfg.data.seq_len, positions)
     if start_step == 0:
         log.write({"kind": "start", "step": 0, "parameters": params["total"], "active_matmul_parameters": params["active_matmul"],
                    "flops_per_step": step_flops, "positions_per_step": positions, "world_size": runtime.world,
-                   "stages": [vars(s) for s in stages]})
+                   "stages": [vars(s) for s in stages], "data": data_id,
+                   "provenance": provenance(runtime.device, runtime.world)})
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (cfg.train.progress and runtime.is_main),
                desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def trainer_state(step: int) -> dict:
         return {"step": step, "elapsed": elapsed, "loader": loader.state_dict(), "rng": torch.get_rng_state(),
                 **({"cuda_rng": torch.cuda.get_rng_state(runtime.device)} if runtime.device.type == "cuda" else {}),
-                "config": cfg.to_dict(), "last_eval": last_eval}
+                "config": cfg.to_dict(), "last_eval": last_eval, "data": data_id}
 
     def newest_checkpoint(phrase: str) -> str:
         """``phrase`` with {} as the newest checkpoint, or what to say when there is none."""
@@ -383,7 +395,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
         last_eval = run_validation(cfg.train.steps)
 
     info = export_info(trainer_state(cfg.train.steps), cfg)
-    export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime, cfg.train.progress)
+    export_model(model, lm, data.tokenizer(), data.eos_id, run_dir / "model", info, runtime)
     log.write({"kind": "end", "step": cfg.train.steps, **info})
     log.close()
     return info if runtime.is_main else None
