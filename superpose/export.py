@@ -117,7 +117,7 @@ def write_model_dir(state: dict[str, torch.Tensor], lm: nn.Module, tokenizer, eo
             _umask_modes(tmp)
             write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint
         except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-            raise write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints and any previous export are intact",
+            raise write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact, and so is any previous export",
                                advice) from None
         staged.publish()
 

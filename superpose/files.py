@@ -33,7 +33,7 @@ from .errors import ConfigError, RunInUse
 LOCK_FILE = ".lock"
 MARKER = ".superpose"  # one line: the kind of directory superpose wrote
 KINDS = {
-    "data": "prepared data (superpose prepare)",
+    "data": "prepared data",
     "run": "a training run",
     "comparison": "the runs of a compare or sweep",
     "report": "a comparison report",
@@ -144,11 +144,14 @@ def check_replace(path: str | Path, kind: str, what: str, force: bool) -> None:
         raise ConfigError(f"{what} {path} already holds {KINDS[kind]}; pass --force to replace it, or choose another {what}")
 
 
-def claim_dir(path: str | Path, kind: str, what: str) -> bool:
-    """Check ``path`` by the rule, create it and mark it as ``kind``; True if it already held one.
-    For directories written in place (runs, comparisons); one process (rank 0) calls it."""
+def claim_dir(path: str | Path, kind: str, what: str, stack: contextlib.ExitStack | None = None) -> bool:
+    """Check ``path`` by the rule, create it, lock it for as long as ``stack`` lasts (if given) and
+    mark it as ``kind``; True if it already held one. For directories written in place (runs,
+    comparisons); one process (rank 0) calls it."""
     existed = check_target(path, kind, what)
     path = writable_dir(path, what)
+    if stack is not None:
+        stack.enter_context(DirectoryLock(path, what))  # before the marker: a second process writes nothing
     if dir_kind(path) != kind or not (path / MARKER).is_file():
         atomic_write_text(path / MARKER, kind + "\n")
     return existed

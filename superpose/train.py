@@ -30,7 +30,7 @@ from .data import (TokenData, WindowLoader, bits_per_byte, check_same_data, prep
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
                           on_main, shards_parameters)
 from .errors import CheckpointError, DataError, Interrupted, TrainingError
-from .files import LOCK_FILE, MARKER, DirectoryLock, claim_dir, writable_dir
+from .files import LOCK_FILE, MARKER, claim_dir, writable_dir
 from .method import split_window, window_length
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .preemption import StopRequest
@@ -202,9 +202,8 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, torch.get_num_threads())  # set_threads changes them for the run only
         try:
-            on_main(runtime, lambda: claim_dir(run_dir, "run", "train.out_dir"), ConfigError)
+            on_main(runtime, lambda: claim_dir(run_dir, "run", "train.out_dir", stack), ConfigError)  # the rule, the lock
             writable_dir(run_dir, "train.out_dir")
-            on_main(runtime, lambda: stack.enter_context(DirectoryLock(run_dir, "train.out_dir")), ConfigError)
             return _train(cfg, runtime, run_dir, resume, allow_config_change, label, stack, allow_data_change)
         except BaseException:
             if created and runtime.is_main:
