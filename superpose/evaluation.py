@@ -94,6 +94,19 @@ def text_task(files: list[Path], text_field: str, cache_dir: str) -> dict:
     }
 
 
+def check_text_files(files: list[Path], text_field: str) -> None:
+    """Refuse ``--text`` files the harness cannot read before the model is loaded: one without text
+    (the harness would stop on an empty split) or with bytes that are not UTF-8 (it reads strictly;
+    ``prepare`` replaces them, but a held-out score must be of the text as it is)."""
+    from .corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, read_documents
+
+    for path in files:
+        if path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            if any(doc.replaced_bytes for doc in read_documents([path], text_field)):  # "holds no text" raised inside
+                raise DataError(f"--text {path} holds bytes that are not UTF-8; convert it to UTF-8 first "
+                                "(e.g. iconv -f latin1 -t utf-8)")
+
+
 def resolve_tasks(tasks: list[str], eval_dir: str | None) -> dict[str, Path]:
     """``arc_easy`` -> ``EVAL_DIR/arc_easy.jsonl``; a path to a ``.jsonl`` file is taken as given."""
     resolved = {}
@@ -145,6 +158,7 @@ def evaluate(model: str | Path, tasks: list[str] = (), eval_dir: str | None = No
     mc_files = resolve_tasks(list(tasks), eval_dir)
     counts = {name: check_multiple_choice(path) for name, path in mc_files.items()}
     text_files = expand_inputs(list(text)) if text else []
+    check_text_files(text_files, text_field)
     text_length = max_length or run_max_length(directory)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

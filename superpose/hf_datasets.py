@@ -34,7 +34,8 @@ class DatasetCorpus:
                  num_proc: int, out: Path, progress: bool):
         import datasets
 
-        self.num_proc, self.progress, self.replaced = num_proc, progress, 0  # datasets rejects bad UTF-8
+        # Bytes that are not UTF-8 are replaced with U+FFFD, as the plain reader does, but not counted (None)
+        self.num_proc, self.progress, self.replaced = num_proc, progress, None
         self.cache = tempfile.mkdtemp(prefix=".datasets-cache-", dir=out)
         self._bars_were_off = datasets.are_progress_bars_disabled()
         (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
@@ -57,6 +58,8 @@ class DatasetCorpus:
         for builder in sorted({builder_of(f) for f in files}):
             group = [str(f) for f in files if builder_of(f) == builder]
             options = {"sample_by": "document"} if builder == "text" else {}
+            if builder in ("text", "json"):  # bad UTF-8 replaced; json re-encodes (and so replaces) only for another encoding name
+                options.update(encoding_errors="replace", **({"encoding": "utf-8-sig"} if builder == "json" else {}))
             try:
                 part = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=self.cache,
                                              num_proc=min(self.num_proc, len(group)) if self.num_proc > 1 else None, **options)

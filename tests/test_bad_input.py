@@ -330,6 +330,20 @@ def test_non_utf8_text_is_replaced_and_counted(tmp_path, capsys):
     assert "Caf\ufffd cr\ufffdme" in text and "ok \ufffd\ufffd bytes" in text
 
 
+def test_non_utf8_text_is_replaced_in_parallel_too(tmp_path, capsys):
+    """`--num-proc 2` (Hugging Face datasets) used to stop with a UnicodeDecodeError instead."""
+    files = two_docs(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade. ".encode("latin-1") * 20)
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok \xff\xfe bytes"}\n{"text": "clean line"}\n')
+    main([str(a) for a in prepare_args(tmp_path / "out", *files, tmp_path / "latin1.txt", tmp_path / "c.jsonl",
+                                       extra=("--num-proc", "2"))])
+    from superpose.data import TokenData
+
+    data = TokenData(tmp_path / "out")
+    text = "".join(data.tokenizer().decode([int(t) for t in s]) for split in ("train", "val") for s in data.splits[split])
+    assert "Caf\ufffd cr\ufffdme" in text and "ok \ufffd\ufffd bytes" in text
+
+
 def test_prepare_refuses_existing_data_dir(small_data, tmp_path, capsys):
     out = Path(shutil.copytree(small_data, tmp_path / "data"))
     before = snapshot(out)
@@ -637,8 +651,11 @@ def test_verify_checks_prepared_data_against_its_checksums(tmp_path, capsys):
     tokens = np.fromfile(shard, dtype=np.uint16)
     tokens[: tokens.size // 2] = tokens[0]  # valid ids, the same size
     tokens.tofile(shard)
-    fails(["verify", data], capsys, "1 of 1 directories failed verification")
-    assert "train-00000.bin does not match its sha256 checksum" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli(["verify", data])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and "1 of 1 directories failed verification" in err
+    assert out == f"DAMAGED  {data}: train-00000.bin does not match its sha256 checksum (the file is damaged)\n"
 
 
 # ---------------------------------------------------------------------------- never train on the wrong data silently (#25)
