@@ -61,6 +61,7 @@ def cmd_compare(args) -> None:
     if args.runs:
         if args.config or args.overrides:
             raise ConfigError("--runs reports on existing runs; it takes no config or overrides")
+        check_run_dirs(args.runs)
         from .compare import compare_runs, print_summary
 
         summary, out = compare_runs(*args.runs, out=args.out, force=args.force)
@@ -84,12 +85,13 @@ def _fail_if_arms_failed(failed: dict[str, str]) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .compare import parse_list, print_sweep, sweep  # torch-free until an arm trains
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # config errors answer before numpy and torch are imported
     bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes is not None else None
     ratios = parse_list(args.ratios, float, "--ratios") if args.ratios is not None else None
+    from .compare import print_sweep, sweep  # torch-free until an arm trains
+
     from .distributed import shutdown
 
     try:
@@ -101,7 +103,30 @@ def cmd_sweep(args) -> None:
         _fail_if_arms_failed(failed)
 
 
+def parse_list(text: str, kind: type, name: str) -> list:
+    from .errors import ConfigError
+
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    return values
+
+
+def check_run_dirs(paths: list[str]) -> None:
+    """A wrong run directory answers at once, before the analysis modules are imported."""
+    from .errors import ConfigError
+    from .files import dir_kind
+
+    for path in paths:
+        if dir_kind(path) not in ("run", "comparison"):
+            raise ConfigError(f"{path} is {'not there' if not os.path.exists(path) else 'neither a run nor a compare or sweep directory'}")
+
+
 def cmd_report(args) -> None:
+    check_run_dirs(args.runs)
     from .compare import print_summary, report_runs
 
     summary, out = report_runs(args.runs, out=args.out, force=args.force)

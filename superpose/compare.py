@@ -152,16 +152,6 @@ def _is_main_process() -> bool:
 # ---------------------------------------------------------------------------- sweeps
 
 
-def parse_list(text: str, kind: type, name: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise ConfigError(f"{name} is empty")
-    return values
-
-
 def sweep(cfg: Config, bag_sizes: list[int] | None = None, ratios: list[float] | None = None) -> tuple[list[dict], Path, dict[str, str]]:
     """Train one baseline and every (s, r) of the grid at ``cfg``'s budget (default: ``SweepOptions``);
     write sweep.csv and sweep.png. Returns the rows, the sweep directory and ``{arm: error}`` of the

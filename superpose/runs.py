@@ -27,15 +27,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import tomli_w
 
 from .config import Config, config_from_dict, read_toml, stage_tables
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write_text, dir_kind
 from .schedule import Stage
-from .stats import Curve, value_at
+
+if TYPE_CHECKING:  # numpy (through stats) is imported where a run is analysed: a wrong path answers at once
+    import numpy as np
+
+    from .stats import Curve
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
 STATE_FILE = "state.pt"  # of a gathered checkpoint (written and read by superpose.checkpoint)
@@ -219,6 +223,8 @@ class Run:
     stages: list[Stage] = field(init=False)
 
     def __post_init__(self):
+        from .stats import Curve
+
         self.curve = Curve.from_evals(self.evals)
         self.stages = [Stage.from_record(s) for s in self.start["stages"]]
 
@@ -252,11 +258,15 @@ class Run:
 
     def at_step(self, key: str, step: float) -> float | None:
         """``elapsed`` or ``tokens_seen`` at a step, interpolated over every train and eval record."""
+        from .stats import value_at
+
         points = sorted({r["step"]: r[key] for r in self.trains + self.evals}.items())
         return value_at([p[0] for p in points], [p[1] for p in points], step)
 
     def train_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Logged training records as (step, value) arrays; skipped (non-finite) steps dropped."""
+        import numpy as np
+
         rows = [(r["step"], r[key]) for r in self.trains if r.get("applied", True) and math.isfinite(r[key])]
         return np.array([r[0] for r in rows], dtype=float), np.array([r[1] for r in rows], dtype=float)
 
