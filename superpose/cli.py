@@ -170,16 +170,16 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     import json
-    from pathlib import Path
 
     from .evaluation import evaluate, format_results
+    from .files import atomic_write_text
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
     results = evaluate(args.model, tasks, args.eval_dir, args.text or [], args.text_field, args.limit,
                        args.batch_size, args.device, args.max_length)
     print(format_results(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))
 
 
 CONFIG_EPILOG = (

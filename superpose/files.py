@@ -168,8 +168,8 @@ class StagedDir:
 
     def __init__(self, out: str | Path, kind: str, what: str, force: bool = False):
         self.out, self.kind, self.what, self.force = Path(out), kind, what, force
-        if self.out.name in ("", ".", ".."):
-            self.out = self.out.absolute()
+        if self.out.name in ("", ".", ".."):  # the directory's own name is needed for .tmp-NAME
+            self.out = self.out.resolve()
         self.tmp = self.out.with_name(f".tmp-{self.out.name}")
         self.old = self.out.with_name(f".old-{self.out.name}")
         self.lock, self.published = None, False

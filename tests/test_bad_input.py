@@ -718,3 +718,12 @@ def test_generate_refuses_more_tokens_than_the_model_has_positions(run_copy, cap
     fails(["generate", run_copy, "--max-new-tokens", "100000"], capsys, "--max-new-tokens 100000 is beyond the model's 2048 positions")
     fails(["generate", run_copy, "--max-new-tokens", "2047", "--prompt", "To be, or not to be"], capsys,
           "exceed the model's 2048 positions")
+
+
+@pytest.mark.parametrize("name,valid", [("empty.jsonl", False), ("empty.txt", True)])
+def test_parallel_prepare_of_files_without_text(tmp_path, capsys, name, valid):
+    """`--num-proc 2` used to stop with a StopIteration (empty JSONL) or a KeyError (an empty train split)."""
+    (tmp_path / name).write_text("")
+    extra = ("--num-proc", "2", *(("--valid", two_docs(tmp_path)[0]) if valid else ()))
+    fails(prepare_args(tmp_path / "out", tmp_path / name, extra=extra), capsys, f"{tmp_path / name}: hold no text")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()

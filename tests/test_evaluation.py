@@ -105,3 +105,12 @@ def test_eval_text_without_text_or_utf8_is_a_one_line_error(run_dir, tmp_path, c
             main(["eval", str(run_dir), "--text", str(path)])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_text_draws_one_bar_not_one_per_batch_of_windows(run_dir, tmp_path, capsys):
+    """A long held-out text used to print a bar per batch of windows (about 1,070), and a "Loading weights" bar."""
+    text = tmp_path / "long.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 60)
+    main(["eval", str(run_dir), "--text", str(text), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert "Running loglikelihood requests" not in err and "Loading weights" not in err, err

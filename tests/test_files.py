@@ -64,10 +64,11 @@ def test_an_empty_directory_is_used_and_the_current_one_refused(tmp_path, monkey
     write(StagedDir(tmp_path / "empty", "model", "OUT_DIR"), {"config.json": "{}"})
     assert dir_kind(tmp_path / "empty") == "model"
     monkeypatch.chdir(tmp_path / "empty")
-    for name in (".", str(tmp_path)):
+    (tmp_path / "empty" / "sub").mkdir()
+    for name in (".", str(tmp_path), "sub/..", "sub/../.."):
         with pytest.raises(ConfigError, match="is the current directory or one above it"):
             write(StagedDir(name, "model", "OUT_DIR", force=True), {"config.json": "{}"})
-    assert (tmp_path / "empty" / "config.json").read_text() == "{}"
+    assert (tmp_path / "empty" / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_a_swap_cut_short_gets_the_only_good_copy_back_first(tmp_path):
