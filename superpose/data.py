@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -169,9 +168,7 @@ def write_shards(out: Path, split: str, documents: Iterator[tuple[np.ndarray, in
         array = np.ascontiguousarray(np.concatenate(buffer).astype(dtype))
         with open(out / name, "wb") as handle:
             writer = HashingWriter(handle)  # the checksum costs no second read; a full disk keeps its errno
-            writer.write(memoryview(array).cast("B"))
-            handle.flush()
-            os.fsync(handle.fileno())
+            writer.write(memoryview(array).cast("B"))  # fsynced when the directory is published
         shards.append({"file": name, "tokens": int(array.size), ALGORITHM: writer.entry()[ALGORITHM]})
         buffer, buffered = [], 0
 
