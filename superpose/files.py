@@ -207,7 +207,9 @@ class StagedDir:
             if self.out.exists() and _has_files(self.out):
                 shutil.rmtree(self.old)  # the swap had finished: the old copy is no longer needed
             else:
-                if self.out.exists():
+                if self.out.exists():  # an empty directory made since (at most our lock and marker in it)
+                    for name in (LOCK_FILE, MARKER):
+                        (self.out / name).unlink(missing_ok=True)
                     self.out.rmdir()
                 os.replace(self.old, self.out)  # the swap was cut short: the old copy is the only one
 

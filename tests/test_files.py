@@ -82,6 +82,8 @@ def test_a_swap_cut_short_gets_the_only_good_copy_back_first(tmp_path):
         write(StagedDir(out, "model", "OUT_DIR"), {"model.safetensors": "new"})
     assert tree(out) == good and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     os.replace(out, tmp_path / ".old-out")
+    out.mkdir()  # an empty directory under the name since
+    (out / MARKER).write_text("model\n")
     with pytest.raises(RuntimeError, match="disk"):  # the new export fails: the good copy is still there after
         with StagedDir(out, "model", "OUT_DIR", force=True) as tmp:
             (tmp / "model.safetensors").write_text("half")
