@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from superpose.integrity import find_damage  # noqa: E402  (torch-free: the parent never imports torch)
-from superpose.runs import CHECKPOINT_FILES, STATE_FILE, checkpoint_dirs, checkpoint_step, logged_step, read_records  # noqa: E402
+from superpose.runs import STATE_FILE, checkpoint_dirs, checkpoint_step, logged_step, read_records  # noqa: E402
 
 DAMAGE = ("flip", "truncate", "delstate", "delmanifest")
 STEPS, RATIO, CHECKPOINT_EVERY, EVAL_EVERY = 24, 0.5, 4, 8
@@ -134,10 +134,10 @@ def child(kill: str, argv: list[str]) -> None:
     elif kind == "final":
         train_mod.export_model = lambda *args, **kwargs: die()
     elif kind == "export":  # the weights and tokenizer are in .tmp-model, the manifest and rename are not
-        import superpose.checkpoint as checkpoint_mod
+        import superpose.export as export_mod
 
-        write_manifest = checkpoint_mod.write_manifest
-        checkpoint_mod.write_manifest = lambda directory, *a: die() if Path(directory).name == ".tmp-model" else write_manifest(directory, *a)
+        write_manifest = export_mod.write_manifest
+        export_mod.write_manifest = lambda directory, *a: die() if Path(directory).name == ".tmp-model" else write_manifest(directory, *a)
     elif kind == "between":  # compare: the baseline arm has finished, the TST arm has not started
         import superpose.compare as compare_mod
 
@@ -346,7 +346,7 @@ def main() -> int:
             if status == -signal.SIGKILL or (kind == "ddp" and status != 0):
                 kills += 1
                 tmp = run_dir / "checkpoints" / f".tmp-step-{int(point[5:]):08d}" if point.startswith("ckpt:") else None
-                if tmp is not None and kind == "train" and not any((tmp / name).is_file() for name in CHECKPOINT_FILES):
+                if tmp is not None and kind == "train" and not (tmp.is_dir() and any(tmp.iterdir())):  # a partial file
                     problems.append(f"trial {trial}: {point} left no partial {tmp}")
                 if point.startswith("damage-"):
                     pending = damage(run_dir, point[7:].partition(":")[0], rng)

@@ -8,7 +8,7 @@ A checkpoint is a directory ``checkpoints/step-NNNNNNNN/`` in one of two formats
 - sharded (``superpose.sharded``): every rank writes its own shards with
   torch.distributed.checkpoint, rank 0 a small ``trainer.pt``. The default under FSDP and HSDP.
 Either kind resumes under any strategy and world size (the sharded one through DCP's
-resharding), and ``export_checkpoint`` turns either into a model directory.
+resharding), and ``superpose.export.export_checkpoint`` turns either into a model directory.
 
 Both are written into a hidden temporary directory, fsynced, listed with each file's size and
 SHA-256 in ``manifest.json`` (``superpose.integrity``) and renamed into place by rank 0 after
@@ -18,7 +18,6 @@ on. Every rank reads it from the run directory (a filesystem shared by the nodes
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -26,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -36,21 +34,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from transformers import AutoModelForCausalLM
 
-from .config import Config, config_from_dict
-from .data import TokenData
-from .distributed import Runtime, all_gather_object, barrier, broadcast_object, on_main, raise_together, shards_parameters
+from .distributed import Runtime, all_gather_object, broadcast_object, on_main, raise_together, shards_parameters
 from .errors import CheckpointError, ConfigError
-from .files import writable_dir
+from .files import atomic_write, fsync_dir
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, find_damage, write_manifest
-from .model import hf_progress_bars, model_config
-from .runs import ABANDONED, CHECKPOINT_FILES, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs, checkpoint_step
-from .schedule import build_stages
-from .sharded import ShardedWriter, is_sharded, load_sharded, read_sharded_model
+from .runs import (ABANDONED, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs, checkpoint_step,
+                   require_checkpoint)
+from .sharded import ShardedWriter, is_sharded, load_sharded
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_SHARD_SIZE = "1GB"  # safetensors files of an export: one is in memory twice while it is written
 
 
 def resolve_format(checkpoint_format: str, runtime: Runtime, strategy: str) -> str:
@@ -115,11 +108,7 @@ def set_aside_newer(run_dir: Path, step: int) -> list[str]:
 
 def verified(path: Path, what: str, example: Path) -> Path:
     """``path``, a checkpoint directory that verifies (one without a manifest: with a warning)."""
-    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
-        raise CheckpointError(
-            f"{what} {path}: expected {'never, auto, or ' if what == '--resume' else ''}a checkpoint directory "
-            f"(one holding {' or '.join(CHECKPOINT_FILES)}, e.g. {example})"
-        )
+    require_checkpoint(path, what, example)
     found = find_damage(path)
     if found == NO_MANIFEST and is_sharded(path):  # every sharded checkpoint was written with one
         raise CheckpointError(f"checkpoint {path} has lost its {MANIFEST}, so its shards cannot be checked; "
@@ -179,7 +168,7 @@ class Checkpoints:
         try:
             share = future.result()
         except (Exception, CheckpointException) as err:  # any rank's failure, on every rank: none waits alone
-            error = _write_failed(self._tmp(step), f"checkpoint {self._final(step)}", _write_reason(err), "earlier checkpoints are intact")
+            error = write_failed(self._tmp(step), f"checkpoint {self._final(step)}", _write_reason(err), "earlier checkpoints are intact")
             share = {}
         raise_together(error)
         for part in all_gather_object(share):
@@ -221,13 +210,11 @@ class Checkpoints:
             for stale in self.root.glob(".tmp-step-*"):  # left by a process killed while writing
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-            with open(tmp / name, "wb") as handle:
+            with atomic_write(tmp / name, "wb") as handle:
                 writer = HashingWriter(handle)  # the checksum costs no second read of the file
                 _save(state, writer)
-                handle.flush()
-                os.fsync(handle.fileno())
         except OSError as err:
-            raise _write_failed(tmp, f"checkpoint {self._final(step)}", err, "earlier checkpoints are intact") from None
+            raise write_failed(tmp, f"checkpoint {self._final(step)}", err, "earlier checkpoints are intact") from None
         return {name: writer.entry()}
 
     def _publish(self, step: int, entries: dict[str, dict]) -> None:
@@ -237,9 +224,9 @@ class Checkpoints:
             write_manifest(tmp, entries)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as err:
-            raise _write_failed(tmp, f"checkpoint {final}", err, "earlier checkpoints are intact") from None
+            raise write_failed(tmp, f"checkpoint {final}", err, "earlier checkpoints are intact") from None
         for old in checkpoint_dirs(self.root.parent)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -263,13 +250,11 @@ def _write_reason(err: BaseException) -> str:
     return _first_line(cause)
 
 
-def _write_failed(tmp: Path, what: str, err: Exception | str, intact: str) -> CheckpointError:
+def write_failed(tmp: Path, what: str, err: Exception | str, intact: str,
+                 advice: str = "free disk space (or lower train.keep_checkpoints) and resume with --resume auto") -> CheckpointError:
     """Remove the partial ``tmp`` and say what to do; a full disk is the usual cause."""
     shutil.rmtree(tmp, ignore_errors=True)
-    return CheckpointError(
-        f"could not write {what} ({getattr(err, 'strerror', None) or err}); {intact}: free disk space "
-        "(or lower train.keep_checkpoints) and resume with --resume auto"
-    )
+    return CheckpointError(f"could not write {what} ({getattr(err, 'strerror', None) or err}); {intact}: {advice}")
 
 
 def _save(state: dict, writer: HashingWriter) -> None:
@@ -313,108 +298,3 @@ def _read(file: Path) -> dict:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def export_model(model: nn.Module, lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict, runtime: Runtime,
-                 progress: bool = True) -> None:
-    """Write ``out_dir`` as an HF model directory (``write_model_dir``) from the model in training.
-    Collective: the weights are gathered from every rank; rank 0 writes."""
-    full = get_model_state_dict(model, options=_GATHER)
-    if runtime.is_main:
-        write_model_dir(full, lm, tokenizer, eos_id, out_dir, info, progress)
-    barrier()
-
-
-def export_checkpoint(path: Path, out_dir: Path, progress: bool = True) -> dict:
-    """``superpose export``: the model of one checkpoint (either format, any world size) as an HF
-    model directory, in this process alone. No optimizer state is loaded (verifying the checkpoint
-    reads every file once) and the weights are in memory once, on CPU: the model is built on the
-    meta device and the checkpoint's tensors are read into place (DCP: the model's keys only, a
-    tied weight once; gathered: memory-mapped). The tokenizer comes from the run's prepared data
-    directory. Returns ``superpose.json``."""
-    path, out_dir = Path(path), Path(out_dir)
-    verified(path, "CHECKPOINT_DIR", Path("RUN") / CHECKPOINTS / "step-00000100")
-    writable_dir(out_dir.parent, "OUT_DIR's parent")
-    state = None if is_sharded(path) else _read(path / STATE_FILE)  # its "optimizer" stays on disk, unread
-    trainer = _read(path / TRAINER_FILE) if state is None else state["trainer"]
-    cfg = config_from_dict(trainer["config"])
-    if not (Path(cfg.data.dir) / "meta.json").is_file():
-        raise CheckpointError(f"the export takes its tokenizer from the run's prepared data, {cfg.data.dir}, which is not "
-                              "there; run superpose export from where the run was trained (data.dir is relative to it)")
-    data = TokenData(Path(cfg.data.dir))
-    with torch.device("meta"):  # the architecture only: no memory, no random draws
-        lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)
-    if state is None:  # a tied weight is read once, under its first name; write_model_dir ties it again
-        weights = read_sharded_model(path, skip=["lm." + alias for alias in tied_names(lm)])
-    else:
-        weights = state["model"]
-    info = {**export_info(trainer, cfg), "checkpoint": str(path)}
-    write_model_dir(weights, lm, data.tokenizer(), data.eos_id, out_dir, info, progress)
-    return info
-
-
-def export_info(trainer: dict, cfg: Config) -> dict:
-    """``superpose.json`` of an exported model, from the trainer state of its step (also the run's
-    ``end`` record): steps, the last validation, data tokens, training seconds, stages."""
-    last_eval = trainer.get("last_eval") or {}
-    return {"steps": trainer["step"], "val_loss": last_eval.get("val_loss"), "val_bpb": last_eval.get("val_bpb"),
-            "tokens_seen": trainer["loader"]["tokens_seen"], "elapsed": trainer["elapsed"],
-            "stages": [vars(s) for s in build_stages(cfg.tst, cfg.train.steps)]}
-
-
-def write_model_dir(state: dict[str, torch.Tensor], lm: nn.Module, tokenizer, eos_id: int, out_dir: Path, info: dict,
-                    progress: bool = True) -> None:
-    """Write ``out_dir`` as an HF model directory: safetensors weights, config, tokenizer, ``superpose.json``
-    and a manifest, from ``state`` (the trainer's parameter names, ``lm.`` first), which it consumes.
-
-    It is written into a temporary directory and renamed, so ``out_dir`` is either the old export
-    or the new one. ``save_pretrained`` drops each safetensors file's tensors once the file is
-    written, so the weights plus one file (``_SHARD_SIZE``) are the most that is in memory."""
-    from transformers import PreTrainedTokenizerFast
-
-    weights = {name.removeprefix("lm."): state.pop(name) for name in list(state)}
-    for alias, name in tied_names(lm).items():  # gathered copies of one tied weight: share it again,
-        weights[alias] = weights[name]  # so save_pretrained stores it once, as a single process does
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    old = out_dir.with_name(f".old-{out_dir.name}")
-    for leftover in (tmp, old):  # from an export that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    lm.config.eos_token_id = lm.config.bos_token_id = eos_id
-    if lm.generation_config is not None:
-        lm.generation_config.eos_token_id = lm.generation_config.bos_token_id = eos_id
-        lm.generation_config.pad_token_id = eos_id
-    try:
-        with hf_progress_bars(progress):
-            lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True, max_shard_size=_SHARD_SIZE)
-        eos = tokenizer.id_to_token(eos_id)  # the data's end-of-document token (<|endoftext|>, Llama 3's <|end_of_text|>)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, bos_token=eos, pad_token=eos)
-        fast.save_pretrained(tmp)
-        (tmp / "superpose.json").write_text(json.dumps(info, indent=2))
-        write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint
-    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-        raise _write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact") from None
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def tied_names(module: nn.Module) -> dict[str, str]:
-    """``{alias: first name}`` for every parameter registered under more than one name (tied weights)."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

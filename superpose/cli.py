@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -27,6 +28,7 @@ def cmd_prepare(args) -> None:
         seed=args.seed,
         progress=not args.quiet,
         num_proc=args.num_proc,
+        force=args.force,
     )
     splits = meta["splits"]
     print(
@@ -46,7 +48,8 @@ def cmd_train(args) -> None:
     from .train import train
 
     try:
-        info = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        info = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                     allow_data_change=args.allow_data_change)
     finally:
         shutdown()
     if info is not None:
@@ -54,17 +57,22 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, compare_runs, print_summary
     from .config import ConfigError, load_config
-    from .distributed import shutdown
 
     if args.runs:
         if args.config or args.overrides:
             raise ConfigError("--runs reports on existing runs; it takes no config or overrides")
-        summary, out = compare_runs(*args.runs, out=args.out)
+        check_run_dirs(args.runs)
+        from .compare import compare_runs, print_summary
+
+        summary, out = compare_runs(*args.runs, out=args.out, force=args.force)
     else:
+        cfg = load_config(args.config, args.overrides)  # config errors answer before torch is imported
+        from .compare import compare, print_summary
+        from .distributed import shutdown
+
         try:
-            summary, out = compare(load_config(args.config, args.overrides))
+            summary, out = compare(cfg)
         finally:
             shutdown()
     if summary is not None:
@@ -78,13 +86,15 @@ def _fail_if_arms_failed(failed: dict[str, str]) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .compare import parse_list, print_sweep, sweep
     from .config import load_config
-    from .distributed import shutdown
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # config errors answer before numpy and torch are imported
     bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes is not None else None
     ratios = parse_list(args.ratios, float, "--ratios") if args.ratios is not None else None
+    from .compare import print_sweep, sweep  # torch-free until an arm trains
+
+    from .distributed import shutdown
+
     try:
         rows, root, failed = sweep(cfg, bag_sizes, ratios)
     finally:
@@ -94,10 +104,33 @@ def cmd_sweep(args) -> None:
         _fail_if_arms_failed(failed)
 
 
+def parse_list(text: str, kind: type, name: str) -> list:
+    from .errors import ConfigError
+
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    return values
+
+
+def check_run_dirs(paths: list[str]) -> None:
+    """A wrong run directory answers at once, before the analysis modules are imported."""
+    from .errors import ConfigError
+    from .files import dir_kind
+
+    for path in paths:
+        if dir_kind(path) not in ("run", "comparison"):
+            raise ConfigError(f"{path} is {'not there' if not os.path.exists(path) else 'neither a run nor a compare or sweep directory'}")
+
+
 def cmd_report(args) -> None:
+    check_run_dirs(args.runs)
     from .compare import print_summary, report_runs
 
-    summary, out = report_runs(args.runs, out=args.out)
+    summary, out = report_runs(args.runs, out=args.out, force=args.force)
     print_summary(summary, out)
 
 
@@ -114,9 +147,17 @@ def cmd_verify(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import export_checkpoint
+    from pathlib import Path
 
-    info = export_checkpoint(args.checkpoint, args.out_dir, progress=not args.quiet)
+    from .files import check_replace
+    from .runs import CHECKPOINTS, require_checkpoint
+
+    # the arguments are checked before torch is imported; export_checkpoint checks them again, and the rest
+    require_checkpoint(args.checkpoint, "CHECKPOINT_DIR", Path("RUN") / CHECKPOINTS / "step-00000100")
+    check_replace(args.out_dir, "model", "OUT_DIR", args.force)
+    from .export import export_checkpoint
+
+    info = export_checkpoint(args.checkpoint, args.out_dir, force=args.force, allow_data_change=args.allow_data_change)
     print(f"wrote {args.out_dir}: the model at step {info['steps']} of {args.checkpoint}")
 
 
@@ -130,16 +171,22 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     import json
-    from pathlib import Path
 
     from .evaluation import evaluate, format_results
+    from .files import atomic_write_text
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
     results = evaluate(args.model, tasks, args.eval_dir, args.text or [], args.text_field, args.limit,
                        args.batch_size, args.device, args.max_length)
     print(format_results(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))
+
+
+CONFIG_EPILOG = (
+    "config sections: [model] [data] [tst] [optim] [train] [distributed]; every key is listed with its default and "
+    "meaning in docs/reference.md. Override any key: --section.key=value (e.g. --train.steps=600)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,13 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=prep.num_proc, help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
     p.add_argument("--val-fraction", type=float, default=prep.val_fraction)
     p.add_argument("--seed", type=int, default=prep.seed)
+    p.add_argument("--force", action="store_true", help="replace --out if it already holds prepared data (nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train baseline or TST from a config", epilog="override any key: --section.key=value")
+    p = sub.add_parser("train", help="train baseline or TST from a config", epilog=CONFIG_EPILOG)
     p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
     p.add_argument("--resume", default="never", help="never | auto (newest complete checkpoint) | a checkpoint directory")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changes the run")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume even if data.dir now holds other data than the run trained on (recorded in metrics.jsonl)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train a baseline and TST at equal FLOPs and report on them",
@@ -174,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="TOML config of the TST arm (runs go to train.out_dir/{baseline,tst,report})")
     p.add_argument("--runs", nargs=2, metavar=("BASELINE_DIR", "TST_DIR"), help="report on two existing comparable runs instead")
     p.add_argument("--out", help="report directory for --runs (default: next to TST_DIR, named report)")
+    p.add_argument("--force", action="store_true", help="with --runs: replace the report directory if it holds a report")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sweep", help="train a grid of (bag size, ratio) plus a baseline at the same budget",
@@ -184,18 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="regenerate the comparison report from existing run directories")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs; the first baseline among them is the reference")
-    p.add_argument("--out", help="report directory (default: next to the first run, named report)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="runs (a compare or sweep directory stands for its arms); the first baseline among them is the reference")
+    p.add_argument("--out", help="report directory (default: next to the first run, named report; in a compare directory, its report)")
+    p.add_argument("--force", action="store_true", help="replace the report directory if it already holds a report")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("verify", help="check checkpoints and exported models against their checksums (exit 0 = intact, 2 = damaged)")
-    p.add_argument("path", help="a run directory (all its checkpoints and model/), a checkpoint directory or a model directory")
+    p.add_argument("path", help="a run directory (all its checkpoints and model/), a compare or sweep directory (every arm), "
+                                "a checkpoint, model or prepared data directory")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write the model of a checkpoint (sharded or gathered) as a Hugging Face model directory")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory, e.g. RUN/checkpoints/step-00000600")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write (replaced if it exists)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write: new, empty, or an export (with --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an exported model (nothing else is ever replaced)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="export even if the run's data.dir now holds other data (its tokenizer is used; superpose.json records it)")
+    p.add_argument("--quiet", action="store_true", help="accepted for compatibility: an export draws no progress bars")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a run or an exported model directory")
@@ -246,6 +303,9 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    for arg in rest:
+        if str(arg).startswith("--") and "." in str(arg).split("=", 1)[0]:  # what split_overrides left: no value
+            parser.error(f"{arg} needs a value: {arg}=VALUE (a config key, see docs/reference.md)")
     args = parser.parse_args(rest)
     if overrides and args.command not in ("train", "compare", "sweep"):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")

@@ -19,13 +19,12 @@ from pathlib import Path
 
 from .config import Config, ConfigError, SweepOptions, validate
 from .errors import Interrupted, TrainingError
-from .files import atomic_write_text
+from .files import atomic_write_text, claim_dir
 from .launch import is_main_process
 from .plots import plot_sweep
 from .report import summary_table, write_report
-from .runs import config_changes, config_differences, is_finished, load_run, load_run_config, method_name
+from .runs import arm_dirs, config_changes, config_differences, is_finished, load_run, load_run_config, method_name
 from .schedule import build_stages, has_superposition
-from .train import train
 
 
 def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float | None = None) -> Config:
@@ -45,6 +44,8 @@ def arm_config(cfg: Config, name: str, bag_size: int | None = None, ratio: float
 
 def run_arm(cfg: Config, label: str) -> None:
     """Train one arm unless it already finished; resume it if a checkpoint exists."""
+    from .train import train  # torch: imported once the config has been checked
+
     run_dir = Path(cfg.train.out_dir)
     if (run_dir / "config.toml").is_file():
         changes = config_changes(load_run_config(run_dir).to_dict(), cfg)
@@ -61,7 +62,10 @@ def run_arms(arms: list[tuple[str, Config]], command: str) -> dict[str, str]:
     """Train the arms in order; returns ``{name: error}`` of the arms that failed. Each progress bar
     says "[i/n] name s=4, r=0.3" (the arm's method), and between arms an ETA for the rest is
     printed at the pace of the arms trained so far (arms differ little in cost). ``command`` is
-    what to rerun after an interrupt."""
+    what to rerun after an interrupt. The arms' parent directory must be new, empty or of a
+    comparison (``superpose.files``'s rule)."""
+    if is_main_process():
+        claim_dir(Path(arms[0][1].train.out_dir).parent, "comparison", "train.out_dir")
     trained, spent, failed = 0, 0.0, {}
     for i, (name, cfg) in enumerate(arms):
         method = method_name(build_stages(cfg.tst, cfg.train.steps), cfg.train.steps)
@@ -90,7 +94,7 @@ def _report_or_fail(arms: list[tuple[str, Config]], failed: dict[str, str], out:
     if arms[0][0] in failed or len(ok) < 2:
         raise TrainingError("; ".join(f"{name} failed: {error}" for name, error in failed.items())
                             + "; no report was written (it needs the baseline and at least one other arm)")
-    return write_report([load_run(cfg.train.out_dir) for cfg in ok], out, paired, failed=failed)
+    return write_report([load_run(cfg.train.out_dir) for cfg in ok], out, paired, failed=failed, force=True)
 
 
 def compare(cfg: Config) -> tuple[dict | None, Path]:
@@ -107,7 +111,8 @@ def compare(cfg: Config) -> tuple[dict | None, Path]:
     return _report_or_fail(arms, failed, out), out
 
 
-def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path | None = None) -> tuple[dict, Path]:
+def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path | None = None,
+                 force: bool = False) -> tuple[dict, Path]:
     """Report on two existing runs, after checking that they differ only in their [tst] section."""
     base, tst = load_run(baseline_dir, "baseline"), load_run(tst_dir, "tst")
     if not base.is_baseline:
@@ -118,11 +123,14 @@ def compare_runs(baseline_dir: str | Path, tst_dir: str | Path, out: str | Path 
     if diffs:
         raise ConfigError(f"the runs are not comparable, they differ in: {'; '.join(diffs)}")
     out = Path(out) if out else Path(tst_dir).parent / "report"
-    return write_report([base, tst], out), out
+    return write_report([base, tst], out, force=force), out
 
 
-def report_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[dict, Path]:
-    """Report on any runs: the first baseline among them is the reference, the rest are compared to it."""
+def report_runs(run_dirs: list[str | Path], out: str | Path | None = None, force: bool = False) -> tuple[dict, Path]:
+    """Report on any runs: the first baseline among them is the reference, the rest are compared to it.
+    A comparison or sweep directory stands for its arms (and its report is the default ``out``)."""
+    default_out = Path(run_dirs[0]) / "report" if arm_dirs(run_dirs[0]) else Path(run_dirs[0]).parent / "report"
+    run_dirs = [arm for d in run_dirs for arm in (arm_dirs(d) or [Path(d)])]
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # e.g. a/tst and b/tst
@@ -132,21 +140,11 @@ def report_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> tu
     if not baselines:
         raise ConfigError("none of the runs is a baseline (a run without a superposition stage) to compare against")
     runs.remove(baselines[0])
-    out = Path(out) if out else Path(run_dirs[0]).parent / "report"
-    return write_report([baselines[0], *runs], out), out
+    out = Path(out) if out else default_out
+    return write_report([baselines[0], *runs], out, force=force), out
 
 
 # ---------------------------------------------------------------------------- sweeps
-
-
-def parse_list(text: str, kind: type, name: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{name} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise ConfigError(f"{name} is empty")
-    return values
 
 
 def sweep(cfg: Config, bag_sizes: list[int] | None = None, ratios: list[float] | None = None) -> tuple[list[dict], Path, dict[str, str]]:

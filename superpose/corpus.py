@@ -42,10 +42,11 @@ def shakespeare_files() -> list[Path]:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, directories (searched recursively) and globs -> the supported files, sorted."""
+    """Files, directories (searched recursively) and globs -> the supported files, sorted. A path
+    that exists is taken literally, even if it reads as a glob (``run[1]/a.jsonl``)."""
     files: list[Path] = []
     for item in inputs:
-        matches = [Path(p) for p in sorted(glob.glob(item))] or [Path(item)]
+        matches = [Path(item)] if Path(item).exists() else [Path(p) for p in sorted(glob.glob(item))] or [Path(item)]
         for path in matches:
             if path.is_dir():
                 found = [p for p in sorted(path.rglob("*")) if p.is_file() and _supported(p)]

@@ -8,9 +8,10 @@ and across a resume. Windows are sampled uniformly with replacement, as nanoGPT 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -18,10 +19,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .config import PrepareOptions
+from .config import Config, PrepareOptions
+from .distributed import Runtime, barrier
 from .corpus import TABLE_SUFFIXES, DocumentCorpus, expand_inputs, shakespeare_files
 from .errors import DataError
-from .files import atomic_write_text, writable_dir
+from .files import StagedDir, no_space
+from .integrity import ALGORITHM, HashingWriter, file_entry, write_manifest
 
 EOS = "<|endoftext|>"
 # End-of-document tokens of other tokenizers, tried after EOS: Llama 3's (the paper's tokenizer).
@@ -91,6 +94,7 @@ def prepare(
     seed: int = PrepareOptions.seed,
     progress: bool = True,
     num_proc: int = PrepareOptions.num_proc,
+    force: bool = False,
 ) -> dict:
     """Tokenise a corpus into ``out_dir``; returns the metadata written to ``meta.json``.
 
@@ -99,68 +103,75 @@ def prepare(
     Parquet/Arrow inputs, or ``num_proc > 1``, read and tokenise through Hugging Face
     ``datasets`` (``num_proc`` processes); otherwise documents are read here and tokenised
     by the tokenizer's own threads.
+
+    ``out_dir`` must be new, empty or prepared data (``force`` replaces it). It is written whole
+    beside its place, locked against a second ``prepare``, and swapped in complete
+    (``superpose.files.StagedDir``), with ``manifest.json`` (every file's SHA-256) for ``verify``.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"the validation fraction must be in (0, 1), got {val_fraction}")
     if tokenizer is None and vocab_size <= 256:
         raise DataError(f"vocab size {vocab_size} is too small: a byte-level BPE needs more than 256 tokens")
     out = Path(out_dir)
-    if (out / "meta.json").exists():
-        raise DataError(f"{out} already holds prepared data; choose another output directory or delete it first")
     files = shakespeare_files() if inputs is None else expand_inputs(inputs)
     valid_files = expand_inputs(valid_inputs) if valid_inputs else []
-    writable_dir(out, "output directory")
     if not files:
         raise DataError("no input files")
     if num_proc < 1:
         raise DataError("num_proc must be >= 1")
-    if num_proc > 1 or any(p.name.endswith(TABLE_SUFFIXES) for p in files + valid_files):
-        from .hf_datasets import DatasetCorpus
+    staged = StagedDir(out, "data", "output directory", force)
+    with staged as tmp:
+        if num_proc > 1 or any(p.name.endswith(TABLE_SUFFIXES) for p in files + valid_files):
+            from .hf_datasets import DatasetCorpus
 
-        corpus = DatasetCorpus(files, valid_files, text_field, val_fraction, seed, num_proc, out, progress)
-    else:
-        corpus = DocumentCorpus(files, valid_files, text_field, val_fraction, seed)
-    try:
-        tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(corpus.texts("train"), vocab_size)
-        eos = eos_id(tok)
-        vocab = tok.get_vocab_size()
-        dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-        tmp_tok = out / "tokenizer.json.tmp"
-        tok.save(str(tmp_tok))
-        os.replace(tmp_tok, out / "tokenizer.json")
-        splits = {split: write_shards(out, split, corpus.encode(split, tok, eos, progress), dtype) for split in ("train", "val")}
-    finally:
-        corpus.close()
-    meta = {
-        "format": 1,
-        "vocab_size": vocab,
-        "eos_id": eos,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": "tokenizer.json",
-        "sources": [str(f) for f in files + valid_files],
-        "splits": splits,
-        "non_utf8_documents_replaced": corpus.replaced,
-    }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))  # last: marks a complete directory
+            corpus = DatasetCorpus(files, valid_files, text_field, val_fraction, seed, num_proc, tmp, progress)
+        else:
+            corpus = DocumentCorpus(files, valid_files, text_field, val_fraction, seed)
+        try:
+            tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(corpus.texts("train"), vocab_size)
+            eos = eos_id(tok)
+            vocab = tok.get_vocab_size()
+            dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+            tok.save(str(tmp / "tokenizer.json"))
+            splits = {split: write_shards(tmp, split, corpus.encode(split, tok, eos, progress), dtype) for split in ("train", "val")}
+            meta = {
+                "format": 1,
+                "vocab_size": vocab,
+                "eos_id": eos,
+                "dtype": np.dtype(dtype).name,
+                "tokenizer": "tokenizer.json",
+                "sources": [str(f) for f in files + valid_files],
+                "splits": splits,
+                "non_utf8_documents_replaced": corpus.replaced,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            write_manifest(tmp, {s["file"]: {"size": s["tokens"] * np.dtype(dtype).itemsize, ALGORITHM: s[ALGORITHM]}
+                                 for split in splits.values() for s in split["shards"]})
+        except OSError as err:
+            if not no_space(err):
+                raise
+            raise DataError(f"could not write the prepared data {out} ({err.strerror}: no space left, or a quota or "
+                            f"file-size limit); nothing was left behind; free disk space and prepare again") from None
+        finally:
+            corpus.close()
+        staged.publish()
     return meta
 
 
 def write_shards(out: Path, split: str, documents: Iterator[tuple[np.ndarray, int]], dtype) -> dict:
-    """Concatenate tokenised documents into ``{split}-NNNNN.bin`` shards of at most SHARD_TOKENS."""
+    """Concatenate tokenised documents into ``{split}-NNNNN.bin`` shards of at most SHARD_TOKENS, each
+    listed with its token count and SHA-256."""
     shards, buffer, buffered = [], [], 0
     total_tokens, total_bytes, count = 0, 0, 0
 
     def flush():
         nonlocal buffer, buffered
         name = f"{split}-{len(shards):05d}.bin"
-        array = np.concatenate(buffer).astype(dtype)
-        tmp = out / (name + ".tmp")
-        with open(tmp, "wb") as handle:
-            array.tofile(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "tokens": int(array.size)})
+        array = np.ascontiguousarray(np.concatenate(buffer).astype(dtype))
+        with open(out / name, "wb") as handle:
+            writer = HashingWriter(handle)  # the checksum costs no second read; a full disk keeps its errno
+            writer.write(memoryview(array).cast("B"))  # fsynced when the directory is published
+        shards.append({"file": name, "tokens": int(array.size), ALGORITHM: writer.entry()[ALGORITHM]})
         buffer, buffered = [], 0
 
     for ids, n_bytes in documents:
@@ -236,6 +247,13 @@ class TokenData:
     def longest(self, split: str) -> int:
         """Tokens of the split's longest shard: no window can be longer (windows never cross shards)."""
         return max(shard.size for shard in self.splits[split])
+    def identity(self) -> dict:
+        """What binds a run to this data (``check_same_data``): the SHA-256 of the tokenizer file and
+        of the list of shards with their checksums (data prepared before checksums: their names
+        and token counts)."""
+        shards = [[s["file"], s.get(ALGORITHM, s["tokens"])] for split in ("train", "val") for s in self.meta["splits"][split]["shards"]]
+        return {"tokenizer_sha256": file_entry(self.dir / self.meta["tokenizer"])[ALGORITHM],
+                "shards_sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest()}
 
     def tokens(self, split: str) -> int:
         return sum(s.size for s in self.splits[split])
@@ -285,6 +303,36 @@ class WindowLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = int(state["tokens_seen"])
+
+
+def ensure_data(cfg: Config, runtime: Runtime, resuming: bool = False) -> TokenData:
+    """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only): never for
+    a run that has checkpoints (``resuming``), which continues only on the data it was trained on."""
+    directory = Path(cfg.data.dir)
+    if resuming and not (directory / "meta.json").is_file():
+        raise DataError(f"data.dir {directory}, the data this run was trained on, is not there (no meta.json); restore it, "
+                        "or prepare the same data there again (the resume checks that it is the same)")
+    if not (directory / "meta.json").is_file() and cfg.data.corpus:  # the embedded corpus (validate allows no other)
+        if runtime.is_main:
+            print(f"preparing the embedded Shakespeare corpus in {directory} ...", file=sys.stderr)
+            prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
+        barrier()
+    return TokenData(directory)
+
+
+def check_same_data(saved: dict | None, data: TokenData, what: str, flag: str, allow: bool) -> dict | None:
+    """Refuse to continue or export ``what`` (trained on the data ``saved`` identifies) with other
+    data: the tokenizer would not be the one its weights learned, or the token stream would change
+    under the run. ``allow`` (the user's ``flag``) lets it through; the change is returned to be
+    recorded. A checkpoint written before data identities existed (``saved`` None) is not checked."""
+    current = data.identity()
+    if saved is None or saved == current:
+        return None
+    parts = [name for key, name in (("tokenizer_sha256", "tokenizer"), ("shards_sha256", "shards")) if saved.get(key) != current[key]]
+    if not allow:
+        raise DataError(f"{what} was trained on other data than {data.dir} holds now (its {' and '.join(parts)} differ); "
+                        f"point data.dir at the data it was trained on, or pass {flag} to use this data anyway")
+    return {"trained_on": saved, "now": current}
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

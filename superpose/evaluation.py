@@ -94,6 +94,32 @@ def text_task(files: list[Path], text_field: str, cache_dir: str) -> dict:
     }
 
 
+def quiet_rolling(hflm: type) -> type:
+    """The harness's ``HFLM`` drawing one progress bar over the documents of a held-out text, instead
+    of one more per batch of windows (a thousand bars for a long text)."""
+
+    class QuietRolling(hflm):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None, **kwargs):
+            # ``override_bs`` is given only by loglikelihood_rolling, which draws the bar over documents
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or override_bs is not None,
+                                                 override_bs=override_bs, **kwargs)
+
+    return QuietRolling
+
+
+def check_text_files(files: list[Path], text_field: str) -> None:
+    """Refuse ``--text`` files the harness cannot read before the model is loaded: one without text
+    (the harness would stop on an empty split) or with bytes that are not UTF-8 (it reads strictly;
+    ``prepare`` replaces them, but a held-out score must be of the text as it is)."""
+    from .corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, read_documents
+
+    for path in files:
+        if path.name.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            if any(doc.replaced_bytes for doc in read_documents([path], text_field)):  # "holds no text" raised inside
+                raise DataError(f"--text {path} holds bytes that are not UTF-8; convert it to UTF-8 first "
+                                "(e.g. iconv -f latin1 -t utf-8)")
+
+
 def resolve_tasks(tasks: list[str], eval_dir: str | None) -> dict[str, Path]:
     """``arc_easy`` -> ``EVAL_DIR/arc_easy.jsonl``; a path to a ``.jsonl`` file is taken as given."""
     resolved = {}
@@ -140,15 +166,18 @@ def evaluate(model: str | Path, tasks: list[str] = (), eval_dir: str | None = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .corpus import expand_inputs
+    from .progress import hf_progress_bars
 
     directory = resolve_model_dir(model)
     mc_files = resolve_tasks(list(tasks), eval_dir)
     counts = {name: check_multiple_choice(path) for name, path in mc_files.items()}
     text_files = expand_inputs(list(text)) if text else []
+    check_text_files(text_files, text_field)
     text_length = max_length or run_max_length(directory)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32).to(device).eval()
+    with hf_progress_bars(False):  # no "Loading weights" bar: the harness draws one bar per task
+        lm_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     results = {"model": str(directory), "harness": f"lm_eval {lm_eval.__version__}", "limit": limit, "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="superpose-eval-") as cache:
@@ -164,8 +193,8 @@ def evaluate(model: str | Path, tasks: list[str] = (), eval_dir: str | None = No
                 results["tasks"][name] = {"file": str(path), "examples": min(limit or counts[name], counts[name]),
                                           **{k: scores[f"{k},none"] for m in MC_METRICS for k in (m, f"{m}_stderr")}}
         if text_files:
-            harness = HFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                           max_length=text_length)
+            harness = quiet_rolling(HFLM)(pretrained=lm_model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                                          max_length=text_length)
             try:
                 out = lm_eval.simple_evaluate(model=harness, tasks=[text_task(text_files, text_field, cache)],
                                               task_manager=manager, limit=limit, log_samples=True, verbosity="WARNING")

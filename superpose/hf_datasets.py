@@ -34,7 +34,8 @@ class DatasetCorpus:
                  num_proc: int, out: Path, progress: bool):
         import datasets
 
-        self.num_proc, self.progress, self.replaced = num_proc, progress, 0  # datasets rejects bad UTF-8
+        # Bytes that are not UTF-8 are replaced with U+FFFD, as the plain reader does, but not counted (None)
+        self.num_proc, self.progress, self.replaced = num_proc, progress, None
         self.cache = tempfile.mkdtemp(prefix=".datasets-cache-", dir=out)
         self._bars_were_off = datasets.are_progress_bars_disabled()
         (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
@@ -57,9 +58,13 @@ class DatasetCorpus:
         for builder in sorted({builder_of(f) for f in files}):
             group = [str(f) for f in files if builder_of(f) == builder]
             options = {"sample_by": "document"} if builder == "text" else {}
+            if builder in ("text", "json"):  # bad UTF-8 replaced; json re-encodes (and so replaces) only for another encoding name
+                options.update(encoding_errors="replace", **({"encoding": "utf-8-sig"} if builder == "json" else {}))
             try:
                 part = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=self.cache,
                                              num_proc=min(self.num_proc, len(group)) if self.num_proc > 1 else None, **options)
+            except StopIteration:  # the json builder's schema inference on files without a line
+                raise DataError(f"{', '.join(group)}: hold no text; remove them from the inputs or fix them") from None
             except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
                 raise DataError(f"{', '.join(group)}: cannot be read as {builder} ({err.__cause__ or err})") from None
             column = "text" if builder == "text" else text_field
@@ -69,8 +74,11 @@ class DatasetCorpus:
                 raise DataError(f"{', '.join(group)}: column {column!r} holds {part.features[column]}, not text")
             parts.append(part.select_columns([column]).rename_column(column, "text") if column != "text" else part.select_columns(["text"]))
         texts = datasets.concatenate_datasets(parts)
-        return texts.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
-                            num_proc=self._procs(texts), desc="dropping empty documents")
+        texts = texts.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
+                             num_proc=self._procs(texts), desc="dropping empty documents")
+        if not len(texts):
+            raise DataError(f"{', '.join(map(str, files))}: hold no text; remove them from the inputs or fix them")
+        return texts
 
     def _procs(self, dataset) -> int | None:
         return min(self.num_proc, len(dataset)) if self.num_proc > 1 else None

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .errors import ConfigError
-from .runs import CHECKPOINT_FILES, CHECKPOINTS, CONFIG, METRICS, MODEL, checkpoint_dirs
+from .files import LOCK_FILE, MARKER, atomic_write_text
+from .runs import CHECKPOINT_FILES, CHECKPOINTS, CONFIG, METRICS, MODEL, arm_dirs, checkpoint_dirs
 
 MANIFEST = "manifest.json"
 NO_MANIFEST = f"{MANIFEST} is missing"  # what ``problem`` says of a directory without one
@@ -65,8 +65,10 @@ def file_entry(path: Path) -> dict:
 
 
 def _files(directory: Path) -> list[str]:
-    """Every regular file under ``directory`` but the manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """Every regular file under ``directory`` but the manifest and superpose's own lock and marker
+    (which carry no data; the lock's content changes), as sorted relative POSIX paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, LOCK_FILE, MARKER))
 
 
 def write_manifest(directory: str | Path, known: dict[str, dict] | None = None) -> None:
@@ -76,10 +78,7 @@ def write_manifest(directory: str | Path, known: dict[str, dict] | None = None) 
     the other files are read back and hashed."""
     directory, known = Path(directory), known or {}
     files = {name: known.get(name) or file_entry(directory / name) for name in _files(directory)}
-    with open(directory / MANIFEST, "w") as handle:
-        json.dump({"algorithm": ALGORITHM, "files": files}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
+    atomic_write_text(directory / MANIFEST, json.dumps({"algorithm": ALGORITHM, "files": files}, indent=1))
 
 
 def find_damage(directory: str | Path) -> str | None:
@@ -107,17 +106,20 @@ def find_damage(directory: str | Path) -> str | None:
 
 
 def verify_targets(path: str | Path) -> list[tuple[Path, str | None]]:
-    """``superpose verify``: every checkpoint and the model of a run directory, or one checkpoint
-    or model directory, each with its problem (None = verified)."""
+    """``superpose verify``: every checkpoint and the model of a run directory (of every arm of a
+    comparison or sweep directory), or one checkpoint, model or prepared data directory, each with
+    its problem (None = verified)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} does not exist" if not path.exists() else f"{path} is a file; give a run, checkpoint or model directory")
+    if arms := arm_dirs(path):
+        return [target for arm in arms for target in verify_targets(arm)]
     if (path / CONFIG).is_file() or (path / METRICS).is_file():
         dirs = checkpoint_dirs(path) + ([path / MODEL] if (path / MODEL).is_dir() else [])
         if not dirs:
             raise ConfigError(f"run {path} has no checkpoint in {CHECKPOINTS}/ and no {MODEL}/ to verify")
-    elif any((path / name).is_file() for name in (MANIFEST, *CHECKPOINT_FILES, "config.json")):
+    elif any((path / name).is_file() for name in (MANIFEST, *CHECKPOINT_FILES, "config.json", "meta.json")):
         dirs = [path]
     else:
-        raise ConfigError(f"{path} is neither a run directory nor a checkpoint or model directory")
+        raise ConfigError(f"{path} is none of: a run, comparison, checkpoint, model or prepared data directory")
     return [(d, find_damage(d)) for d in dirs]

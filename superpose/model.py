@@ -14,26 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
-from transformers.utils import logging as hf_logging
 
 from .distributed import all_reduce_sum
 from .errors import ModelError
 from .loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum
 from .method import embed_bags
-
-
-@contextlib.contextmanager
-def hf_progress_bars(show: bool):
-    """Turn transformers' own progress bars ("Loading weights", "Writing model shards") off inside
-    the block unless ``show`` (then the user's setting stands); the setting is restored after."""
-    if show or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 def _llama(hidden, intermediate, layers, heads, kv_heads, max_pos, rope_theta) -> dict:

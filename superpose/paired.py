@@ -16,7 +16,7 @@ def window_losses(model_dir: Path, windows, batch: int = 16) -> np.ndarray:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from .model import hf_progress_bars
+    from .progress import hf_progress_bars
 
     with hf_progress_bars(False):  # no "Loading weights" bar in the middle of a report
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()

@@ -1,5 +1,9 @@
-"""What a run tells the person watching it: the expected duration of the rest of the run."""
+"""What superpose shows the person watching: the pace of a run, and no third-party bars where they would only be noise."""
 from __future__ import annotations
+
+import contextlib
+
+from transformers.utils import logging as hf_logging
 
 
 class Pace:
@@ -23,3 +27,17 @@ class Pace:
         left = pace * (self.steps - done)
         return (f"{pace:.3f} s/step over steps {done - self.MEASURED + 1}-{done}: about "
                 f"{left / 60:.1f} min for the remaining {self.steps - done} steps (validation not included)")
+
+
+@contextlib.contextmanager
+def hf_progress_bars(show: bool):
+    """Turn transformers' own progress bars ("Loading weights", "Writing model shards") off inside
+    the block unless ``show`` (then the user's setting stands); the setting is restored after."""
+    if show or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_text, writable_dir
+from .files import StagedDir, atomic_write_text
 from .paired import paired_final_eval
 from .plots import PLOTS, plot_runs
 from .regime import regime
@@ -200,7 +200,9 @@ def _prose(summary: dict) -> list[str]:
                 + (f" The reference was already at {c['run']}'s final loss at step {iso['reference_step_at_candidate_final']:.0f} "
                    f"(interpolated): {c['run']} needed {1 / iso['equivalent_step_ratio']:.2f}x the steps and FLOPs "
                    f"(equivalent speedup {iso['equivalent_step_ratio']:.2f}x)."
-                   if "equivalent_step_ratio" in iso else "")
+                   if iso.get("equivalent_step_ratio") else
+                   f" The reference's untrained model (step 0) was already as good: {c['run']} ended worse than where "
+                   "the reference started." if "equivalent_step_ratio" in iso else "")
             )
         if eq["difference"] is not None:
             word = "lower" if eq["difference"] < 0 else "higher"
@@ -252,15 +254,28 @@ def _prose(summary: dict) -> list[str]:
         lines.append("")
     return lines
 
-def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True, failed: dict[str, str] | None = None) -> dict:
+def write_report(runs: list[Run], out_dir: str | Path, paired: bool = True, failed: dict[str, str] | None = None,
+                 force: bool = False) -> dict:
     """Write ``report.md``, ``summary.json``, the PNG plots and a copy of each run's metrics.
-    ``failed`` names the arms that stopped with an error: listed, neither drawn nor compared."""
-    out = writable_dir(out_dir, "report directory")
-    (out / "metrics").mkdir(exist_ok=True)
+    ``failed`` names the arms that stopped with an error: listed, neither drawn nor compared.
+
+    The report is written whole and swapped in (``superpose.files.StagedDir``): ``out_dir`` must be
+    new, empty or a report (replaced, files of the old one included, only with ``force``), and an
+    error half-way leaves the old report as it was."""
+    staged = StagedDir(out_dir, "report", "report directory", force)
+    with staged as out:
+        summary = _write_report(runs, out, paired, failed)
+        staged.publish()
+    return summary
+
+
+def _write_report(runs: list[Run], out: Path, paired: bool, failed: dict[str, str] | None) -> dict:
+    (out / "metrics").mkdir()
     for run in runs:
         shutil.copyfile(run.path / "metrics.jsonl", out / "metrics" / f"{run.name.replace('/', '-')}.jsonl")
     summary = summarize(runs, paired)
     summary["failed"] = dict(failed or {})
+    summary["provenance"] = [{"run": run.name, **run.start.get("provenance", {})} for run in runs]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     comparable = all(c["wall_clock_comparable"] for c in summary["comparisons"])
     plot_runs(runs, out, None if comparable else "not comparable: the machine's load differed between the runs")

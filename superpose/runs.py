@@ -28,15 +28,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import tomli_w
 
 from .config import SHORTHAND, Config, config_from_dict, read_toml
-from .errors import ConfigError
-from .files import atomic_write_text
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write_text, dir_kind
 from .schedule import Stage, has_superposition
-from .stats import Curve, value_at
+
+if TYPE_CHECKING:  # numpy (through stats) is imported where a run is analysed: a wrong path answers at once
+    import numpy as np
+
+    from .stats import Curve
 
 CONFIG, METRICS, CHECKPOINTS, MODEL = "config.toml", "metrics.jsonl", "checkpoints", "model"
 STATE_FILE = "state.pt"  # of a gathered checkpoint (written and read by superpose.checkpoint)
@@ -67,6 +71,27 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 def checkpoint_step(path: Path) -> int:
     """The step of a checkpoint directory ``step-NNNNNNNN``."""
     return int(path.name[5:])
+
+
+def require_checkpoint(path: str | Path, what: str, example: Path) -> Path:
+    """``path`` if it is a checkpoint directory (holds one of ``CHECKPOINT_FILES``), else a one-line error."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
+        raise CheckpointError(
+            f"{what} {path}: expected {'never, auto, or ' if what == '--resume' else ''}a checkpoint directory "
+            f"(one holding {' or '.join(CHECKPOINT_FILES)}, e.g. {example})"
+        )
+    return path
+
+
+def arm_dirs(path: str | Path) -> list[Path]:
+    """The run directories of a comparison or sweep directory (``compare``/``sweep``'s train.out_dir),
+    the baseline first; [] for any other directory."""
+    path = Path(path)
+    if dir_kind(path) != "comparison":
+        return []
+    arms = sorted(p for p in path.iterdir() if p.is_dir() and (p / METRICS).is_file())
+    return sorted(arms, key=lambda p: p.name != "baseline")
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
@@ -199,6 +224,8 @@ class Run:
     stages: list[Stage] = field(init=False)
 
     def __post_init__(self):
+        from .stats import Curve
+
         self.curve = Curve.from_evals(self.evals)
         self.stages = [Stage.from_record(s) for s in self.start["stages"]]
 
@@ -232,11 +259,15 @@ class Run:
 
     def at_step(self, key: str, step: float) -> float | None:
         """``elapsed`` or ``tokens_seen`` at a step, interpolated over every train and eval record."""
+        from .stats import value_at
+
         points = sorted({r["step"]: r[key] for r in self.trains + self.evals}.items())
         return value_at([p[0] for p in points], [p[1] for p in points], step)
 
     def train_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Logged training records as (step, value) arrays; skipped (non-finite) steps dropped."""
+        import numpy as np
+
         rows = [(r["step"], r[key]) for r in self.trains if r.get("applied", True) and math.isfinite(r[key])]
         return np.array([r[0] for r in rows], dtype=float), np.array([r[1] for r in rows], dtype=float)
 

@@ -22,16 +22,17 @@ from tqdm import tqdm
 from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import Checkpoints, load_checkpoint, resolve_format, select_checkpoint, set_aside_newer
 from .config import Config, ConfigError
-from .data import TokenData, WindowLoader, prepare, to_device
+from .data import WindowLoader, check_same_data, ensure_data, to_device
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, on_main,
                           parallelize, shards_parameters)
+from .export import export_info, export_model
 from .errors import CheckpointError, DataError, Interrupted, TrainingError
-from .checkpoint import export_info, export_model  # (moves to superpose.export)
-from .files import LOCK_FILE, DirectoryLock, writable_dir
+from .files import LOCK_FILE, MARKER, claim_dir, writable_dir
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .optim import make_optimizer
 from .preemption import StopRequest
 from .progress import Pace
+from .provenance import provenance
 from .runs import MetricsLog, check_resume_config, checkpoint_dirs, write_run_config
 from .schedule import Stage, build_stages, lr_at, stage_at
 from .threads import set_threads
@@ -90,21 +91,12 @@ def autocast(cfg: Config, runtime: Runtime):
     return contextlib.nullcontext()
 
 
-def ensure_data(cfg: Config, runtime: Runtime) -> TokenData:
-    """Open ``data.dir``, preparing the embedded corpus there on first use (rank 0 only)."""
-    directory = Path(cfg.data.dir)
-    if not (directory / "meta.json").is_file() and cfg.data.corpus:  # the embedded corpus (validate allows no other)
-        if runtime.is_main:
-            print(f"preparing the embedded Shakespeare corpus in {directory} ...", file=sys.stderr)
-            prepare(directory, vocab_size=cfg.data.vocab_size, progress=cfg.train.progress)
-        barrier()
-    return TokenData(directory)
-
-
-def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train") -> dict | None:
+def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train",
+          allow_data_change: bool = False) -> dict | None:
     """Run (or resume) one training run in ``cfg.train.out_dir``; returns the final metrics
     (on rank 0; None on the other ranks, which write nothing). ``label`` names the run on the
-    progress bar (e.g. the arm of a comparison).
+    progress bar (e.g. the arm of a comparison). ``allow_data_change`` resumes on other data
+    than the checkpoint was trained on (recorded in the run's log).
 
     Rank 0 holds the run directory's lock for the whole run. A run that fails before it wrote
     anything removes the directory it created, so a typo leaves no empty run behind."""
@@ -114,12 +106,12 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, torch.get_num_threads())  # set_threads changes them for the run only
         try:
+            on_main(runtime, lambda: claim_dir(run_dir, "run", "train.out_dir", stack), ConfigError)  # the rule, the lock
             writable_dir(run_dir, "train.out_dir")
-            on_main(runtime, lambda: stack.enter_context(DirectoryLock(run_dir, "train.out_dir")), ConfigError)
             if resume == "never" and (run_dir / "metrics.jsonl").exists():
                 raise ConfigError(f"{run_dir} already holds a run; resume it with --resume auto or choose another train.out_dir")
-            trainer = Trainer(cfg, runtime, run_dir, label, stack)
-            trainer.resume(resume, allow_config_change)
+            trainer = Trainer(cfg, runtime, run_dir, label, stack, resuming=resume != "never" and bool(checkpoint_dirs(run_dir)))
+            trainer.resume(resume, allow_config_change, allow_data_change)
             return trainer.fit()
         except BaseException:
             if created and runtime.is_main:
@@ -128,8 +120,9 @@ def train(cfg: Config, resume: str = "never", allow_config_change: bool = False,
 
 
 def _remove_if_unused(run_dir: Path) -> None:
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
-        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, MARKER}:
+        for name in (LOCK_FILE, MARKER):
+            (run_dir / name).unlink(missing_ok=True)
         run_dir.rmdir()
 
 
@@ -158,11 +151,13 @@ class Trainer:
     """One run: the setup (``__init__``: data, model, optimizer, stages, checkpoints, validation),
     ``resume`` from a checkpoint, and ``fit``, the loop. Rank 0 writes; every rank trains."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, run_dir: Path, label: str, stack: contextlib.ExitStack):
+    def __init__(self, cfg: Config, runtime: Runtime, run_dir: Path, label: str, stack: contextlib.ExitStack,
+                 resuming: bool = False):
         self.cfg, self.runtime, self.run_dir, self.label = cfg, runtime, run_dir, label
         check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
         set_threads(cfg, runtime, lambda text: self.say(f"{label}: {text}"))
-        self.data = ensure_data(cfg, runtime)
+        self.data = ensure_data(cfg, runtime, resuming)
+        self.data_id = self.data.identity()  # in every checkpoint and the start record: a resume or export checks it
         self.resume_from, self.rejected = None, []
         checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
         # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.
@@ -194,16 +189,18 @@ class Trainer:
         if self.runtime.is_main:
             (self.bar.write if self.bar else print)(text, file=sys.stderr)
 
-    def resume(self, resume: str, allow_config_change: bool) -> None:
+    def resume(self, resume: str, allow_config_change: bool, allow_data_change: bool) -> None:
         """Restore the newest intact checkpoint (``resume`` = auto) or the one named, then open the run's log."""
         run_dir, runtime, cfg = self.run_dir, self.runtime, self.cfg
         self.resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
         barrier()  # every rank has checked the run directory before rank 0 writes into it
-        set_aside = []
+        set_aside, data_change = [], None
         if self.resume_from is not None:
             state = load_checkpoint(Path(self.resume_from), self.model, self.optimizer)
             if not allow_config_change:
                 check_resume_config(state["config"], cfg)
+            data_change = check_same_data(state.get("data"), self.data, f"the run in {run_dir}", "--allow-data-change",
+                                          allow_data_change)
             self.state.load_state_dict(state)
             self.say(f"{self.label}: resuming from step {self.state.step} ({self.resume_from})")
             set_aside = on_main(runtime, lambda: set_aside_newer(run_dir, self.state.step), CheckpointError) or []
@@ -214,15 +211,16 @@ class Trainer:
         resume_step = self.state.step if self.resume_from else None
         self.log = MetricsLog(run_dir / "metrics.jsonl", runtime.is_main, resume_step,
                               open_trackers(cfg, run_dir, runtime.is_main, resume_step))
-        if rejected or set_aside:
+        if rejected or set_aside or data_change:
             self.log.write({"kind": "resume", "step": self.state.step, "checkpoint": str(self.resume_from),
-                            "rejected": rejected, "set_aside": set_aside})
+                            "rejected": rejected, "set_aside": set_aside, **({"data_changed": data_change} if data_change else {})})
         if self.state.step == 0:
             params = count_parameters(self.lm)
             self.log.write({"kind": "start", "step": 0, "parameters": params["total"],
                             "active_matmul_parameters": params["active_matmul"], "flops_per_step": self.step_flops,
                             "positions_per_step": cfg.train.batch_size * cfg.data.seq_len, "world_size": runtime.world,
-                            "stages": [vars(s) for s in self.stages]})
+                            "stages": [vars(s) for s in self.stages], "data": self.data_id,
+                            "provenance": provenance(runtime.device, runtime.world)})
 
     def fit(self) -> dict | None:
         """The loop, from the restored step to the last; then the final validation and the export."""
@@ -283,8 +281,7 @@ class Trainer:
         if state.last_eval is None or state.last_eval["step"] != steps:  # resumed from the final checkpoint
             self.validate()
         info = export_info(self.trainer_state(), cfg)
-        export_model(self.model, self.lm, self.data.tokenizer(), self.data.eos_id, self.run_dir / "model", info, self.runtime,
-                     cfg.train.progress)
+        export_model(self.model, self.lm, self.data.tokenizer(), self.data.eos_id, self.run_dir / "model", info, self.runtime)
         self.log.write({"kind": "end", "step": steps, **info})
         self.log.close()
         return info if self.runtime.is_main else None
@@ -292,7 +289,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         """What a checkpoint holds besides model and optimizer: the state and the config that made it."""
         state = self.state.state_dict()
-        return {**state, "config": self.cfg.to_dict(), "last_eval": state.pop("last_eval")}
+        return {**state, "config": self.cfg.to_dict(), "last_eval": state.pop("last_eval"), "data": self.data_id}
 
     def validate(self) -> None:
         """Validate at the current step and log it; a non-finite loss stops the run (nothing is exported)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
 import resource
 import shutil
@@ -20,9 +21,10 @@ import torch
 from conftest import SHARED_DATA
 
 from superpose.cli import main
-from superpose.data import DataError
+from superpose.corpus import shakespeare_files
+from superpose.data import DataError, TokenData
 from superpose.evaluation import check_multiple_choice
-from superpose.runs import ABANDONED
+from superpose.runs import ABANDONED, read_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL_DIR = SHARED_DATA / "eval"
@@ -328,6 +330,20 @@ def test_non_utf8_text_is_replaced_and_counted(tmp_path, capsys):
     assert "Caf\ufffd cr\ufffdme" in text and "ok \ufffd\ufffd bytes" in text
 
 
+def test_non_utf8_text_is_replaced_in_parallel_too(tmp_path, capsys):
+    """`--num-proc 2` (Hugging Face datasets) used to stop with a UnicodeDecodeError instead."""
+    files = two_docs(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade. ".encode("latin-1") * 20)
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "ok \xff\xfe bytes"}\n{"text": "clean line"}\n')
+    main([str(a) for a in prepare_args(tmp_path / "out", *files, tmp_path / "latin1.txt", tmp_path / "c.jsonl",
+                                       extra=("--num-proc", "2"))])
+    from superpose.data import TokenData
+
+    data = TokenData(tmp_path / "out")
+    text = "".join(data.tokenizer().decode([int(t) for t in s]) for split in ("train", "val") for s in data.splits[split])
+    assert "Caf\ufffd cr\ufffdme" in text and "ok \ufffd\ufffd bytes" in text
+
+
 def test_prepare_refuses_existing_data_dir(small_data, tmp_path, capsys):
     out = Path(shutil.copytree(small_data, tmp_path / "data"))
     before = snapshot(out)
@@ -496,3 +512,218 @@ def test_eval_file_valid(tmp_path):
     assert check_multiple_choice(write_eval(tmp_path, GOOD, "", GOOD)) == 2
     if (EVAL_DIR / "arc_easy.jsonl").is_file():
         assert check_multiple_choice(EVAL_DIR / "arc_easy.jsonl") > 1000
+
+
+# ---------------------------------------------------------------------------- never lose a user's files (#25)
+
+
+def cli(argv) -> None:
+    main([str(a) for a in argv])
+
+
+def test_export_refuses_a_run_directory_a_users_directory_and_the_current_one(run_copy, tmp_path, capsys, monkeypatch):
+    """Each used to be replaced by the export (the run's checkpoints, metrics and config gone), and
+    `export CKPT .` was a traceback."""
+    checkpoint = run_copy / "checkpoints" / "step-00000004"
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "notes.txt").write_text("a user's notes")
+    (work / "paper.tex").write_text("\\documentclass{article}")
+    before = snapshot(run_copy, work)
+    fails(["export", checkpoint, run_copy], capsys, f"OUT_DIR {run_copy} holds a training run")
+    fails(["export", checkpoint, work], capsys, "holds other files (data, paper.tex)", "choose another OUT_DIR")
+    monkeypatch.chdir(work)
+    fails(["export", checkpoint, "."], capsys, "OUT_DIR . holds other files")
+    fails(["export", checkpoint, work / "data" / ".."], capsys, "OUT_DIR")
+    assert snapshot(run_copy, work) == before
+
+
+def test_export_replaces_an_export_only_with_force_quietly_and_with_the_users_umask(run_copy, tmp_path, capsys):
+    out = tmp_path / "exported"
+    cli(["export", run_copy / "checkpoints" / "step-00000004", out])
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and not PROGRESS_BAR.search(err), err  # no third-party bars
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file() and p.name != ".lock"} == {
+        p.name: 0o666 & ~umask for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    before = snapshot(out)
+    fails(["export", run_copy / "checkpoints" / "step-00000002", out], capsys, "already holds an exported model; pass --force")
+    assert snapshot(out) == before
+    cli(["export", run_copy / "checkpoints" / "step-00000002", out, "--force"])
+    assert json.loads((out / "superpose.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]  # no .tmp- or .old- left
+
+
+def test_an_export_killed_between_its_renames_keeps_the_only_good_copy(run_copy, tmp_path, capsys):
+    """Killed after `OUT -> .old-OUT`: the next export used to delete .old-OUT, the only good copy, first."""
+    out = tmp_path / "exported"
+    cli(["export", run_copy / "checkpoints" / "step-00000004", out])
+    good = {Path(k).name: v for k, v in snapshot(out).items()}
+    out.rename(tmp_path / ".old-exported")
+    fails(["export", run_copy / "checkpoints" / "step-00000002", out], capsys, "already holds an exported model")
+    assert {Path(k).name: v for k, v in snapshot(out).items()} == good and not (tmp_path / ".old-exported").exists()
+
+
+def test_disk_full_during_export_says_so_and_leaves_nothing(run_copy, tmp_path, capsys):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        line = fails(["export", run_copy / "checkpoints" / "step-00000004", tmp_path / "exported"], capsys,
+                     "could not write the model export", "File too large", "free disk space and export again")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "--resume" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_prepare_refuses_a_users_directory_and_an_exported_model(run_copy, tmp_path, capsys):
+    """It used to overwrite a user's tokenizer.json and train-00000.bin, and an export's tokenizer."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text('{"mine": true}')
+    (mine / "train-00000.bin").write_bytes(bytes(range(256)))
+    (mine / ".bashrc").write_text("export PATH")
+    before = snapshot(mine, run_copy / "model")
+    fails(prepare_args(mine, *two_docs(tmp_path)), capsys, "holds other files (.bashrc, tokenizer.json, train-00000.bin)")
+    fails(prepare_args(mine, *two_docs(tmp_path), extra=("--force",)), capsys, "holds other files")
+    fails(prepare_args(run_copy / "model", *two_docs(tmp_path), extra=("--force",)), capsys, "holds an exported model")
+    assert snapshot(mine, run_copy / "model") == before
+
+
+def test_prepare_force_replaces_prepared_data_whole(tmp_path, capsys):
+    out = tmp_path / "data"
+    cli(prepare_args(out, *two_docs(tmp_path)))
+    first = json.loads((out / "meta.json").read_text())
+    other = [tmp_path / "c.txt", tmp_path / "d.txt"]
+    for path in other:
+        path.write_text(f"Another text entirely ({path.name}), with other words in it. " * 40)
+    cli(prepare_args(out, *other, extra=("--force",)))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["sources"] == [str(p) for p in other] != first["sources"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt", "data"]
+    assert json.loads((out / "manifest.json").read_text())["files"].keys() == {
+        "meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"}
+
+
+def test_a_second_prepare_on_one_directory_is_refused_while_the_first_writes(tmp_path, capsys):
+    """Two writers used to mix one's meta and shards with the other's tokenizer."""
+    from superpose.files import StagedDir
+
+    out = tmp_path / "data"
+    with StagedDir(out, "data", "output directory"):  # the first prepare, still writing
+        fails(prepare_args(out, *two_docs(tmp_path)), capsys, "in use by another superpose process")
+    assert not out.exists()
+
+
+def test_disk_full_during_prepare_says_no_space_and_leaves_nothing(tmp_path, capsys):
+    """It used to say '1847668 requested and 1044480 written' and leave a .tmp shard filling the disk."""
+    text = tmp_path / "big.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Line {i}: the quick brown fox jumps over the {i * 7} lazy dogs."}) + "\n"
+                            for i in range(20000)))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        fails(prepare_args(tmp_path / "data", text), capsys, "could not write the prepared data", "no space left",
+              "free disk space and prepare again")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+def test_prepare_takes_an_existing_path_literally_even_if_it_reads_as_a_glob(tmp_path):
+    literal, lookalike = tmp_path / "run[1]" / "a.jsonl", tmp_path / "run1" / "a.jsonl"
+    for path, word in ((literal, "literal"), (lookalike, "glob")):
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"text": f"The {word} file says {word} {i} times over. " * 20}) + "\n" for i in range(4)))
+    cli(prepare_args(tmp_path / "data", literal))
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["sources"] == [str(literal)]
+
+
+def test_verify_checks_prepared_data_against_its_checksums(tmp_path, capsys):
+    """Half a shard overwritten with valid token ids used to train without a word."""
+    data = tmp_path / "data"
+    cli(prepare_args(data, *two_docs(tmp_path)))
+    capsys.readouterr()
+    cli(["verify", data])
+    assert capsys.readouterr().out == f"ok       {data}\n"
+    shard = data / "train-00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[: tokens.size // 2] = tokens[0]  # valid ids, the same size
+    tokens.tofile(shard)
+    with pytest.raises(SystemExit) as exc:
+        cli(["verify", data])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and "1 of 1 directories failed verification" in err
+    assert out == f"DAMAGED  {data}: train-00000.bin does not match its sha256 checksum (the file is damaged)\n"
+
+
+# ---------------------------------------------------------------------------- never train on the wrong data silently (#25)
+
+
+@pytest.fixture
+def run_on_own_data(small_data, tmp_path):
+    """A finished 4-step run (checkpoints at 2 and 4) on a private copy of the data."""
+    data = Path(shutil.copytree(small_data, tmp_path / "data"))
+    run = tmp_path / "run"
+    cli(train_args(data, run, "--train.checkpoint_every=2"))
+    return data, run
+
+
+def test_resume_and_export_against_other_data_are_refused_unless_allowed(run_on_own_data, tmp_path, capsys):
+    """The data directory prepared again from other text with the same vocabulary size: the run used
+    to continue on the new tokens and export the new tokenizer with its old weights."""
+    data, run = run_on_own_data
+    plays = [str(p) for p in shakespeare_files()[4:6]]
+    cli(["prepare", "--out", data, "--force", "--quiet", "--vocab-size", str(vocab_size(data)), "--val-fraction", "0.25",
+          *[x for p in plays for x in ("--input", p)]])
+    before = snapshot(run)
+    fails(resume_args(run, "--resume", "auto"), capsys, f"the run in {run} was trained on other data than {data}",
+          "tokenizer and shards differ", "--allow-data-change")
+    fails(["export", run / "checkpoints" / "step-00000002", tmp_path / "exported"], capsys,
+          "was trained on other data", "--allow-data-change")
+    assert snapshot(run) == before and not (tmp_path / "exported").exists()
+    cli(resume_args(run, "--resume", "auto", "--allow-data-change"))
+    [resumed] = [r for r in read_records(run) if r["kind"] == "resume"]
+    assert resumed["data_changed"]["now"] == TokenData(data).identity() != resumed["data_changed"]["trained_on"]
+    cli(["export", run / "checkpoints" / "step-00000002", tmp_path / "exported", "--allow-data-change"])
+    assert json.loads((tmp_path / "exported" / "superpose.json").read_text())["data_changed"]["now"] == TokenData(data).identity()
+
+
+def test_a_run_records_its_data_and_provenance(run_on_own_data):
+    data, run = run_on_own_data
+    start = read_records(run)[0]
+    assert start["data"] == TokenData(data).identity() == json.loads((run / "model" / "superpose.json").read_text())["data"]
+    prov = start["provenance"]
+    assert prov["torch"] == torch.__version__.split("+")[0] or prov["torch"].startswith(torch.__version__.split("+")[0])
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and prov["world_size"] == 1 and prov["threads"] >= 1
+
+
+def test_a_resume_never_falls_back_to_the_embedded_corpus(run_on_own_data, capsys):
+    """The custom data directory deleted, data.corpus at its default: the run used to continue on Shakespeare."""
+    data, run = run_on_own_data
+    shutil.rmtree(data)
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace('corpus = ""', 'corpus = "shakespeare"'))
+    fails(resume_args(run, "--resume", "auto", "--allow-config-change"), capsys,
+          f"data.dir {data}, the data this run was trained on, is not there")
+    assert not data.exists()
+
+
+# ---------------------------------------------------------------------------- bounded generation (#25)
+
+
+def test_generate_refuses_more_tokens_than_the_model_has_positions(run_copy, capsys):
+    """It used to run for 24 minutes past the model's 2,048 positions with only a warning."""
+    fails(["generate", run_copy, "--max-new-tokens", "100000"], capsys, "--max-new-tokens 100000 is beyond the model's 2048 positions")
+    fails(["generate", run_copy, "--max-new-tokens", "2047", "--prompt", "To be, or not to be"], capsys,
+          "exceed the model's 2048 positions")
+
+
+@pytest.mark.parametrize("name,valid", [("empty.jsonl", False), ("empty.txt", True)])
+def test_parallel_prepare_of_files_without_text(tmp_path, capsys, name, valid):
+    """`--num-proc 2` used to stop with a StopIteration (empty JSONL) or a KeyError (an empty train split)."""
+    (tmp_path / name).write_text("")
+    extra = ("--num-proc", "2", *(("--valid", two_docs(tmp_path)[0]) if valid else ()))
+    fails(prepare_args(tmp_path / "out", tmp_path / name, extra=extra), capsys, f"{tmp_path / name}: hold no text")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()

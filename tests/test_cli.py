@@ -23,11 +23,15 @@ def user_error(argv: list[str], capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--train.stepz=1"], ["train", "--tst.ratio", "2"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--train.stepz=1"], ["train", "--tst.ratio", "2"],
+                                  ["compare", "--train.stepz=1"], ["sweep", "--tst.ratio=2"], ["sweep", "--ratios=x"],
+                                  ["report", "no-such-run"], ["compare", "--runs", "no-base", "no-tst"],
+                                  ["export", "no-checkpoint", "out"], ["verify", "no-such-dir"], ["train", "--help"]])
 def test_help_version_and_config_errors_do_not_import_torch(argv):
-    """What makes `superpose --help` take seconds is importing torch and transformers: it must not happen."""
+    """What makes `superpose --help` take seconds is importing torch and transformers (and numpy, a
+    tenth of a second): it must not happen, for any command's bad config or arguments."""
     code = ("import sys\nfrom superpose.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    print('exit', e.code)\nprint('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+            "    print('exit', e.code)\nprint('heavy:', sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().splitlines()[-1] == "heavy: []", done.stdout + done.stderr
     if argv == ["--version"]:
@@ -102,3 +106,18 @@ def test_default_threads_take_the_free_cores(monkeypatch, cores, load, ranks, th
     monkeypatch.setattr(train_mod, "machine_load", lambda: (cores, load))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     assert train_mod.default_threads() == threads
+
+
+def test_train_help_names_the_config_sections_and_the_reference(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[model] [data] [tst] [optim] [train] [distributed]" in text and "docs/reference.md" in text
+    assert (ROOT / "docs" / "reference.md").is_file()
+
+
+def test_a_config_key_without_a_value_says_so(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--train.steps"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--train.steps needs a value: --train.steps=VALUE" in err and "unrecognized" not in err

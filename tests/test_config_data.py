@@ -249,7 +249,7 @@ def test_llama3_style_tokenizer_ends_documents_with_end_of_text(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
-    from superpose.checkpoint import export_model
+    from superpose.export import export_model
     from superpose.distributed import Runtime
     from superpose.model import TSTModel, build_model
 
@@ -270,6 +270,6 @@ def test_llama3_style_tokenizer_ends_documents_with_end_of_text(tmp_path):
     assert (train_tokens == end).sum() == meta["splits"]["train"]["documents"]
 
     lm = build_model("tiny", data.vocab_size, 32)
-    export_model(TSTModel(lm), lm, data.tokenizer(), data.eos_id, tmp_path / "model", {}, Runtime(0, 1, torch.device("cpu")), False)
+    export_model(TSTModel(lm), lm, data.tokenizer(), data.eos_id, tmp_path / "model", {}, Runtime(0, 1, torch.device("cpu")))
     exported = AutoTokenizer.from_pretrained(tmp_path / "model")
     assert exported.eos_token == "<|end_of_text|>" and exported.eos_token_id == end and len(exported) == data.vocab_size

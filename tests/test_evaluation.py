@@ -93,3 +93,24 @@ def test_eval_bad_inputs_are_one_line_errors(run_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["eval", str(run_dir), *(["--tasks", ",".join(argv)] if argv else [])])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_text_without_text_or_utf8_is_a_one_line_error(run_dir, tmp_path, capsys):
+    """An empty --text file was a StopIteration traceback, one with bytes that are not UTF-8 a UnicodeDecodeError."""
+    empty, latin = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("")
+    latin.write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.".encode("latin-1"))
+    for path, message in [(empty, f"input {empty} holds no text"), (latin, f"--text {latin} holds bytes that are not UTF-8")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(run_dir), "--text", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_text_draws_one_bar_not_one_per_batch_of_windows(run_dir, tmp_path, capsys):
+    """A long held-out text used to print a bar per batch of windows (about 1,070), and a "Loading weights" bar."""
+    text = tmp_path / "long.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 60)
+    main(["eval", str(run_dir), "--text", str(text), "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert "Running loglikelihood requests" not in err and "Loading weights" not in err, err

@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import tiny_overrides
 
 from superpose.config import load_config

@@ -101,7 +101,7 @@ def test_export_of_a_checkpoint_equals_the_runs_own_export(gathered, sharded, tm
     info, own = json.loads((out / "superpose.json").read_text()), json.loads((run / "model" / "superpose.json").read_text())
     assert info.pop("checkpoint") == str(run / "checkpoints" / "step-00000006") and info == own
     assert find_damage(out) is None
-    main(["export", str(run / "checkpoints" / "step-00000002"), str(out), "--quiet"])  # replaces the export
+    main(["export", str(run / "checkpoints" / "step-00000002"), str(out), "--force"])  # replaces the export
     assert json.loads((out / "superpose.json").read_text())["steps"] == 2
 
 

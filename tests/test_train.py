@@ -11,7 +11,8 @@ from transformers.utils import logging as hf_logging
 from superpose.config import load_config
 from superpose.data import TokenData, unigram_log_probs, validation_windows
 from superpose.distributed import Runtime
-from superpose.model import TSTModel, build_model, hf_progress_bars
+from superpose.model import TSTModel, build_model
+from superpose.progress import hf_progress_bars
 from superpose.method import split_window
 from superpose.schedule import Stage
 from superpose.optim import make_optimizer

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..checkpoint import write_model_dir
+from ..export import write_model_dir
 from ..data import TokenData
 from ..errors import CheckpointError, ConfigError, UserError
 
@@ -52,8 +52,9 @@ def read_model_weights(checkpoint: Path, names: list[str]) -> dict[str, torch.Te
     return weights
 
 
-def export(model_spec, checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, progress: bool = False) -> None:
-    """Write ``out_dir``: the HF model of ``checkpoint`` with the tokenizer of ``data_dir``."""
+def export(model_spec, checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path, force: bool = False) -> None:
+    """Write ``out_dir``: the HF model of ``checkpoint`` with the tokenizer of ``data_dir`` (an existing export
+    is replaced only with ``force``: superpose's directory rule)."""
     checkpoint = Path(checkpoint)
     data = TokenData(data_dir)
     hf_config = hf_llama_config(model_spec.model)
@@ -63,7 +64,7 @@ def export(model_spec, checkpoint: str | Path, data_dir: str | Path, out_dir: st
     adapter = model_spec.state_dict_adapter(model_spec.model, None)
     weights = adapter.to_hf(read_model_weights(checkpoint, names))
     info = {"framework": "torchtitan", "checkpoint": str(checkpoint)}
-    write_model_dir(weights, lm, data.tokenizer(), data.eos_id, Path(out_dir), info, progress)
+    write_model_dir(weights, lm, data.tokenizer(), data.eos_id, Path(out_dir), info, force)
 
 
 def main(argv: list[str] | None = None) -> int:
