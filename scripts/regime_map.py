@@ -4,8 +4,10 @@ Every run is an ordinary ``superpose`` run directory under ``--root``; the runs 
 differ only in ``[tst]`` (or, for the LR sweep, in ``optim.lr`` for both arms alike), so they share
 seed, data order, optimizer, LR schedule and evaluation. Two plans, each a list of jobs in priority
 order: ``--plan small`` (the first map: 3M-25M parameters, the cheap point and its levers first),
-``--plan crossover`` (the default: the walk up the model-size axis, ``CROSSOVER``) and ``--plan
-device`` (the same walk, further, on one CUDA GPU: ``DEVICE``). A finished run is skipped and a long
+``--plan crossover`` (the default: the walk up the model-size axis, ``CROSSOVER``), ``--plan
+device`` (the same walk, further, on one CUDA GPU: ``DEVICE``) and ``--plan paper`` (the paper's
+shape scaled down on one GPU: ``PAPER``, the runs not yet in the committed tables, so that
+successive device calls continue it). A finished run is skipped and a long
 run resumes from its last checkpoint, so the script can be killed and started again in a later
 session; ``--shard i/n`` lets n processes (one per core) split the list, ``--parallel n`` starts
 them itself and tabulates when they are done, and ``--budget-s`` starts no run that would not end
@@ -16,9 +18,11 @@ one bad run does not cost the others; a run that another process holds is skippe
 started on the same plan (one per core) share it without ``--shard``.
 
 ``--table`` only tabulates: it merges the finished runs under ``--root`` into the committed tables
-(``TABLES``: map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
+(``TABLES``: runs, map and seeds in ``superpose/regime_data/``, which the regime line of ``compare``
 reads; levers and phase 1 in ``docs/regime/``), keeping the rows of runs that are no longer on
-disk, and redraws the plots of docs/when-tst-pays.md.
+disk, and redraws the plots of docs/when-tst-pays.md. ``runs.csv`` keeps one row per run ever
+tabulated (its final loss and the epochs of data it read); the map (seed 0) and the seeds table
+are derived from it, so seeds run in different sessions pair with their baselines.
 
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime
     OMP_NUM_THREADS=1 python scripts/regime_map.py --data /tmp/regime-gut --root runs/regime --shard 0/2 &  # two cores
@@ -28,6 +32,9 @@ disk, and redraws the plots of docs/when-tst-pays.md.
     # one H200: 8 runs side by side for 5.5 minutes, then the merged tables to $OUT (docs/when-tst-pays.md)
     python scripts/regime_map.py --plan device --device cuda --data DATA --root /tmp/regime --parallel 8 \
         --budget-s 330 --tables-out $OUT
+    # one H200, the paper's shape: whole runs for 7 minutes, 4 side by side (the call: docs/when-tst-pays.md, section 6)
+    python scripts/regime_map.py --plan paper --device cuda --data PAPER_DATA --root /tmp/regime --parallel 4 \
+        --budget-s 420 --assume-tflops 40 --tables-out $OUT
 
 The device plan's runs are rows of their own (``device`` = cuda, points named ``...-cuda``): bf16
 autocast on a GPU is not the CPU's fp32, so they extend the map beside the CPU points, not in them.
