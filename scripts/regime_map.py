@@ -343,7 +343,7 @@ def run_rows(root: Path, data: str | None) -> list[dict]:
                      "params": f["params"], "non_embedding_params": f["non_embedding_params"] if exported else None,
                      "tokens_per_step": f["tokens_per_step"], "val_loss": round(f["val_loss"], 6), "tokens_seen": f["tokens_seen"],
                      "epochs": round(f["tokens_seen"] / tokens, 4) if tokens else None,
-                     "train_s": round(f["elapsed"], 1)})
+                     "train_s": round(f["elapsed"], 1), "flops": run.start["flops_per_step"] * run.config.train.steps})
     return rows
 
 
@@ -659,17 +659,29 @@ def run_flops(cfg) -> float:
     return cfg.train.steps * flops_per_step(lm, cfg.data.seq_len, cfg.train.batch_size * cfg.data.seq_len)
 
 
+def committed_rates(args) -> dict[tuple, float]:
+    """(model, window length) -> the median FLOP/s of its runs on this device in the committed runs.csv
+    (their training seconds): what a model's first run here is expected to take."""
+    seen = {}
+    for r in [] if args.set else read_csv(TABLES["runs.csv"][0] / "runs.csv"):
+        if r["device"] == args.device and r.get("flops") and r.get("train_s"):
+            seen.setdefault((r["preset"], r["seq_len"]), []).append(r["flops"] / r["train_s"])
+    return {key: statistics.median(rates) for key, rates in seen.items()}
+
+
 def run_jobs(args, root: Path, index: int, count: int) -> None:
     """This shard's jobs in order: each one that fits ``--budget-s`` (its FLOPs at the rate of the same
-    model's runs before it here, start-up and validation included; a model's first run at
-    ``--assume-tflops``, or always started without it), and past one that fails. A run stopped by a
-    signal (the parent's at the budget) checkpoints and ends the shard with one line."""
+    model's runs before it here, start-up and validation included; a model's first run at the rate of
+    its committed runs of the same window length on this device, else at ``--assume-tflops``, else
+    always started), and past one that fails. A run stopped by a signal (the parent's at the budget)
+    checkpoints and ends the shard with one line."""
     todo = [(out, overrides) for out, overrides in jobs(args) if args.only in str(out.relative_to(root))]
-    started, rate = time.monotonic(), {}  # model -> FLOP/s of its fresh runs in this shard
+    started, rate, prior = time.monotonic(), {}, committed_rates(args)  # rate: model -> FLOP/s of its runs here
     for out, overrides in todo[index::count]:
         cfg = load_config(None, overrides + [f"--{item}" for item in args.set] + [f"--train.out_dir={out}"])
         flops = run_flops(cfg) if args.budget_s else 0.0
-        speed = rate.get(cfg.model.preset, args.assume_tflops * 1e12)
+        model = Path(cfg.model.preset).name  # a custom model's directory is named as the preset of runs.csv
+        speed = rate.get(model) or prior.get((model, cfg.data.seq_len)) or args.assume_tflops * 1e12
         estimate = flops / speed if speed else 0.0
         if args.budget_s and time.monotonic() - started + estimate > args.budget_s:
             print(f"{out}: not started, {estimate:.0f} s would end past the budget of {args.budget_s:.0f} s", file=sys.stderr)
@@ -688,7 +700,7 @@ def run_jobs(args, root: Path, index: int, count: int) -> None:
             print(f"{out}: FAILED: {type(err).__name__}: {err}", file=sys.stderr)
             continue
         if fresh and flops:
-            rate[cfg.model.preset] = flops / (time.monotonic() - begun)
+            rate[model] = flops / (time.monotonic() - begun)
 
 
 if __name__ == "__main__":

