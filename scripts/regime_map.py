@@ -342,7 +342,7 @@ def run_rows(root: Path, data: str | None) -> list[dict]:
                      "batch": run.config.train.batch_size, "seq_len": run.config.data.seq_len, "device": m["device"] or "cpu",
                      "params": f["params"], "non_embedding_params": f["non_embedding_params"] if exported else None,
                      "tokens_per_step": f["tokens_per_step"], "val_loss": round(f["val_loss"], 6), "tokens_seen": f["tokens_seen"],
-                     "epochs": round(f["tokens_seen"] / tokens, 4) if tokens else None,
+                     "epochs": float(f"{f['tokens_seen'] / tokens:.4g}") if tokens else None,
                      "train_s": round(f["elapsed"], 1), "flops": run.start["flops_per_step"] * run.config.train.steps})
     return rows
 
