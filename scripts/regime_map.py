@@ -148,14 +148,17 @@ DEVICE = [(("medium", 1000, 16), DEVICE_ARMS), (("large", 1000, 16), DEVICE_ARMS
 # The paper-shape plan (issue #28): the paper's runs scaled down on one GPU, where they differ from the
 # map above: windows of 1,024 positions (2,048 at one point), 16k-32k tokens per step, 2,000 steps, on
 # the larger Gutenberg corpus (~42M tokens: scripts/paper_data.py), one run per process with its whole
-# batch in one micro-batch, compiled, bf16. Points (preset, steps, batch, seq_len), cheapest first. A
+# batch in one micro-batch, compiled, bf16. Points (preset, steps, batch, seq_len) in order of
+# information per GPU-second: the cheapest point, then one step up each axis (model size, window,
+# tokens per step), then the SmolLM2-135M shape (the paper's smallest model, with our vocabulary)
+# and xl, each about 25 PFLOP a run (4.9 at the first point; the plan's seed 0 in all: ~300 PFLOP). A
 # baseline reads steps x batch x (L + 1) tokens: at most one epoch of the corpus at every point (16k x
 # 2,000 = 0.78 epochs; 32k tokens per step fit 1,250 steps); phase 1 reads s times more per step, so
 # the TST arms repeat data (s=6, r=0.3: about 2 epochs), which the tables record (epochs, max_epochs).
 # `llama-270m` with the 8k vocabulary is the SmolLM2-135M shape (106M non-embedding parameters).
 PAPER_ARMS = ["s6-r0.3", "s4-r0.3", "output-s2-r0.2"]
-PAPER = [("medium", 2000, 16, 1024), ("large", 2000, 16, 1024), ("medium", 2000, 8, 2048), ("xl", 2000, 16, 1024),
-         ("llama-270m", 2000, 16, 1024), ("medium", 1250, 32, 1024)]
+PAPER = [("medium", 2000, 16, 1024), ("large", 2000, 16, 1024), ("medium", 2000, 8, 2048), ("medium", 1250, 32, 1024),
+         ("llama-270m", 2000, 16, 1024), ("xl", 2000, 16, 1024)]
 PAPER_EVAL_TOKENS = 262144  # 256 windows of 1,024: validation noise well below the seed noise of a gap
 SEEDS = [1, 2]  # extra seeds, for the noise level of gaps (and, at the cheap point, of lever effects)
 SEED_ARMS = {("tiny", 150, 16): ["s2-r0.2", "s4-r0.2", "output-s2-r0.2"], ("small", 400, 16): ["output-s2-r0.2"],
@@ -276,8 +279,8 @@ def paper_todo(args, runs: list[dict], seeds: list[dict]) -> list[tuple]:
     """The paper-shape plan's runs not yet in ``runs`` (the committed per-run rows, so successive
     device calls continue the map), as (point, seed, arms, baseline too?), in order of information
     per GPU-second: first seeds 1-2 of every arm whose seed-0 gap lies within 2 seed s.d. of zero (they
-    decide whether it is a gain, a loss or a tie), then seed 0 of the points not measured yet,
-    cheapest first. The seed s.d. is the median of the GPU's seed rows (0.03 before there are any)."""
+    decide whether it is a gain, a loss or a tie), then seed 0 of the points not measured yet, in
+    ``PAPER``'s order. The seed s.d. is the median of the GPU's seed rows (0.03 before there are any)."""
     done = {(r["point"], r["seed"], r["arm"]): r["val_loss"] for r in runs}
     sds = [r["gap_sd"] for r in seeds if str(r["point"]).endswith("-cuda")] or [r["gap_sd"] for r in seeds]
     noise = statistics.median(sds) if sds else 0.03
