@@ -153,7 +153,7 @@ DEVICE = [(("medium", 1000, 16), DEVICE_ARMS), (("large", 1000, 16), DEVICE_ARMS
 # tokens per step), then the SmolLM2-135M shape (the paper's smallest model, with our vocabulary)
 # and xl, each about 25 PFLOP a run (4.9 at the first point; the plan's seed 0 in all: ~300 PFLOP). A
 # baseline reads steps x batch x (L + 1) tokens: at most one epoch of the corpus at every point (16k x
-# 2,000 = 0.78 epochs; 32k tokens per step fit 1,250 steps); phase 1 reads s times more per step, so
+# 2,000 = 0.77 epochs; 32k tokens per step fit 1,250 steps); phase 1 reads s times more per step, so
 # the TST arms repeat data (s=6, r=0.3: about 2 epochs), which the tables record (epochs, max_epochs).
 # `llama-270m` with the 8k vocabulary is the SmolLM2-135M shape (106M non-embedding parameters).
 PAPER_ARMS = ["s6-r0.3", "s4-r0.3", "output-s2-r0.2"]
