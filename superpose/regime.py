@@ -5,7 +5,9 @@ map, one row per budget point and device with every arm's gap at seed 0) and ``s
 over seeds), both written by ``scripts/regime_map.py --table``, and ``paper.csv`` (the paper's
 dense runs). A run is placed by its non-embedding parameters (as scaling-law work does: with a
 small model and a large vocabulary the embeddings are most of the total but little of the
-compute), its steps and its tokens per step. On the map the gap shrank with model size and with
+compute), its steps and its tokens per step; its tokens per non-embedding parameter pick the nearest
+point where none decides. GPU points (bf16; ``device`` = cuda) are points of their own beside the
+CPU's, and each point says where it was measured. On the map the gap shrank with model size and with
 steps and grew with tokens per step at a fixed step count, so a run no larger, no longer and with
 no fewer tokens per step than a point without a gain is not expected to gain, and a run at least
 as large and as long, with no more tokens per step, as a point with a gain is expected to.
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 GAP = "TST minus baseline final validation loss at equal FLOPs"
 # map.csv: these columns, then one gap column per TST arm, then the best arms
 SHAPE_COLUMNS = ("preset", "params", "non_embedding_params", "steps", "batch", "device", "seq_len", "tokens_per_step",
-                 "tokens", "tokens_per_param", "baseline")
+                 "tokens", "tokens_per_param", "baseline", "epochs", "max_epochs")
+# what each device's runs computed in: a GPU point (bf16 autocast) is a point of its own
+DEVICES = {"cpu": "CPU, fp32", "cuda": "GPU, bf16"}
 BEST_COLUMNS = ("best_full", "best_full_gap", "best", "best_gap")
 
 
@@ -40,16 +44,26 @@ class Point:
     seeds: int
     outcome: str  # gain (beyond noise) | no-gain | open (one seed, below zero beyond the typical seed noise)
     source: str = "map"  # map (superpose's own) | paper
+    device: str = ""  # cpu | cuda (DEVICES) for the map's points; "" for the paper's
+
+    @property
+    def tokens_per_param(self) -> float:
+        """Training tokens per non-embedding parameter: how long the run trained for its size."""
+        return self.steps * self.tokens_per_step / self.non_embedding
 
     def describe(self) -> str:
         spread = f" ± {self.stderr:.3f} (s.e. of {self.seeds} seeds)" if self.stderr is not None else ", one seed"
+        where = f", {DEVICES[self.device]}" if self.device in DEVICES else ""
         return (f"{self.arm} at {self.name} [{self.non_embedding / 1e6:,.1f}M non-embedding parameters, {self.steps} steps "
-                f"of {self.tokens_per_step:,} tokens]: {self.gap:+.3f} nats{spread}")
+                f"of {self.tokens_per_step:,} tokens, {self.tokens_per_param:.3g} tokens per non-embedding parameter{where}]: "
+                f"{self.gap:+.3f} nats{spread}")
 
 
-def point_name(preset: str, steps: int, batch: int, device: str = "cpu") -> str:
-    """A budget point's name, e.g. "medium-n1000-b16"; a GPU point (bf16) apart: "medium-n1000-b16-cuda"."""
-    return f"{preset}-n{steps}-b{batch}" + ("" if device == "cpu" else f"-{device}")
+def point_name(preset: str, steps: int, batch: int, device: str = "cpu", seq_len: int = 64) -> str:
+    """A budget point's name, e.g. "medium-n1000-b16"; windows of other than 64 tokens say so
+    ("medium-n2000-b16-l1024"), and a GPU point (bf16) is apart: "medium-n1000-b16-cuda"."""
+    return (f"{preset}-n{steps}-b{batch}" + ("" if int(seq_len) == 64 else f"-l{seq_len}")
+            + ("" if device == "cpu" else f"-{device}"))
 
 
 def read_table(name: str) -> list[dict]:
@@ -79,7 +93,7 @@ def map_points(map_rows: list[dict], seed_rows: list[dict], arms: list[str]) -> 
     seeded = {(r["point"], r["arm"]): [float(g) for g in r["gaps"].split()] for r in seed_rows}
     points = []
     for row in map_rows:
-        name = point_name(row["preset"], row["steps"], row["batch"], row["device"])
+        name = point_name(row["preset"], row["steps"], row["batch"], row["device"], row.get("seq_len") or 64)
         gaps = {arm: seeded.get((name, arm), [float(row[arm])]) for arm in arms if row.get(arm)}
         if not gaps:
             continue
@@ -89,7 +103,7 @@ def map_points(map_rows: list[dict], seed_rows: list[dict], arms: list[str]) -> 
         outcome = next(o for o in ("gain", "open", "no-gain") if o in outcomes)
         gap, stderr, _ = results[best]
         points.append(Point(name, int(row["non_embedding_params"]), int(row["params"]), int(row["steps"]),
-                            int(row["tokens_per_step"]), best, gap, stderr, len(gaps[best]), outcome))
+                            int(row["tokens_per_step"]), best, gap, stderr, len(gaps[best]), outcome, device=row["device"]))
     return points
 
 
@@ -107,10 +121,12 @@ def regime(non_embedding: int, parameters: int, steps: int, tokens_per_step: int
     """Place a run (the baseline arm's shape and budget) against the measured points: ``gain``
     (at least as large and long as a point where TST won, with no more tokens per step),
     ``no-gain`` (no larger and no longer than a point without a gain, with no fewer tokens per
-    step) or ``untested``; the text names the point that decided, or the closest gap measured."""
+    step) or ``untested``; the text names the point that decided, or the nearest point measured (in
+    non-embedding size, tokens per step and tokens per non-embedding parameter, on log scales)."""
     points = measured_points() if points is None else points
+    per_param = steps * tokens_per_step / non_embedding
     where = (f"{non_embedding / 1e6:,.1f}M non-embedding parameters, {parameters / 1e6:,.1f}M in all; {steps} steps "
-             f"of {tokens_per_step:,} tokens")
+             f"of {tokens_per_step:,} tokens, {per_param:.3g} tokens per non-embedding parameter")
     gains = [p for p in points if p.outcome == "gain" and non_embedding >= p.non_embedding and steps >= p.steps
              and tokens_per_step <= p.tokens_per_step]
     no_gains = [p for p in points if p.outcome == "no-gain" and non_embedding <= p.non_embedding and steps <= p.steps
@@ -129,8 +145,9 @@ def regime(non_embedding: int, parameters: int, steps: int, tokens_per_step: int
             "docs/when-tst-pays.md): TST is not expected to pay here.")
     else:
         map_only = [p for p in points if p.source == "map"]
-        point = min(map_only, key=lambda p: p.gap) if map_only else None
-        closest = f"the closest gap measured: {point.describe()}; " if point else ""
+        point = min(map_only, key=lambda p: sum(math.log(a / b) ** 2 for a, b in (
+            (non_embedding, p.non_embedding), (tokens_per_step, p.tokens_per_step), (per_param, p.tokens_per_param)))) if map_only else None
+        closest = f"the nearest point measured: {point.describe()}; " if point else ""
         verdict, text = "untested", (
             f"This run ({where}) lies between the budgets measured ({closest}docs/when-tst-pays.md) and those "
             "of the paper's gains: TST may or may not pay here; this comparison is the evidence.")

@@ -141,7 +141,7 @@ def test_regime_places_a_run_by_non_embedding_parameters_steps_and_tokens_per_st
     assert gain["verdict"] == "gain" and "TST with that setting (s6-r0.3) is expected to pay here" in gain["text"]
     assert regime(200_000_000, 400_000_000, 30_000, 4_000_000, points)["verdict"] == "untested"  # more tokens per step
     between = regime(50_000_000, 60_000_000, 5000, 1024, points)
-    assert between["point"] == "m" and "closest gap measured: output-s2-r0.2 at m" in between["text"]
+    assert between["point"] == "m" and "nearest point measured: output-s2-r0.2 at m" in between["text"]
     assert "50.0M non-embedding parameters, 60.0M in all; 5000 steps of 1,024 tokens" in between["text"]
 
 
