@@ -42,11 +42,16 @@ def value_and_grad(fn, *tensors):
     return value.detach(), weight, [t.grad for t in leaves]
 
 
-@pytest.fixture(params=["default", "tiny"])
+@pytest.fixture(params=["eager", "eager-3-rows", "fused", pytest.param("compiled", marks=pytest.mark.slow)])
 def blocks(request, monkeypatch):
-    """Run with the real row blocks and with 3-row blocks (several blocks, a partial last one)."""
-    if request.param == "tiny":
+    """Each kind of loss kernel: eager with the real row blocks and with 3-row blocks (several
+    blocks, a partial last one); the fused kernels of the GPU uncompiled, and (slow on CPU:
+    inductor compiles C++) compiled as on a GPU."""
+    if request.param == "eager-3-rows":
         monkeypatch.setattr(loss_mod, "_block_rows", lambda logits: 3)
+    elif request.param != "eager":
+        monkeypatch.setitem(loss_mod.LOSS_KERNELS, "cpu", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("bag_size,weighting", [(1, "uniform"), (4, "uniform"), (8, "power"), (3, "exp")])
@@ -89,7 +94,7 @@ def test_duplicates_count_and_bf16_logits(blocks):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_head_equals_full_logits(bias, chunk):
+def test_chunked_head_equals_full_logits(blocks, bias, chunk):
     torch.manual_seed(0)
     head = nn.Linear(16, 301, bias=bias)
     hidden = torch.randn(3, 11, 16)
@@ -120,7 +125,7 @@ def tiny_lm(vocab=300):
 
 @pytest.mark.parametrize("bag_size", [1, 4])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_tst_model_chunked_equals_unfused(bag_size, precision):
+def test_tst_model_chunked_equals_unfused(blocks, bag_size, precision):
     """Same loss and the same gradient on every parameter (head, body, embedding) in both phases."""
     lm = tiny_lm()
     inputs = torch.randint(300, (2, 12, bag_size))
