@@ -6,6 +6,7 @@ overrides. Unknown sections or keys and values of the wrong type are rejected wi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -13,6 +14,7 @@ import json
 import math
 import sys
 import tokenize
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ else:  # pragma: no cover
 class ModelConfig:
     preset: str = "tiny"  # a name from superpose.model.PRESETS, or a local HF model/config directory
     attn_implementation: str = "sdpa"  # sdpa | eager | any attention the transformers model supports
-    loss_chunk_size: int = 0  # > 0: head + loss run this many positions at a time (no full logits)
+    loss_chunk_size: int | str = "auto"  # > 0: head + loss run this many positions at a time (no full logits); 0 = full; auto = per vocab (superpose.device_defaults)
 
 
 @dataclass
@@ -116,8 +118,8 @@ class TrainConfig:
     seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
-    compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast; parameters and optimizer state stay fp32)
+    compile: bool | str = "auto"  # auto (on for CUDA, off for CPU) | true | false: torch.compile each decoder block and the loss
     activation_checkpointing: str = "none"  # none | full | selective: recompute each decoder block's activations in backward
     eval_every: int = 100  # validate every this many steps, and after the last one
     eval_tokens: int = 65536  # held-out tokens per validation (next-token loss); 0 = whole split
@@ -201,7 +203,8 @@ CHOICES = {
     ("tst", "weighting"): WEIGHTINGS,
     ("tst", "mode"): MODES,
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("auto", "fp32", "bf16"),
+    ("train", "compile"): ("auto", True, False),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
     ("train", "wandb_mode"): ("online", "offline"),
     ("train", "checkpoint_format"): ("auto", "sharded", "gathered"),
@@ -213,6 +216,11 @@ CHOICES = {
 
 def _coerce(section: str, key: str, value, typ):
     name = f"{section}.{key}"
+    if typing.get_origin(typ) is types.UnionType:  # e.g. int | str: the first type that takes the value
+        for member in typing.get_args(typ):
+            with contextlib.suppress(ConfigError):
+                return _coerce(section, key, value, member)
+        raise ConfigError(f"{name} must be {' or '.join(t.__name__ for t in typing.get_args(typ))}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -309,7 +317,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
         (cfg.data.corpus in CORPORA + ("",), f"data.corpus = {cfg.data.corpus!r}: only {', '.join(map(repr, CORPORA))} is embedded "
          "(\"\" = never prepare); run `superpose prepare` for other data"),
-        (cfg.model.loss_chunk_size >= 0, "model.loss_chunk_size must be >= 0 (0 = the full logits at once)"),
+        (cfg.model.loss_chunk_size == "auto" or isinstance(cfg.model.loss_chunk_size, int) and cfg.model.loss_chunk_size >= 0,
+         "model.loss_chunk_size must be auto or an integer >= 0 (0 = the full logits at once)"),
         (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
         (cfg.train.steps >= 1, "train.steps must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),

@@ -25,6 +25,7 @@ from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import (Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint,
                          set_aside_newer)
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
+from .device_defaults import resolve_auto
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
                           on_main, shards_parameters)
@@ -217,6 +218,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
     set_threads(cfg, runtime, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     data = ensure_data(cfg, runtime)
+    cfg = resolve_auto(cfg, runtime.device, data.vocab_size, lambda text: print(f"{label}: {text}", file=sys.stderr) if runtime.is_main else None)
     resume_from, rejected = select_checkpoint(run_dir, resume, runtime)
     checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
     # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.

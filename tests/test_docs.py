@@ -57,12 +57,13 @@ def test_reference_rows_carry_type_default_and_choices():
         for f in dataclasses.fields(cls):
             row = next(line for line in text.splitlines() if line.startswith(f"| `{name}.{f.name}` |"))
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
-            assert cells[1] == typing.get_type_hints(cls)[f.name].__name__
+            hint = typing.get_type_hints(cls)[f.name]
+            assert cells[1] == " or ".join(t.__name__ for t in typing.get_args(hint) or [hint])
             assert cells[3].startswith(field_comments(cls).get(f.name, "").replace("|", "\\|"))
             for choice in CHOICES.get((name, f.name), ()):
                 assert f"`{choice}`" in cells[3]
     assert '| `tst.bag_size` | int | `4` |' in text and '| `model.preset` | str | `"tiny"` |' in text
-    assert '| `tst.curriculum` | list | `[]` |' in text and '| `train.compile` | bool | `false` |' in text
+    assert '| `tst.curriculum` | list | `[]` |' in text and '| `train.compile` | bool or str | `"auto"` |' in text
 
 
 def test_reference_names_every_preset():
