@@ -204,7 +204,6 @@ CHOICES = {
     ("tst", "mode"): MODES,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
-    ("train", "compile"): ("auto", True, False),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
     ("train", "wandb_mode"): ("online", "offline"),
     ("train", "checkpoint_format"): ("auto", "sharded", "gathered"),
@@ -317,6 +316,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.seq_len >= 1, "data.seq_len must be >= 1"),
         (cfg.data.corpus in CORPORA + ("",), f"data.corpus = {cfg.data.corpus!r}: only {', '.join(map(repr, CORPORA))} is embedded "
          "(\"\" = never prepare); run `superpose prepare` for other data"),
+        (cfg.train.compile in ("auto", True, False), "train.compile must be auto, true or false"),
         (cfg.model.loss_chunk_size == "auto" or isinstance(cfg.model.loss_chunk_size, int) and cfg.model.loss_chunk_size >= 0,
          "model.loss_chunk_size must be auto or an integer >= 0 (0 = the full logits at once)"),
         (cfg.data.vocab_size >= 256 + 1, "data.vocab_size must be > 256 (byte-level BPE needs the 256 bytes)"),
