@@ -24,6 +24,7 @@ from .config import Config
 LARGE_VOCAB = 32768
 CHUNK = 4096
 AUTO_KEYS = ("train.precision", "train.compile", "model.loss_chunk_size")
+PLAIN = {"train.precision": "fp32", "train.compile": False, "model.loss_chunk_size": 0}  # what "auto" meant before
 
 
 def device_defaults(device: torch.device, vocab_size: int) -> dict:
@@ -35,7 +36,9 @@ def device_defaults(device: torch.device, vocab_size: int) -> dict:
 
 def resolve_auto(cfg: Config, device: torch.device, vocab_size: int, say=None) -> Config:
     """A copy of ``cfg`` with every "auto" of ``AUTO_KEYS`` replaced by ``device_defaults``;
-    explicit values stand. ``say`` (e.g. print on rank 0) gets one line naming what was resolved."""
+    explicit values stand. ``say`` (e.g. print on rank 0) gets one line naming what was resolved
+    when "auto" turned anything on (bf16, compile, chunking); plain fp32 eager full logits (a small
+    CPU run) go unsaid, as before these defaults existed. config.toml records the values either way."""
     resolved = device_defaults(device, vocab_size)
     out = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
     chosen = []
@@ -44,6 +47,6 @@ def resolve_auto(cfg: Config, device: torch.device, vocab_size: int, say=None) -
         if getattr(getattr(out, section), name) == "auto":
             setattr(getattr(out, section), name, resolved[key])
             chosen.append(f"{key} = {resolved[key]!r}")
-    if chosen and say is not None:
+    if say is not None and any(resolved[key] != PLAIN[key] for key in AUTO_KEYS if f"{key} = {resolved[key]!r}" in chosen):
         say(f"on {device.type}: " + ", ".join(chosen) + " (\"auto\"; set them to override)")
     return out

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import (Checkpoints, export_info, export_model, load_checkpoint, resolve_format, select_checkpoint,
                          set_aside_newer)
+from .compilation import compile_blocks, compile_seconds
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
 from .device_defaults import resolve_auto
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
@@ -232,7 +233,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
     model = TSTModel(lm, cfg.model.loss_chunk_size)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # before FSDP2 shards the wrapped blocks
     if cfg.train.compile:
-        model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+        compile_blocks(model)  # regional, in place: parameter names and checkpoints stay those of the plain model
     model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype, cfg.distributed.reduce_dtype,
                         cfg.distributed.shard_size)
     optimizer = make_optimizer(model, cfg, runtime.device)
@@ -355,7 +356,7 @@ def _train(cfg: Config, runtime: Runtime, run_dir: Path, resume: str, allow_conf
                 log.write({"kind": "train", "step": done, "stage": stage.name, "phase": stage.phase, "bag_size": stage.bag_size,
                            "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "applied": result.applied,
                            "tokens_seen": loader.tokens_seen, "tokens_per_s": cfg.train.batch_size * width / seconds,
-                           "step_seconds": seconds, "elapsed": elapsed})
+                           "step_seconds": seconds, "elapsed": elapsed, "compile_seconds": compile_seconds()})
             if bad_steps >= cfg.train.max_bad_steps:
                 raise fail(done, f"steps {done - bad_steps + 1}-{done} had a non-finite loss or gradient and were skipped "
                                  f"(train.max_bad_steps = {cfg.train.max_bad_steps}); "

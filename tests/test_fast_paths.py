@@ -190,7 +190,7 @@ def test_embedding_bag_equals_loop_of_lookups(kind, bag_size):
 def test_config_keys():
     cfg = load_config(overrides=["--model.loss_chunk_size=1024", "--train.compile=true"])
     assert cfg.model.loss_chunk_size == 1024 and cfg.train.compile
-    assert load_config().model.loss_chunk_size == 0 and not load_config().train.compile
+    assert load_config().model.loss_chunk_size == "auto" and load_config().train.compile == "auto"  # device_defaults
     assert load_config().model.attn_implementation == "sdpa"
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         load_config(overrides=["--model.loss_chunk_size=-1"])
