@@ -147,6 +147,7 @@ def row_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, slo
 
 
 _COMPILED: dict = {}  # function -> its compiled version; "failed" -> the error that turned compiling off
+COMPILE_BACKEND = "inductor"
 
 
 def _fused(fn, *args):
@@ -157,7 +158,7 @@ def _fused(fn, *args):
     if torch.compiler.is_compiling() or kernels_for(args[0].device) != "compiled":
         return fn(*args)
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
     try:
         return _COMPILED[fn](*args)
     except torch._dynamo.exc.TorchDynamoException as err:  # BackendCompilerFailed (no Triton, ...), Unsupported

@@ -234,3 +234,23 @@ def test_compiled_model_equals_eager(chunk):
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_a_loss_that_fails_to_compile_runs_eagerly_after_one_warning(monkeypatch):
+    """The compiled loss kernels (CUDA's default) with a compiler that fails: one warning, then the
+    eager kernels, with the reference's values and gradients."""
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setitem(loss_mod.LOSS_KERNELS, "cpu", "compiled")
+    monkeypatch.setattr(loss_mod, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(loss_mod, "_COMPILED", {})
+    logits, targets, weights = torch.randn(6, 50) * 2, bag_targets((6, 4), 50), slot_weights("uniform", 4)
+    with pytest.warns(UserWarning, match="did not compile") as caught:
+        got = [value_and_grad(lambda z: multi_hot_cross_entropy_sum(z, targets, weights), logits) for _ in range(2)]
+    assert len([w for w in caught if "did not compile" in str(w.message)]) == 1
+    assert loss_mod.kernels_for(torch.device("cpu")) == "eager"
+    ref = value_and_grad(lambda z: reference_sum(z, targets, weights), logits)
+    for value, _, grads in got:
+        torch.testing.assert_close(value, ref[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grads[0], ref[2][0], rtol=1e-5, atol=1e-6)
