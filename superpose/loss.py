@@ -4,10 +4,12 @@ pass, and a chunked head+loss that never holds the full logits).
 
 The paper scores a bag with a loop of s ``F.cross_entropy`` calls; each call normalises the same
 logits again and keeps its own ``[N, V]`` log-probabilities for the backward. Here the forward
-takes one fp32 log-softmax per row, keeps only the s log-probabilities it needs, and the
-backward writes ``softmax(z) * sum_j w_j - sum_j w_j onehot(y_j)`` straight into the gradient
-buffer. Both run over blocks of rows, so their fp32 temporaries are small (in cache on CPU)
-instead of fresh ``[N, V]`` buffers: the only ``[N, V]`` allocation is the gradient itself.
+takes one fp32 normalisation per row, keeps only what it needs, and the backward writes
+``softmax(z) * sum_j w_j - sum_j w_j onehot(y_j)`` straight into the gradient. Two kinds of
+kernels do it (``LOSS_KERNELS``): eager ones over blocks of rows, whose fp32 temporaries stay
+small (in cache on CPU), and fused ones that ``torch.compile`` turns into one pass over the
+logits each way (CUDA): the forward keeps only the fp32 log-sum-exp of each row. Either way the
+only ``[N, V]`` allocation is the gradient itself.
 
 Shapes: N positions, V vocabulary, m target slots, d model width. ``targets`` here are already
 safe indices (ignored slots point at 0) and ``slot_w`` ``[N, m]`` fp32 is 0 on ignored slots.
