@@ -362,32 +362,36 @@ def default_case(size, device, preset: str | None = None, batch: int = 1) -> Ste
     return StepCase(preset or size["step_preset"], size["vocab"], batch, size["seq_len"], str(device), "bf16", chunk=chunk)
 
 
-def fastest_batches(case: StepCase, makers: dict, size, device) -> tuple[dict, dict, dict]:
-    """Each variant at its own fastest micro-batch: ``makers`` {name: () -> step fn for ``case.batch``}.
-    Every candidate of ``size["batches"]`` that fits is timed (positions per second) until the
-    variant runs out of memory. Returns ({name: fn at its best batch}, {name: batch}, the scan)."""
-    scan, stopped = {name: {} for name in makers}, set()
-    for batch in size["batches"]:
+def at_batch(case: StepCase, make):
+    """A maker for ``fastest_batches``: ``make()`` (a step fn of ``case``) at a given micro-batch."""
+    def build(batch: int):
         case.batch = batch
+        return make()
+    return build
+
+
+def fastest_batches(makers: dict, cases: list, size, device) -> tuple[dict, dict, dict]:
+    """Each variant at its own fastest micro-batch: ``makers`` {name: batch -> step fn} over the
+    models of ``cases``. Every candidate of ``size["batches"]`` is timed (positions per second)
+    until the variant runs out of memory. Returns ({name: fn at its best batch}, {name: batch}, the scan)."""
+    scan, stopped, seq_len = {name: {} for name in makers}, set(), cases[0].seq_len
+    for batch in size["batches"]:
         for name, make in makers.items():
             if name in stopped:
                 continue
             try:
-                fn = make()
-                t = time_interleaved({name: fn}, size["batch_rounds"], str(device), warmup=1)[name]
-                scan[name][batch] = batch * case.seq_len / float(np.median(t))
+                t = time_interleaved({name: make(batch)}, size["batch_rounds"], str(device), warmup=1)[name]
+                scan[name][batch] = batch * seq_len / float(np.median(t))
             except torch.OutOfMemoryError:
                 stopped.add(name)
             finally:
-                case.lm.zero_grad(set_to_none=True)
+                for case in cases:
+                    case.lm.zero_grad(set_to_none=True)
                 free(device)
     if any(not rates for rates in scan.values()):
         raise RuntimeError(f"not even a micro-batch of {size['batches'][0]} fits: {scan}")
     batches = {name: max(rates, key=rates.get) for name, rates in scan.items()}
-    fns = {}
-    for name, make in makers.items():
-        case.batch = batches[name]
-        fns[name] = make()
+    fns = {name: make(batches[name]) for name, make in makers.items()}
     print(f"[batch] fastest micro-batch per variant: {batches}", flush=True)
     return fns, batches, {name: {str(b): r for b, r in rates.items()} for name, rates in scan.items()}
 
@@ -410,11 +414,11 @@ def section_compiled(size, device, state) -> dict:
         compile_s[f"s={bag}"] = time.time() - began
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     print(f"[compiled] first calls (compile included): {compile_s}; {graphs} graph(s)", flush=True)
-    makers = {"s=6 compiled": lambda: case.ours(6, compiled), "s=1 compiled": lambda: case.ours(1, compiled),
-              "plain": case.plain}
-    fns, batches, scan = fastest_batches(case, makers, size, device)
+    plain = default_case(size, device)  # what the user would otherwise run: eager transformers, its own copy
+    makers = {"s=6 compiled": at_batch(case, lambda: case.ours(6, compiled)),
+              "s=1 compiled": at_batch(case, lambda: case.ours(1, compiled)), "plain": at_batch(plain, plain.plain)}
+    fns, batches, scan = fastest_batches(makers, [case, plain], size, device)
     times = time_interleaved(fns, size["rounds"], str(device), warmup=1)
-    state["case"] = case
     return {**step_rows(case, times, state.get("peak"), "compiled", batches), "scan": scan, "compile_s": compile_s,
             "graphs": graphs}
 
@@ -422,9 +426,10 @@ def section_compiled(size, device, state) -> dict:
 def section_step(size, device, state) -> dict:
     """Our eager phase-1 (s=6) and phase-2 steps and the plain transformers step at the paper's
     smallest shape, each at its fastest micro-batch; host syncs and data time."""
-    case = state.get("case") or default_case(size, device)
-    makers = {"s=6": lambda: case.ours(6), "s=1": lambda: case.ours(1), "plain": case.plain}
-    fns, batches, scan = fastest_batches(case, makers, size, device)
+    case = default_case(size, device)  # eager: the compiled section compiled its model's blocks in place
+    makers = {"s=6": at_batch(case, lambda: case.ours(6)), "s=1": at_batch(case, lambda: case.ours(1)),
+              "plain": at_batch(case, case.plain)}
+    fns, batches, scan = fastest_batches(makers, [case], size, device)
     print(f"[step] {size['step_preset']} L={size['seq_len']} V={size['vocab']} chunk={case.model.loss_chunk_size}", flush=True)
     times = time_interleaved(fns, size["rounds"], str(device), warmup=2)
     state["case"] = case
