@@ -26,7 +26,7 @@ from .checkpoint import (Checkpoints, export_info, export_model, load_checkpoint
                          set_aside_newer)
 from .compilation import compile_blocks, compile_seconds
 from .config import SHORTHAND, Config, ConfigError, config_from_dict, stage_tables
-from .device_defaults import resolve_auto
+from .device_defaults import AUTO_KEYS, resolve_auto
 from .data import TokenData, WindowLoader, bits_per_byte, prepare, to_device, unigram_log_probs, validation_windows
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, parallelize,
                           on_main, shards_parameters)
@@ -153,7 +153,9 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
     """Keys (outside ``RESUME_SAFE_KEYS``) where ``cfg`` differs from a run's saved config. A key the
     saved config lacks (a run saved before the key existed) counts as its default value; between
     two plain next-token runs (no superposition stage) the [tst] keys make no difference; the
-    stage list counts, not how it was written (a stage list or the shorthand it expands to)."""
+    stage list counts, not how it was written (a stage list or the shorthand it expands to). A key of
+    ``AUTO_KEYS`` still "auto" in ``cfg`` matches the value it resolved to (train checks again
+    once it has resolved them for its device)."""
     before = config_from_dict(saved)
     plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(cfg.tst, cfg.train.steps)
     same_stages = stage_tables(before.tst) == stage_tables(cfg.tst)
@@ -164,7 +166,7 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
         for section, values in new.items()
         for key, value in values.items()
         if f"{section}.{key}" not in RESUME_SAFE_KEYS and old[section][key] != value and not (plain and section == "tst")
-        and not (same_stages and f"{section}.{key}" in stage_keys)
+        and not (same_stages and f"{section}.{key}" in stage_keys) and not (value == "auto" and f"{section}.{key}" in AUTO_KEYS)
     ]
     # Other stages written in the shorthand: name the shorthand keys, not the whole list.
     shorthand = any(key in stage_keys - {"tst.stages"} for key, _ in changes)

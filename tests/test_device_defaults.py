@@ -48,3 +48,13 @@ def test_a_run_records_the_resolved_values(small_data, tmp_path, capsys):
     saved = read_toml(out / "config.toml")
     assert (saved["train"]["precision"], saved["train"]["compile"], saved["model"]["loss_chunk_size"]) == ("fp32", False, 0)
     assert "train.precision" not in capsys.readouterr().err  # plain fp32 on CPU: said by the config only
+
+
+def test_a_saved_run_matches_auto_but_not_another_explicit_value():
+    """compare checks an arm's directory before train resolves "auto": a saved run's resolved
+    values match "auto" (train checks them again after resolving), an explicit other value does not."""
+    from superpose.train import config_changes
+
+    saved = resolve_auto(load_config(), torch.device("cpu"), 8192).to_dict()
+    assert config_changes(saved, load_config()) == []
+    assert config_changes(saved, load_config(overrides=["--train.precision=bf16"])) == ["train.precision: 'fp32' -> 'bf16'"]
