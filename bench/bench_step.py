@@ -65,14 +65,14 @@ PRESET_SHAPES = {"tiny": dict(batch=8, seq_len=128, rounds=5), "llama-270m": dic
 class StepCase:
     """One model, our ``train_step`` for each bag size, and the plain transformers step."""
 
-    def __init__(self, preset: str, vocab: int, batch: int, seq_len: int, device: str, precision: str):
+    def __init__(self, preset: str, vocab: int, batch: int, seq_len: int, device: str, precision: str, chunk: int = 0):
         torch.manual_seed(0)
         self.device, self.batch, self.seq_len, self.vocab = torch.device(device), batch, seq_len, vocab
         self.cfg = Config()
         self.cfg.train.precision = precision
         self.runtime = Runtime(0, 1, self.device)
         self.lm = build_model(preset, vocab, seq_len).to(self.device)
-        self.model = TSTModel(self.lm)
+        self.model = TSTModel(self.lm, loss_chunk_size=chunk)  # chunk: model.loss_chunk_size
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.plain_optimizer = None
 

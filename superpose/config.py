@@ -30,6 +30,7 @@ Weighting = Literal["uniform", "power", "exp", "first"]  # slot weightings of th
 Mode = Literal["full", "input", "output"]  # what a stage bags: inputs and targets, inputs only, targets only
 WEIGHTINGS, MODES = typing.get_args(Weighting), typing.get_args(Mode)
 CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name
+AUTO_KEYS = ("train.precision", "train.compile", "model.loss_chunk_size")  # "auto" is resolved per device (superpose.device_defaults)
 
 
 def setting(default, check: Callable[[Any], bool] | None = None, rule: str = ""):
@@ -114,7 +115,8 @@ class ModelConfig(Section):
     NAME: ClassVar[str] = "model"
     preset: str = "tiny"  # a name from superpose.model.PRESETS, or a local HF model/config directory
     attn_implementation: str = "sdpa"  # sdpa | eager | any attention the transformers model supports
-    loss_chunk_size: int = setting(0, lambda v: v >= 0, "must be >= 0 (0 = the full logits at once)")  # > 0: head + loss run this many positions at a time (no full logits)
+    loss_chunk_size: int | str = setting(  # > 0: head + loss run this many positions at a time (no full logits); 0 = the full logits; auto = per vocabulary (superpose.device_defaults)
+        "auto", lambda v: v == "auto" or (_integer(v) and v >= 0), "must be auto or an integer >= 0 (0 = the full logits at once)")
 
 
 @dataclass
@@ -305,8 +307,9 @@ class TrainConfig(Section):
     seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the device of every rank
     threads: int = setting(0, lambda v: v >= 0, "must be >= 0 (0 = chosen automatically)")  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; parameters and optimizer state stay fp32
-    compile: bool = False  # torch.compile the model (GPU runs; CPU stays uncompiled by default)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16 = autocast (parameters and optimizer state stay fp32)
+    compile: bool | str = setting(  # auto: on for CUDA, off for CPU; torch.compile each decoder block and the loss (superpose.compilation)
+        "auto", lambda v: v in ("auto", True, False), "must be auto, true or false")
     activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute each decoder block's activations in backward
     eval_every: int = setting(100, lambda v: v >= 1, "must be >= 1")  # validate every this many steps, and after the last one
     eval_tokens: int = setting(65536, lambda v: v >= 0, "must be >= 0")  # held-out tokens per validation (next-token loss); 0 = whole split

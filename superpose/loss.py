@@ -4,10 +4,12 @@ pass, and a chunked head+loss that never holds the full logits).
 
 The paper scores a bag with a loop of s ``F.cross_entropy`` calls; each call normalises the same
 logits again and keeps its own ``[N, V]`` log-probabilities for the backward. Here the forward
-takes one fp32 log-softmax per row, keeps only the s log-probabilities it needs, and the
-backward writes ``softmax(z) * sum_j w_j - sum_j w_j onehot(y_j)`` straight into the gradient
-buffer. Both run over blocks of rows, so their fp32 temporaries are small (in cache on CPU)
-instead of fresh ``[N, V]`` buffers: the only ``[N, V]`` allocation is the gradient itself.
+takes one fp32 normalisation per row, keeps only what it needs, and the backward writes
+``softmax(z) * sum_j w_j - sum_j w_j onehot(y_j)`` straight into the gradient. Two kinds of
+kernels do it (``LOSS_KERNELS``): eager ones over blocks of rows, whose fp32 temporaries stay
+small (in cache on CPU), and fused ones that ``torch.compile`` turns into one pass over the
+logits each way (CUDA): the forward keeps only the fp32 log-sum-exp of each row. Either way the
+only ``[N, V]`` allocation is the gradient itself.
 
 Shapes: N positions, V vocabulary, m target slots, d model width. ``targets`` here are already
 safe indices (ignored slots point at 0) and ``slot_w`` ``[N, m]`` fp32 is 0 on ignored slots.
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import warnings
+
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from .config import WEIGHTINGS
@@ -88,10 +93,25 @@ def multi_hot_cross_entropy(
 # ---------------------------------------------------------------------------- kernels
 
 
-# fp32 elements of temporaries per row block. CPU: 1 MiB, which stays in cache (measured with
-# bench/bench_step.py). GPUs: 256 MiB, chosen without a GPU (issue #13): bench/gpu_check.py times
-# it, 4x it and the whole tensor on the card and names the fastest; set "cuda" from that run.
+# Which kernels score the logits, per device type:
+#   eager     fp32 blocks of rows (BLOCK_ELEMENTS), F.log_softmax / torch.softmax: fast on CPU,
+#             where the blocks stay in cache; the fallback everywhere.
+#   compiled  row_nll / row_grad through torch.compile over all rows at once: one read of the
+#             logits forward, one read and one write backward, no [N, V] fp32 temporaries. The
+#             H200 of 2026-12-04 measured the compiled loss at 0.41x one eager F.cross_entropy
+#             (bench/results/gpu_check_h200_2026-12-04.json) and the eager blocks at 1.46x.
+#   fused     the same two functions uncompiled (their reference; slow: fp32 [N, V] temporaries).
+LOSS_KERNELS = {"cpu": "eager", "cuda": "compiled"}
+# fp32 elements of temporaries per row block of the eager kernels. CPU: 1 MiB, which stays in
+# cache (measured with bench/bench_step.py); GPUs: 256 MiB (their eager fallback).
 BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
+
+
+def kernels_for(device: torch.device) -> str:
+    """The kernels the loss runs on ``device``: ``LOSS_KERNELS``, else compiled; eager once a
+    compile failed in this process."""
+    kind = LOSS_KERNELS.get(device.type, "compiled")
+    return "eager" if kind == "compiled" and "failed" in _COMPILED else kind
 
 
 def _block_rows(logits: torch.Tensor) -> int:
@@ -102,6 +122,51 @@ def _block_rows(logits: torch.Tensor) -> int:
 
 def _blocks(n: int, rows: int):
     return ((start, min(start + rows, n)) for start in range(0, n, rows))
+
+
+def row_nll(logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``logsumexp(z)`` ``[r]`` of logits ``[r, V]`` and ``sum_{n,j} w_nj (lse_n - z_n[y_nj])``.
+
+    The log-sum-exp is all the backward needs to rebuild the softmax, so no ``[r, V]``
+    probabilities are kept. Compiled, this is one read of the logits (the fp32 cast fused)."""
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [r]
+    return lse, (slot_w * (lse[:, None] - logits.gather(1, targets).float())).sum()
+
+
+def row_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor,
+             scale: torch.Tensor) -> torch.Tensor:
+    """``scale * (softmax(z) * sum_j w_j - sum_j w_j onehot(y_j))`` ``[r, V]`` in the logits' dtype.
+
+    Every entry is computed in fp32 and rounded once: the target entries are rebuilt in fp32 on
+    ``[r, m]`` (a token that occurs twice in a bag gets both weights) and scattered over the
+    softmax term. Compiled, this is one read of the logits and one write of the gradient."""
+    row_scale = slot_w.sum(dim=1, keepdim=True) * scale  # [r, 1]
+    grad = (torch.exp(logits.float() - lse[:, None]) * row_scale).to(logits.dtype)  # [r, V]
+    same = (targets[:, :, None] == targets[:, None, :]).float()  # [r, m, m]
+    picked = torch.exp(logits.gather(1, targets).float() - lse[:, None]) * row_scale  # [r, m]
+    at_targets = picked - (same @ (slot_w * scale)[:, :, None]).squeeze(-1)  # [r, m]
+    return grad.scatter(1, targets, at_targets.to(logits.dtype))
+
+
+_COMPILED: dict = {}  # function -> its compiled version; "failed" -> the error that turned compiling off
+COMPILE_BACKEND = "inductor"
+
+
+def _fused(fn, *args):
+    """``fn(*args)`` compiled where ``kernels_for`` says so (once per function; dynamic shapes, so
+    chunks of any length and any bag size run without a recompile each). Inside an outer compile
+    the plain function is traced (it fuses there). A failure to compile warns once and turns the
+    loss eager (``kernels_for``) for the rest of the process."""
+    if torch.compiler.is_compiling() or kernels_for(args[0].device) != "compiled":
+        return fn(*args)
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, backend=COMPILE_BACKEND)
+    try:
+        return _COMPILED[fn](*args)
+    except torch._dynamo.exc.TorchDynamoException as err:  # BackendCompilerFailed (no Triton, ...), Unsupported
+        _COMPILED["failed"] = err
+        warnings.warn(f"the loss kernels did not compile ({type(err).__name__}); the loss runs eagerly", stacklevel=2)
+        return fn(*args)
 
 
 def picked_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -137,19 +202,36 @@ def _weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, slot_w: torch
     return -(slot_w * picked_log_probs(logits, targets)).sum()
 
 
+def _nll(logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor):
+    """``(lse [r] or None, weighted NLL sum)`` of logits ``[r, V]`` by the device's kernels (eager: no lse)."""
+    if kernels_for(logits.device) == "eager":
+        return None, _weighted_nll_sum(logits, targets, slot_w)
+    return _fused(row_nll, logits, targets, slot_w)
+
+
+def _grad(out: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor | None, targets: torch.Tensor,
+          slot_w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dL/dz ``[r, V]`` by the kernels that ran the forward: written into ``out`` (eager, which may
+    be ``logits`` itself) or a fresh tensor (fused)."""
+    if lse is None:
+        return mce_grad_(out, logits, targets, slot_w, scale)
+    return _fused(row_grad, logits, lse, targets, slot_w, scale)
+
+
 class MultiHotCrossEntropy(torch.autograd.Function):
     """``sum_{n,j} w_nj * (logsumexp(z_n) - z_n[y_nj])`` for logits ``[N, V]`` -> fp32 scalar."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, slot_w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(logits, targets, slot_w)
-        return _weighted_nll_sum(logits, targets, slot_w)
+        lse, total = _nll(logits, targets, slot_w)
+        ctx.save_for_backward(logits, targets, slot_w, lse)
+        return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, targets, slot_w = ctx.saved_tensors
-        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        return mce_grad_(out, logits, targets, slot_w, grad), None, None
+        logits, targets, slot_w, lse = ctx.saved_tensors
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format) if lse is None else None
+        return _grad(out, logits, lse, targets, slot_w, grad), None, None
 
 
 class ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -166,17 +248,21 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             h, w, b = _cast(hidden, weight, bias, dtype)
             n = h.shape[0]
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            lse = None if kernels_for(h.device) == "eager" else torch.empty(n, dtype=torch.float32, device=h.device)
             buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=h.device)  # [C, V]
             for a, c in _blocks(n, chunk):
                 z = _logits_into(buf[: c - a], h[a:c], w, b)
-                total += _weighted_nll_sum(z, targets[a:c], slot_w[a:c])
-        ctx.save_for_backward(hidden, weight, bias, targets, slot_w)
+                chunk_lse, chunk_total = _nll(z, targets[a:c], slot_w[a:c])
+                total += chunk_total
+                if lse is not None:
+                    lse[a:c] = chunk_lse
+        ctx.save_for_backward(hidden, weight, bias, targets, slot_w, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden, weight, bias, targets, slot_w = ctx.saved_tensors
+        hidden, weight, bias, targets, slot_w, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             h, w, b = _cast(hidden, weight, bias, dtype)
@@ -187,7 +273,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=h.device)  # [C, V]
             for a, c in _blocks(n, chunk):
                 g = _logits_into(buf[: c - a], h[a:c], w, b)
-                mce_grad_(g, g, targets[a:c], slot_w[a:c], grad)  # dL/dz, in place
+                g = _grad(g, g, None if lse is None else lse[a:c], targets[a:c], slot_w[a:c], grad)  # dL/dz
                 torch.matmul(g, w, out=grad_h[a:c])
                 if dtype == torch.float32:
                     grad_w.addmm_(g.t(), h[a:c])

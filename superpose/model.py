@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .distributed import all_reduce_sum
 from .errors import ModelError
@@ -84,13 +85,28 @@ def model_config(preset: str, vocab_size: int) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
+# transformers' "sdpa" under a name without a mask function: the model then builds no mask and SDPA
+# runs causal (is_causal, the flash kernel). Its mask creation for "sdpa" reads the position ids
+# back to the host (masking_utils.find_packed_sequence_indices) on every forward: a GPU sync.
+CAUSAL_SDPA = "superpose_causal_sdpa"
+AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+
+
+def training_attention(config: PretrainedConfig, attn_implementation: str) -> str:
+    """The attention a model trains with: "sdpa" becomes ``CAUSAL_SDPA`` for a model whose every
+    layer is fully causal (no sliding window), since TST's forwards have no padding and no packed
+    sequences; any other choice stands. Not saved: an exported config names no attention."""
+    windowed = getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or [])
+    return CAUSAL_SDPA if attn_implementation == "sdpa" and not windowed else attn_implementation
+
+
 def build_model(preset: str, vocab_size: int, seq_len: int, attn_implementation: str = "sdpa", meta: bool = False) -> nn.Module:
     """A fresh causal LM (or the weights of a local HF model directory), checked against the data.
 
     ``meta``: a fresh model is built on the meta device, without memory or random draws, to be
     sharded and then initialised (``superpose.meta_init``); weights from a directory load as they are."""
     config = model_config(preset, vocab_size)
-    config._attn_implementation = attn_implementation
+    config._attn_implementation = training_attention(config, attn_implementation)
     path = Path(preset)
     has_weights = preset not in PRESETS and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
     if config.vocab_size < vocab_size:

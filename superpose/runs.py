@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import tomli_w
 
-from .config import SHORTHAND, Config, config_from_dict, read_toml
+from .config import AUTO_KEYS, SHORTHAND, Config, config_from_dict, read_toml
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write_text, dir_kind
 from .schedule import Stage, has_superposition
@@ -318,7 +318,8 @@ def config_diff(before: Config, after: Config, skip: set[str] = frozenset()) -> 
     [tst] counts as the stages it gives: between two plain next-token runs (no superposition stage)
     it makes no difference, and a stage list counts, not how it was written (a list or the
     shorthand it expands to); other stages written in the shorthand name the shorthand keys that
-    differ, not the whole list."""
+    differ, not the whole list. A key of ``AUTO_KEYS`` still "auto" in ``after`` matches the value
+    ``before`` resolved it to (train checks again once it has resolved them for its device)."""
     plain = not has_superposition(before.tst, before.train.steps) and not has_superposition(after.tst, after.train.steps)
     same_stages = before.tst.stages == after.tst.stages
     stage_keys = {f"tst.{name}" for name in (*SHORTHAND, "stages")}
@@ -328,7 +329,7 @@ def config_diff(before: Config, after: Config, skip: set[str] = frozenset()) -> 
         for section, values in new.items() if section not in skip and not (plain and section == "tst")
         for key, value in values.items()
         if f"{section}.{key}" not in skip and old[section][key] != value
-        and not (same_stages and f"{section}.{key}" in stage_keys)
+        and not (same_stages and f"{section}.{key}" in stage_keys) and not (value == "auto" and f"{section}.{key}" in AUTO_KEYS)
     ]
     shorthand = any(key in stage_keys - {"tst.stages"} for key, _ in changes)
     return [text for key, text in changes if not (shorthand and key == "tst.stages")]

@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import Checkpoints, load_checkpoint, resolve_format, select_checkpoint, set_aside_newer
+from .compilation import compile_blocks, compile_seconds
 from .config import Config, ConfigError
 from .data import WindowLoader, check_same_data, ensure_data, to_device
+from .device_defaults import resolve_auto
 from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, on_main,
                           parallelize, shards_parameters)
 from .export import export_info, export_model
@@ -157,6 +159,8 @@ class Trainer:
         check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
         set_threads(cfg, runtime, lambda text: self.say(f"{label}: {text}"))
         self.data = ensure_data(cfg, runtime, resuming)
+        # "auto" precision, compile and loss chunking for this device: config.toml records the resolved values
+        self.cfg = cfg = resolve_auto(cfg, runtime.device, self.data.vocab_size, lambda text: self.say(f"{label}: {text}"))
         self.data_id = self.data.identity()  # in every checkpoint and the start record: a resume or export checks it
         self.resume_from, self.rejected = None, []
         checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
@@ -169,7 +173,7 @@ class Trainer:
         model = TSTModel(self.lm, cfg.model.loss_chunk_size)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)  # before FSDP2 shards the wrapped blocks
         if cfg.train.compile:
-            model.compile()  # in place: parameter names and checkpoints stay those of the plain model
+            compile_blocks(model)  # regional, in place: parameter names and checkpoints stay those of the plain model
         self.model = parallelize(model, runtime, cfg.distributed.strategy, cfg.distributed.param_dtype,
                                  cfg.distributed.reduce_dtype, cfg.distributed.shard_size)
         self.optimizer = make_optimizer(self.model, cfg, runtime.device)
@@ -255,7 +259,7 @@ class Trainer:
                                     "bag_size": stage.bag_size, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                                     "applied": result.applied, "tokens_seen": self.loader.tokens_seen,
                                     "tokens_per_s": cfg.train.batch_size * width / seconds, "step_seconds": seconds,
-                                    "elapsed": state.elapsed})
+                                    "elapsed": state.elapsed, "compile_seconds": compile_seconds()})
                 if bad_steps >= cfg.train.max_bad_steps:
                     raise self.fail(f"steps {state.step - bad_steps + 1}-{state.step} had a non-finite loss or gradient and "
                                     f"were skipped (train.max_bad_steps = {cfg.train.max_bad_steps}); "

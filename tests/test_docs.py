@@ -63,7 +63,7 @@ def test_reference_rows_carry_type_default_and_choices():
             for choice in choices(cls, f.name):
                 assert f"`{choice}`" in cells[3]
     assert '| `tst.bag_size` | int | `4` |' in text and '| `model.preset` | str | `"tiny"` |' in text
-    assert '| `tst.curriculum` | list | `[]` |' in text and '| `train.compile` | bool | `false` |' in text
+    assert '| `tst.curriculum` | list | `[]` |' in text and '| `train.compile` | bool or str | `"auto"` |' in text
 
 
 def test_reference_names_every_preset():

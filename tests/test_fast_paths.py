@@ -42,11 +42,16 @@ def value_and_grad(fn, *tensors):
     return value.detach(), weight, [t.grad for t in leaves]
 
 
-@pytest.fixture(params=["default", "tiny"])
+@pytest.fixture(params=["eager", "eager-3-rows", "fused", pytest.param("compiled", marks=pytest.mark.slow)])
 def blocks(request, monkeypatch):
-    """Run with the real row blocks and with 3-row blocks (several blocks, a partial last one)."""
-    if request.param == "tiny":
+    """Each kind of loss kernel: eager with the real row blocks and with 3-row blocks (several
+    blocks, a partial last one); the fused kernels of the GPU uncompiled, and (slow on CPU:
+    inductor compiles C++) compiled as on a GPU."""
+    if request.param == "eager-3-rows":
         monkeypatch.setattr(loss_mod, "_block_rows", lambda logits: 3)
+    elif request.param != "eager":
+        monkeypatch.setitem(loss_mod.LOSS_KERNELS, "cpu", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("bag_size,weighting", [(1, "uniform"), (4, "uniform"), (8, "power"), (3, "exp")])
@@ -89,7 +94,7 @@ def test_duplicates_count_and_bf16_logits(blocks):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_head_equals_full_logits(bias, chunk):
+def test_chunked_head_equals_full_logits(blocks, bias, chunk):
     torch.manual_seed(0)
     head = nn.Linear(16, 301, bias=bias)
     hidden = torch.randn(3, 11, 16)
@@ -120,7 +125,7 @@ def tiny_lm(vocab=300):
 
 @pytest.mark.parametrize("bag_size", [1, 4])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_tst_model_chunked_equals_unfused(bag_size, precision):
+def test_tst_model_chunked_equals_unfused(blocks, bag_size, precision):
     """Same loss and the same gradient on every parameter (head, body, embedding) in both phases."""
     lm = tiny_lm()
     inputs = torch.randint(300, (2, 12, bag_size))
@@ -185,7 +190,7 @@ def test_embedding_bag_equals_loop_of_lookups(kind, bag_size):
 def test_config_keys():
     cfg = load_config(overrides=["--model.loss_chunk_size=1024", "--train.compile=true"])
     assert cfg.model.loss_chunk_size == 1024 and cfg.train.compile
-    assert load_config().model.loss_chunk_size == 0 and not load_config().train.compile
+    assert load_config().model.loss_chunk_size == "auto" and load_config().train.compile == "auto"  # device_defaults
     assert load_config().model.attn_implementation == "sdpa"
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         load_config(overrides=["--model.loss_chunk_size=-1"])
@@ -229,3 +234,23 @@ def test_compiled_model_equals_eager(chunk):
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_a_loss_that_fails_to_compile_runs_eagerly_after_one_warning(monkeypatch):
+    """The compiled loss kernels (CUDA's default) with a compiler that fails: one warning, then the
+    eager kernels, with the reference's values and gradients."""
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setitem(loss_mod.LOSS_KERNELS, "cpu", "compiled")
+    monkeypatch.setattr(loss_mod, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(loss_mod, "_COMPILED", {})
+    logits, targets, weights = torch.randn(6, 50) * 2, bag_targets((6, 4), 50), slot_weight_vector("uniform", 4)
+    with pytest.warns(UserWarning, match="did not compile") as caught:
+        got = [value_and_grad(lambda z: multi_hot_cross_entropy_sum(z, targets, weights), logits) for _ in range(2)]
+    assert len([w for w in caught if "did not compile" in str(w.message)]) == 1
+    assert loss_mod.kernels_for(torch.device("cpu")) == "eager"
+    ref = value_and_grad(lambda z: reference_sum(z, targets, weights), logits)
+    for value, _, grads in got:
+        torch.testing.assert_close(value, ref[0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grads[0], ref[2][0], rtol=1e-5, atol=1e-6)

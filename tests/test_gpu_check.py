@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["peak", "correct", "step", "mce", "chunk", "moe", "compiled"]
+SECTIONS = ["peak", "correct", "compiled", "step", "mce", "chunk", "moe"]  # the compiled defaults first after correct
 
 
 def test_smoke_runs_every_section_and_its_references_agree(tmp_path):
@@ -26,17 +26,26 @@ def test_smoke_runs_every_section_and_its_references_agree(tmp_path):
     assert all(r["ok"] for r in correct["runs"]["comparisons"]), correct["runs"]["comparisons"]
     losses = correct["runs"]["losses"]["fp32"]
     assert len(losses) == 30 and losses[-1] < losses[0] - 0.3  # the runs train, through the switch at step 15
-    step = results["sections"]["step"]
-    assert step["batch"] == 2 and set(step["variants"]) == {"s=6", "s=1", "plain"}
-    assert {r["kind"] for r in step["ratios"]} == {"phase", "plain"}
-    assert all(v["tokens_per_s"] > 0 and v["mfu"] > 0 for v in step["variants"].values())
+    compiled, step = results["sections"]["compiled"], results["sections"]["step"]
+    assert set(compiled["variants"]) == {"s=6 compiled", "s=1 compiled", "plain"}
+    assert {r["kind"] for r in compiled["ratios"]} == {"phase", "plain"}
+    assert set(compiled["compile_s"]) == {"s=1", "s=6"} and compiled["graphs"] == 1  # the switch compiled nothing new
+    assert set(step["variants"]) == {"s=6", "s=1", "plain"} and {r["kind"] for r in step["ratios"]} == {"phase", "plain"}
+    for section in (compiled, step):  # each variant at the fastest micro-batch of its scan
+        for name, v in section["variants"].items():
+            rates = section["scan"][name]
+            assert set(rates) == {"1", "2"} and v["batch"] == int(max(rates, key=rates.get))
+            assert v["tokens_per_s"] > 0 and v["mfu"] > 0
     assert step["data"]["host_s_per_step"] > 0
     assert step["host_syncs"] == {"s=6": None, "s=1": None}  # ran unwatched: sync debug mode is CUDA's
-    assert [row["bags"] for row in results["sections"]["mce"]["rows"]] == [1, 6, 16]
-    assert "compiled" in results["sections"]["mce"]["rows"][1]["variants"]
-    assert set(results["sections"]["compiled"]["variants"]) == {"s=6", "s=1", "s=6 compiled", "s=1 compiled"}
+    rows = results["sections"]["mce"]["rows"]
+    assert [row["bags"] for row in rows] == [1, 6, 16]
+    assert all({"one_ce", "default", "eager"} <= set(row["variants"]) for row in rows) and "compiled" in rows[1]["variants"]
+    assert "6 * n_layers * L * d_attn" in results["mfu"]  # the MFU formula, attention counted, in the JSON
     goals = {g["goal"].split(":")[0] for g in results["goals"]}
-    assert {"correct", "step", "compiled", "mce s=1", "mce s=6", "mce s=16", "chunk"} <= goals
+    assert {"correct", "step", "compiled", "moe", "mce s=1", "mce s=6", "mce s=16", "chunk"} <= goals
+    lines = done.stdout.splitlines()
+    assert any(line.startswith(("PASS", "FAIL")) and "our phase-2 step with the defaults" in line for line in lines)
     assert done.stdout.rstrip().splitlines()[-1].startswith("wrote ")  # the table is the last thing printed
 
 
