@@ -34,8 +34,8 @@ from superpose.activation_checkpointing import apply_activation_checkpointing
 from superpose.config import Config
 from superpose.distributed import Runtime
 from superpose.model import TSTModel, build_model
-from superpose.schedule import Stage
 from superpose.optim import make_optimizer
+from superpose.schedule import Stage
 from superpose.train import train_step
 
 MODES = ("none", "full", "selective")

@@ -33,8 +33,8 @@ def run_mode(preset: str, asynchronous: bool, steps: int, every: int, batch: int
     from superpose.config import Config
     from superpose.distributed import Runtime
     from superpose.model import TSTModel, build_model
-    from superpose.schedule import Stage
     from superpose.optim import make_optimizer
+    from superpose.schedule import Stage
     from superpose.train import train_step
 
     vocab = 1024
@@ -80,7 +80,8 @@ def main() -> None:
     for mode in ("sync", "async"):
         with tempfile.TemporaryDirectory() as tmp:
             command = [sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps), "--every", str(args.every),
-                       "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--mode", mode, "--out", str(Path(tmp) / "run")]
+                       "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--mode", mode,
+                       "--out", str(Path(tmp) / "run")]
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
             shutil.rmtree(Path(tmp) / "run", ignore_errors=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -50,8 +50,8 @@ from superpose.distributed import Runtime
 from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weight_vector
 from superpose.method import embed_bags, window_length
 from superpose.model import TSTModel, build_model, flops_per_step
-from superpose.schedule import Stage
 from superpose.optim import make_optimizer
+from superpose.schedule import Stage
 from superpose.train import autocast, train_step
 
 # Dense bf16 peak FLOP/s of known devices (vendor figures, no sparsity); CPUs have none here.
@@ -156,7 +156,9 @@ def embed_variants(vocab: int, bags: int, positions: int, width: int, device: st
             emb.weight.grad = None
         return call
 
-    loop = lambda: sum(emb(ids[..., j]) for j in range(bags)) / bags  # the paper's s lookups
+    def loop():  # the paper's s lookups
+        return sum(emb(ids[..., j]) for j in range(bags)) / bags
+
     return {"ours": run(lambda: embed_bags(emb, ids)), "loop": run(loop)}
 
 

@@ -31,8 +31,8 @@ def child(preset: str, threads: int, steps: int, seq_len: int, batch: int) -> No
     from superpose.config import Config
     from superpose.distributed import Runtime
     from superpose.model import TSTModel, build_model
-    from superpose.schedule import Stage
     from superpose.optim import make_optimizer
+    from superpose.schedule import Stage
     from superpose.train import train_step
 
     torch.set_num_threads(threads)

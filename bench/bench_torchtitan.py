@@ -61,7 +61,9 @@ def titan_times(dump: Path, warmup: int) -> dict:
     (events,) = {p.parent for p in (dump / "tb").rglob("events.*")}
     acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
     acc.Reload()
-    pick = lambda tag: [e.value for e in acc.Scalars(tag) if e.step > warmup] if tag in acc.Tags()["scalars"] else []
+    def pick(tag):
+        return [e.value for e in acc.Scalars(tag) if e.step > warmup] if tag in acc.Tags()["scalars"] else []
+
     mfu = pick("mfu(%)")
     return {"step_seconds": statistics.median(pick("time_metrics/end_to_end(s)")),
             "positions_per_s": statistics.median(pick("throughput(tps)")), "mfu_percent": statistics.median(mfu) if mfu else None}
@@ -90,11 +92,12 @@ def main() -> int:
     for key, value in smoke.items():
         setattr(args, key, getattr(args, key) if getattr(args, key) is not None else value)
     args.out.mkdir(parents=True, exist_ok=True)
-    titan, paper = ("llama3_tiny", ROOT / "configs" / "tiny.toml") if args.smoke else ("llama3_270m", ROOT / "configs" / "paper" / "llama-270m.toml")
+    titan, paper = (("llama3_tiny", ROOT / "configs" / "tiny.toml") if args.smoke
+                    else ("llama3_270m", ROOT / "configs" / "paper" / "llama-270m.toml"))
     peak = None
     if not args.smoke:
-        from torchtitan.tools.utils import get_peak_flops  # the denominator torchtitan's own MFU uses
         import torch
+        from torchtitan.tools.utils import get_peak_flops  # the denominator torchtitan's own MFU uses
 
         peak = get_peak_flops(torch.cuda.get_device_name())
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
@@ -112,7 +115,8 @@ def main() -> int:
         if run.returncode:
             results[name] = {"error": (run.stdout + run.stderr)[-2000:]}
             continue
-        results[name] = titan_times(args.out / name, args.warmup) if kind == "titan" else superpose_times(args.out / name, args.warmup, peak)
+        results[name] = (titan_times(args.out / name, args.warmup) if kind == "titan"
+                         else superpose_times(args.out / name, args.warmup, peak))
     (args.out / "bench_torchtitan.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                 "peak_flops": peak, "results": results}, indent=2))
     print(f"{'arm':<15} {'s/step':>9} {'positions/s':>12} {'MFU %':>7}")

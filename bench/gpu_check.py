@@ -50,20 +50,20 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 import transformers
+from bench_step import PEAK_BF16, StepCase, chunk_variants, ratio, seconds, summary, time_interleaved
 from torch import nn
 
-from bench_step import PEAK_BF16, StepCase, chunk_variants, ratio, seconds, summary, time_interleaved
 from superpose import loss as loss_mod
 from superpose.compilation import compile_blocks
 from superpose.config import Config
-from superpose.device_defaults import device_defaults
 from superpose.data import WindowLoader, to_device
+from superpose.device_defaults import device_defaults
 from superpose.distributed import Runtime
 from superpose.loss import chunked_head_mce_sum, multi_hot_cross_entropy_sum, slot_weight_vector
 from superpose.method import split_window, window_length
 from superpose.model import PRESETS, TSTModel, build_model, flops_per_step
-from superpose.schedule import build_stages, lr_at, stage_at
 from superpose.optim import make_optimizer
+from superpose.schedule import build_stages, lr_at, stage_at
 from superpose.train import autocast, train_step
 
 IGNORE = -100
@@ -314,7 +314,7 @@ def chunk_checks(size, device) -> list[dict]:
 
 def tst_runs(size, device) -> dict:
     """30 steps of TST (s=4, then s=1 from step 15) in four set-ups from the same seed and data."""
-    vocab, seq_len = size["run_vocab"], size["run_seq"]
+    vocab = size["run_vocab"]
     rng = np.random.default_rng(0)
     # A learnable stream: each token is the previous plus 1..3 (mod V), so the loss falls fast.
     tokens = (np.cumsum(rng.integers(1, 4, 1 << 18)) % vocab).astype(np.uint32)
@@ -637,7 +637,8 @@ def goals(sections: dict) -> list[dict]:
             continue
         for r in sections[key]["ratios"]:
             if r["kind"] == "phase":
-                add(f"{key}: phase-1 ({r['a']}) / phase-2 ({r['b']}) time per position", r["value"], "<= 1.02", r["value"] <= 1.02)
+                add(f"{key}: phase-1 ({r['a']}) / phase-2 ({r['b']}) time per position", r["value"], "<= 1.02",
+                    r["value"] <= 1.02)
             elif r["kind"] == "plain" and key == "compiled":
                 add(f"{key}: our phase-2 step with the defaults / the plain transformers step", r["value"], "<= 0.75",
                     r["value"] <= 0.75)
@@ -658,7 +659,8 @@ def goals(sections: dict) -> list[dict]:
                 syncs and not syncs["count"], "; ".join(syncs["where"])[:160] if syncs else "")
     if "step" in sections:
         d, step = sections["step"]["data"], sections["step"]["variants"]["s=6"]["median_s"]  # at the same batch
-        add("step: data host time / phase-1 step time", d["host_s_per_step"] / step, "<= 0.02", d["host_s_per_step"] / step <= 0.02)
+        add("step: data host time / phase-1 step time", d["host_s_per_step"] / step, "<= 0.02",
+            d["host_s_per_step"] / step <= 0.02)
     if "mce" in sections:
         for row in sections["mce"]["rows"]:
             ratios = {k: x for k, x in row["ratio_to_one_ce"].items() if k != "one_ce"}
@@ -696,7 +698,8 @@ def print_table(results: dict) -> None:
     for g in results["goals"]:
         status = "n/a" if g["met"] is None else ("PASS" if g["met"] else "FAIL")
         value = g["value"]
-        value = "-" if value is None else str(value) if isinstance(value, int) else f"{100 * value:.1f}%" if "MFU" in g["goal"] else f"{value:.3f}"
+        value = ("-" if value is None else str(value) if isinstance(value, int)
+                 else f"{100 * value:.1f}%" if "MFU" in g["goal"] else f"{value:.3f}")
         print(f"{status:<8}{g['goal']:<72}{value:>10}  {g['limit']}" + (f"  ({g['note']})" if g["note"] else ""))
     for line in recommendations(results["sections"]):
         print(f"suggest {line}")

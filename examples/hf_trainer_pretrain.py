@@ -131,7 +131,8 @@ def main(argv=None) -> TSTTrainer:
                          tst=tst, seq_len=args.seq_len)  # TST
     trainer.train(resume_from_checkpoint=get_last_checkpoint(args.out) if args.resume else None)
     final_model = Path(args.out) / "model"
-    if trainer.is_fsdp_enabled:  # the weights exist only as the final checkpoint's shards: merge them (`accelerate merge-weights`)
+    # the weights exist only as the final checkpoint's shards: merge them (`accelerate merge-weights`)
+    if trainer.is_fsdp_enabled:
         last = Path(args.out) / f"checkpoint-{trainer.state.global_step}" / "pytorch_model_fsdp_0"
         merge_fsdp_weights(str(last), str(final_model))  # every rank takes part; rank 0 writes
         if trainer.is_world_process_zero():

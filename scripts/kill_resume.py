@@ -137,7 +137,8 @@ def child(kill: str, argv: list[str]) -> None:
         import superpose.export as export_mod
 
         write_manifest = export_mod.write_manifest
-        export_mod.write_manifest = lambda directory, *a: die() if Path(directory).name == ".tmp-model" else write_manifest(directory, *a)
+        export_mod.write_manifest = lambda directory, *a: (die() if Path(directory).name == ".tmp-model"
+                                                           else write_manifest(directory, *a))
     elif kind == "between":  # compare: the baseline arm has finished, the TST arm has not started
         import superpose.compare as compare_mod
 
@@ -241,7 +242,8 @@ def newest_checkpoint(run_dir: Path) -> int:
 
 def records(run_dir: Path) -> list[tuple]:
     """The compared content of a run's metrics.jsonl, in order."""
-    return [(r["kind"], r["step"], *(repr(r[k]) for k in COMPARED[r["kind"]])) for r in read_records(run_dir) if r["kind"] in COMPARED]
+    return [(r["kind"], r["step"], *(repr(r[k]) for k in COMPARED[r["kind"]]))
+            for r in read_records(run_dir) if r["kind"] in COMPARED]
 
 
 def weights_digest(run_dir: Path) -> str:
@@ -316,7 +318,8 @@ def main() -> int:
     kinds = sorted({trial_kind(i) for i in range(args.trials)})
     references = {kind: launch(command(kind, config, work / f"reference-{kind}", "none"), work / f"reference-{kind}", "none", env)
                   for kind in kinds}  # alongside the trials: each process uses one thread
-    fixed = args.plan.split(",") if args.plan else [f"step:{SWITCH}", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}", "export"]
+    fixed = (args.plan.split(",") if args.plan
+             else [f"step:{SWITCH}", f"step:{SWITCH + 1}", f"ckpt:{SWITCH + CHECKPOINT_EVERY}", "export"])
     rng = random.Random(args.seed)
     kills = mismatches = damaged = detected = 0
     for trial in range(args.trials):
@@ -327,7 +330,8 @@ def main() -> int:
         pending = None  # what was damaged, until the next process has reported it
         for point in plan + ["none"]:
             kill = "step:" + point.partition(":")[2] if point.startswith("damage-") else point
-            if kind == "train" and point not in ("none", "final", "export") and newest_checkpoint(run_dir) >= int(point.partition(":")[2]):
+            if (kind == "train" and point not in ("none", "final", "export")
+                    and newest_checkpoint(run_dir) >= int(point.partition(":")[2])):
                 say(f"  {point}: skipped, an external kill came late and the run is already past it")
                 continue
             log = run_dir.with_suffix(".log")

@@ -61,11 +61,11 @@ sys.path += [str(wheel) for wheel in sorted((Path(__file__).resolve().parents[1]
 from transformers import LlamaConfig  # noqa: E402
 
 from superpose.compare import run_arm  # noqa: E402
+from superpose.config import load_config  # noqa: E402
 from superpose.data import TokenData  # noqa: E402
+from superpose.errors import Interrupted, RunInUse  # noqa: E402
 from superpose.files import atomic_write_text  # noqa: E402
 from superpose.model import build_model, flops_per_step  # noqa: E402
-from superpose.config import load_config  # noqa: E402
-from superpose.errors import Interrupted, RunInUse  # noqa: E402
 from superpose.regime import BEST_COLUMNS, SHAPE_COLUMNS, point_name  # noqa: E402
 from superpose.report import phase1_diagnostic  # noqa: E402
 from superpose.runs import is_finished, load_run, non_embedding_parameters  # noqa: E402
@@ -344,8 +344,8 @@ def run_rows(root: Path, data: str | None) -> list[dict]:
         rows.append({"point": point, "seed": seed, "arm": arm, "preset": m["preset"], "steps": run.config.train.steps,
                      "batch": run.config.train.batch_size, "seq_len": run.config.data.seq_len, "device": m["device"] or "cpu",
                      "params": f["params"], "non_embedding_params": f["non_embedding_params"] if exported else None,
-                     "tokens_per_step": f["tokens_per_step"], "val_loss": round(f["val_loss"], 6), "tokens_seen": f["tokens_seen"],
-                     "epochs": float(f"{f['tokens_seen'] / tokens:.4g}") if tokens else None,
+                     "tokens_per_step": f["tokens_per_step"], "val_loss": round(f["val_loss"], 6),
+                     "tokens_seen": f["tokens_seen"], "epochs": float(f"{f['tokens_seen'] / tokens:.4g}") if tokens else None,
                      "train_s": round(f["elapsed"], 1), "flops": run.start["flops_per_step"] * run.config.train.steps})
     return rows
 
@@ -363,7 +363,8 @@ def map_rows(runs: list[dict]) -> list[dict]:
         rows.append({**{k: b.get(k) for k in ("preset", "params", "non_embedding_params", "steps", "batch", "device", "seq_len",
                                           "tokens_per_step")},
                      "tokens": b["tokens_seen"], "tokens_per_param": round(b["tokens_seen"] / b["params"], 4),
-                     "baseline": round(b["val_loss"], 4), "epochs": b.get("epochs"), "max_epochs": max(epochs) if epochs else None,
+                     "baseline": round(b["val_loss"], 4), "epochs": b.get("epochs"),
+                     "max_epochs": max(epochs) if epochs else None,
                      **{a: round(r["val_loss"] - b["val_loss"], 4) for a, r in done.items()}})
     return rows
 
@@ -511,7 +512,8 @@ def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)", "when-tst-pays-tokens-per-param.png"),
+    for xkey, xlabel, fname in (("tokens_per_param", "training tokens per parameter (baseline arm)",
+                                 "when-tst-pays-tokens-per-param.png"),
                                 ("steps", "optimizer steps", "when-tst-pays-steps.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for series, key, color in (("best full TST", "best_full_gap", "C0"), ("output-only s=2 r=0.2", "output-s2-r0.2", "C1")):
@@ -525,7 +527,8 @@ def plot(rows: list[dict], seeds: list[dict], out: Path) -> None:
                 for x, y, batch, seq_len in pts:
                     if (batch, seq_len) != (16, 64):
                         ax.scatter([x], [y], marker=marker, facecolors="none", edgecolors=color)
-                        ax.annotate(f"B={batch}" + (f"xL={seq_len}" if seq_len != 64 else "") + ("" if device == "cpu" else " GPU"),
+                        ax.annotate(f"B={batch}" + (f"xL={seq_len}" if seq_len != 64 else "")
+                                    + ("" if device == "cpu" else " GPU"),
                                     (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")

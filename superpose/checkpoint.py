@@ -39,8 +39,7 @@ from .distributed import Runtime, all_gather_object, broadcast_object, on_main, 
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, fsync_dir
 from .integrity import MANIFEST, NO_MANIFEST, HashingWriter, find_damage, write_manifest
-from .runs import (ABANDONED, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs, checkpoint_step,
-                   require_checkpoint)
+from .runs import ABANDONED, CHECKPOINTS, STATE_FILE, TRAINER_FILE, checkpoint_dirs, checkpoint_step, require_checkpoint
 from .sharded import ShardedWriter, is_sharded, load_sharded
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -168,7 +167,8 @@ class Checkpoints:
         try:
             share = future.result()
         except (Exception, CheckpointException) as err:  # any rank's failure, on every rank: none waits alone
-            error = write_failed(self._tmp(step), f"checkpoint {self._final(step)}", _write_reason(err), "earlier checkpoints are intact")
+            error = write_failed(self._tmp(step), f"checkpoint {self._final(step)}", _write_reason(err),
+                                 "earlier checkpoints are intact")
             share = {}
         raise_together(error)
         for part in all_gather_object(share):
@@ -251,7 +251,8 @@ def _write_reason(err: BaseException) -> str:
 
 
 def write_failed(tmp: Path, what: str, err: Exception | str, intact: str,
-                 advice: str = "free disk space (or lower train.keep_checkpoints) and resume with --resume auto") -> CheckpointError:
+                 advice: str = "free disk space (or lower train.keep_checkpoints) and resume with --resume auto",
+                 ) -> CheckpointError:
     """Remove the partial ``tmp`` and say what to do; a full disk is the usual cause."""
     shutil.rmtree(tmp, ignore_errors=True)
     return CheckpointError(f"could not write {what} ({getattr(err, 'strerror', None) or err}); {intact}: {advice}")
@@ -280,7 +281,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
             set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     except (KeyError, RuntimeError, ValueError, CheckpointException) as err:
         first = _first_line(_cause(err))
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); it was written for another model config") from None
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); "
+                              "it was written for another model config") from None
     return state["trainer"]
 
 

@@ -37,7 +37,8 @@ def cmd_prepare(args) -> None:
         f"({splits['val']['documents']} docs), {splits['train']['bytes_per_token']:.2f} bytes/token"
     )
     if meta["non_utf8_documents_replaced"]:
-        print(f"note: {meta['non_utf8_documents_replaced']} documents held bytes that are not UTF-8; they were replaced with U+FFFD")
+        print(f"note: {meta['non_utf8_documents_replaced']} documents held bytes that are not UTF-8; "
+              "they were replaced with U+FFFD")
 
 
 def cmd_train(args) -> None:
@@ -92,7 +93,6 @@ def cmd_sweep(args) -> None:
     bag_sizes = parse_list(args.bag_sizes, int, "--bag-sizes") if args.bag_sizes is not None else None
     ratios = parse_list(args.ratios, float, "--ratios") if args.ratios is not None else None
     from .compare import print_sweep, sweep  # torch-free until an arm trains
-
     from .distributed import shutdown
 
     try:
@@ -123,7 +123,8 @@ def check_run_dirs(paths: list[str]) -> None:
 
     for path in paths:
         if dir_kind(path) not in ("run", "comparison"):
-            raise ConfigError(f"{path} is {'not there' if not os.path.exists(path) else 'neither a run nor a compare or sweep directory'}")
+            raise ConfigError(f"{path} is "
+                              f"{'not there' if not os.path.exists(path) else 'neither a run nor a compare or sweep directory'}")
 
 
 def cmd_report(args) -> None:
@@ -199,15 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenise a corpus into token shards")
     p.add_argument("--out", required=True, help="output data directory")
-    p.add_argument("--input", action="append", help="file, directory or glob (.txt .md .jsonl .jsonl.gz .parquet .arrow); repeatable; default: embedded Shakespeare")
-    p.add_argument("--valid", action="append", help="held-out validation inputs (default: hold out --val-fraction of the documents)")
+    p.add_argument("--input", action="append",
+                   help="file, directory or glob (.txt .md .jsonl .jsonl.gz .parquet .arrow); repeatable; "
+                        "default: embedded Shakespeare")
+    p.add_argument("--valid", action="append",
+                   help="held-out validation inputs (default: hold out --val-fraction of the documents)")
     p.add_argument("--tokenizer", help="tokenizer.json or vocab.json+merges.txt directory (default: train a byte-level BPE)")
     p.add_argument("--vocab-size", type=int, default=prep.vocab_size, help="size of the BPE to train")
-    p.add_argument("--text-field", "--text-column", default=prep.text_field, help="JSONL field or Parquet/Arrow column holding the text")
-    p.add_argument("--num-proc", type=int, default=prep.num_proc, help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
+    p.add_argument("--text-field", "--text-column", default=prep.text_field,
+                   help="JSONL field or Parquet/Arrow column holding the text")
+    p.add_argument("--num-proc", type=int, default=prep.num_proc,
+                   help="tokenise in N processes with Hugging Face datasets (used for .parquet/.arrow)")
     p.add_argument("--val-fraction", type=float, default=prep.val_fraction)
     p.add_argument("--seed", type=int, default=prep.seed)
-    p.add_argument("--force", action="store_true", help="replace --out if it already holds prepared data (nothing else is ever replaced)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it already holds prepared data (nothing else is ever replaced)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -237,11 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate the comparison report from existing run directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="runs (a compare or sweep directory stands for its arms); the first baseline among them is the reference")
-    p.add_argument("--out", help="report directory (default: next to the first run, named report; in a compare directory, its report)")
+    p.add_argument("--out",
+                   help="report directory (default: next to the first run, named report; in a compare directory, its report)")
     p.add_argument("--force", action="store_true", help="replace the report directory if it already holds a report")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("verify", help="check checkpoints and exported models against their checksums (exit 0 = intact, 2 = damaged)")
+    p = sub.add_parser("verify",
+                       help="check checkpoints and exported models against their checksums (exit 0 = intact, 2 = damaged)")
     p.add_argument("path", help="a run directory (all its checkpoints and model/), a compare or sweep directory (every arm), "
                                 "a checkpoint, model or prepared data directory")
     p.set_defaults(func=cmd_verify)
@@ -249,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the model of a checkpoint (sharded or gathered) as a Hugging Face model directory")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory, e.g. RUN/checkpoints/step-00000600")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the model directory to write: new, empty, or an export (with --force)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an exported model (nothing else is ever replaced)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR if it holds an exported model (nothing else is ever replaced)")
     p.add_argument("--allow-data-change", action="store_true",
-                   help="export even if the run's data.dir now holds other data (its tokenizer is used; superpose.json records it)")
+                   help="export even if the run's data.dir now holds other data "
+                        "(its tokenizer is used; superpose.json records it)")
     p.add_argument("--quiet", action="store_true", help="accepted for compatibility: an export draws no progress bars")
     p.set_defaults(func=cmd_export)
 
@@ -269,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory (uses RUN/model) or HF model directory")
     p.add_argument("--tasks", help="comma-separated {query, choices, gold} JSONL tasks: NAME (EVAL_DIR/NAME.jsonl) or a path")
     p.add_argument("--eval-dir", help="directory holding NAME.jsonl for each task name")
-    p.add_argument("--text", action="append", help="held-out text (.txt .md .jsonl(.gz) .parquet .arrow) for loss, perplexity, bits/byte; repeatable")
+    p.add_argument("--text", action="append",
+                   help="held-out text (.txt .md .jsonl(.gz) .parquet .arrow) for loss, perplexity, bits/byte; repeatable")
     p.add_argument("--text-field", default=ev.text_field, help="JSONL field or table column holding the text")
     p.add_argument("--limit", type=int, help="only the first N examples of each task (documents of --text)")
     p.add_argument("--batch-size", type=int, default=ev.batch_size)

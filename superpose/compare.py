@@ -147,7 +147,8 @@ def report_runs(run_dirs: list[str | Path], out: str | Path | None = None, force
 # ---------------------------------------------------------------------------- sweeps
 
 
-def sweep(cfg: Config, bag_sizes: list[int] | None = None, ratios: list[float] | None = None) -> tuple[list[dict], Path, dict[str, str]]:
+def sweep(cfg: Config, bag_sizes: list[int] | None = None,
+          ratios: list[float] | None = None) -> tuple[list[dict], Path, dict[str, str]]:
     """Train one baseline and every (s, r) of the grid at ``cfg``'s budget (default: ``SweepOptions``);
     write sweep.csv and sweep.png. Returns the rows, the sweep directory and ``{arm: error}`` of the
     arms that failed."""

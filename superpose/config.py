@@ -30,7 +30,7 @@ Weighting = Literal["uniform", "power", "exp", "first"]  # slot weightings of th
 Mode = Literal["full", "input", "output"]  # what a stage bags: inputs and targets, inputs only, targets only
 WEIGHTINGS, MODES = typing.get_args(Weighting), typing.get_args(Mode)
 CORPORA = ("shakespeare",)  # the embedded corpora data.corpus may name
-AUTO_KEYS = ("train.precision", "train.compile", "model.loss_chunk_size")  # "auto" is resolved per device (superpose.device_defaults)
+AUTO_KEYS = ("train.precision", "train.compile", "model.loss_chunk_size")  # "auto" is per device (superpose.device_defaults)
 
 
 def setting(default, check: Callable[[Any], bool] | None = None, rule: str = ""):
@@ -115,8 +115,9 @@ class ModelConfig(Section):
     NAME: ClassVar[str] = "model"
     preset: str = "tiny"  # a name from superpose.model.PRESETS, or a local HF model/config directory
     attn_implementation: str = "sdpa"  # sdpa | eager | any attention the transformers model supports
-    loss_chunk_size: int | str = setting(  # > 0: head + loss run this many positions at a time (no full logits); 0 = the full logits; auto = per vocabulary (superpose.device_defaults)
-        "auto", lambda v: v == "auto" or (_integer(v) and v >= 0), "must be auto or an integer >= 0 (0 = the full logits at once)")
+    loss_chunk_size: int | str = setting(  # > 0: head + loss run this many positions at a time (no full logits);
+        "auto", lambda v: v == "auto" or (_integer(v) and v >= 0),  # 0 = the full logits;
+        "must be auto or an integer >= 0 (0 = the full logits at once)")  # auto = by the vocabulary (superpose.device_defaults)
 
 
 @dataclass
@@ -124,7 +125,8 @@ class DataConfig(Section):
     NAME: ClassVar[str] = "data"
     dir: str = "data/shakespeare"  # a directory written by `superpose prepare`
     corpus: str = "shakespeare"  # prepared into `dir` on first use if `dir` does not exist ("" = never)
-    vocab_size: int = setting(8192, lambda v: v > 256, "must be > 256 (byte-level BPE needs the 256 bytes)")  # BPE size used when `corpus` is prepared automatically
+    vocab_size: int = setting(  # BPE size used when `corpus` is prepared automatically
+        8192, lambda v: v > 256, "must be > 256 (byte-level BPE needs the 256 bytes)")
     seq_len: int = setting(128, lambda v: v >= 1, "must be >= 1")  # L: positions the model runs on, in every stage
 
     def check(self) -> None:
@@ -144,15 +146,19 @@ class StageConfig(Section):
     """One [[tst.stages]] table. A stage runs for `steps` steps or a `fraction` of train.steps (one
     of the two; the last stage may give neither: it takes the steps left)."""
 
-    bag_size: int = setting(0, lambda v: v >= 1, "must be an integer >= 1")  # s, the tokens of one bag (1 = next-token prediction); every table must give it
+    bag_size: int = setting(  # s, the tokens of one bag (1 = next-token prediction); every table must give it
+        0, lambda v: v >= 1, "must be an integer >= 1")
     steps: int = setting(0, lambda v: v >= 0, "must be an integer >= 0")  # the stage's length in steps
-    fraction: float = setting(0.0, lambda v: 0 <= v <= 1, "must be a number in [0, 1]")  # or its length as a fraction of train.steps
+    fraction: float = setting(  # or its length as a fraction of train.steps
+        0.0, lambda v: 0 <= v <= 1, "must be a number in [0, 1]")
     mode: Mode = "full"  # what the stage bags
     weighting: str | list = "uniform"  # a slot weighting (uniform | power | exp | first) or >= s slot weights
     anneal: bool = False  # slot weights move linearly to next-token-only over the stage
     lr_scale: float = setting(1.0, lambda v: v > 0, "must be a number > 0")  # LR multiplier during the stage
-    blend_steps: int = setting(0, lambda v: v >= 0, "must be an integer >= 0")  # the stage's last K steps turn gradually into next-token steps
-    rewarmup_steps: int = setting(0, lambda v: v >= 0, "must be an integer >= 0")  # linear LR re-warmup over the stage's first steps
+    blend_steps: int = setting(  # the stage's last K steps turn gradually into next-token steps
+        0, lambda v: v >= 0, "must be an integer >= 0")
+    rewarmup_steps: int = setting(  # linear LR re-warmup over the stage's first steps
+        0, lambda v: v >= 0, "must be an integer >= 0")
 
     def check(self) -> None:
         if self.steps and self.fraction:
@@ -192,15 +198,18 @@ class TSTConfig(Section):
     silently leave the stages as they were."""
 
     NAME: ClassVar[str] = "tst"
-    bag_size: int = setting(4, lambda v: v >= 1, "must be an integer >= 1 (1 = plain next-token baseline)")  # s: tokens averaged into one input position in phase 1 (1 = baseline)
-    ratio: float = setting(0.3, lambda v: 0 <= v <= 1, "must be in [0, 1] (the fraction of steps in phase 1)")  # r: fraction of steps in phase 1 (0 = baseline)
+    bag_size: int = setting(  # s: tokens averaged into one input position in phase 1 (1 = baseline)
+        4, lambda v: v >= 1, "must be an integer >= 1 (1 = plain next-token baseline)")
+    ratio: float = setting(  # r: fraction of steps in phase 1 (0 = baseline)
+        0.3, lambda v: 0 <= v <= 1, "must be in [0, 1] (the fraction of steps in phase 1)")
     weighting: Weighting = "uniform"  # slot weighting of the multi-hot loss
     mode: Mode = "full"  # full TST, or an ablation: input (bagged inputs only) | output (bag targets only)
     # Research levers (docs/when-tst-pays.md); the defaults are the paper's method.
     curriculum: list = setting([])  # [[s, r], ...]: several phase-1 stages; replaces bag_size/ratio
     slot_weights: list = setting([])  # explicit slot weights (>= s floats); replaces weighting
     anneal_to_ntp: bool = False  # slot weights move linearly to next-token-only over each phase-1 stage
-    blend_steps: int = setting(0, lambda v: v >= 0, "must be >= 0")  # smooth switch: the last K phase-1 steps turn gradually into next-token steps
+    blend_steps: int = setting(  # smooth switch: the last K phase-1 steps turn gradually into next-token steps
+        0, lambda v: v >= 0, "must be >= 0")
     lr_scale: float = setting(1.0, lambda v: v > 0, "must be > 0")  # LR multiplier during phase 1
     reset_optimizer: bool = False  # clear AdamW's moments when next-token training starts
     rewarmup_steps: int = setting(0, lambda v: v >= 0, "must be >= 0")  # linear LR re-warmup over the first next-token steps
@@ -289,11 +298,13 @@ class OptimConfig(Section):
     lr: float = setting(3e-3, lambda v: v > 0, "must be > 0")  # peak learning rate, reached after the warmup
     min_lr_ratio: float = setting(0.0, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # the LR decays linearly to lr * min_lr_ratio
     warmup_steps: int = setting(50, lambda v: v >= 0, "must be >= 0")  # linear warmup from 0 over the first steps
-    decay_fraction: float = setting(0.1, lambda v: 0 <= v <= 1, "must be in [0, 1]")  # warmup-stable-decay: linear decay over the last fraction of steps
+    decay_fraction: float = setting(  # warmup-stable-decay: linear decay over the last fraction of steps
+        0.1, lambda v: 0 <= v <= 1, "must be in [0, 1]")
     beta1: float = setting(0.9, lambda v: 0 <= v < 1, "must be in [0, 1)")  # AdamW first-moment decay
     beta2: float = setting(0.95, lambda v: 0 <= v < 1, "must be in [0, 1)")  # AdamW second-moment decay
     eps: float = setting(1e-8, lambda v: v > 0, "must be > 0")  # AdamW denominator epsilon
-    weight_decay: float = setting(0.1, lambda v: v >= 0, "must be >= 0")  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
+    weight_decay: float = setting(  # AdamW decoupled weight decay, on parameters with >= 2 dimensions only
+        0.1, lambda v: v >= 0, "must be >= 0")
     grad_clip: float = setting(1.0, lambda v: v >= 0, "must be >= 0")  # max global grad norm (0 = no clipping)
 
 
@@ -302,23 +313,29 @@ class TrainConfig(Section):
     NAME: ClassVar[str] = "train"
     out_dir: str = "runs/tiny"  # the run directory (compare and sweep: the parent of one directory per arm)
     steps: int = setting(600, lambda v: v >= 1, "must be >= 1")  # optimizer steps in all, both phases included
-    batch_size: int = setting(16, lambda v: v >= 1, "must be >= 1")  # global batch, in samples (windows), over all ranks and micro-batches
-    micro_batch_size: int = setting(0, lambda v: v >= 0, "must be >= 0")  # per rank and forward pass; 0 = the whole per-rank batch at once
+    batch_size: int = setting(  # global batch, in samples (windows), over all ranks and micro-batches
+        16, lambda v: v >= 1, "must be >= 1")
+    micro_batch_size: int = setting(  # per rank and forward pass; 0 = the whole per-rank batch at once
+        0, lambda v: v >= 0, "must be >= 0")
     seed: int = 0  # initial weights and data order (the windows of step t come from (seed, t))
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the device of every rank
-    threads: int = setting(0, lambda v: v >= 0, "must be >= 0 (0 = chosen automatically)")  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set, stands)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16 = autocast (parameters and optimizer state stay fp32)
-    compile: bool | str = setting(  # auto: on for CUDA, off for CPU; torch.compile each decoder block and the loss (superpose.compilation)
+    threads: int = setting(  # CPU threads per process; 0 = the cores the load average leaves free (OMP_NUM_THREADS, if set,
+        0, lambda v: v >= 0, "must be >= 0 (0 = chosen automatically)")  # stands)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16 is autocast, weights stay fp32
+    compile: bool | str = setting(  # auto: on for CUDA, off for CPU; torch.compile each decoder block and the loss
         "auto", lambda v: v in ("auto", True, False), "must be auto, true or false")
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute each decoder block's activations in backward
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # recompute each block's activations in backward
     eval_every: int = setting(100, lambda v: v >= 1, "must be >= 1")  # validate every this many steps, and after the last one
-    eval_tokens: int = setting(65536, lambda v: v >= 0, "must be >= 0")  # held-out tokens per validation (next-token loss); 0 = whole split
-    log_every: int = setting(10, lambda v: v >= 1, "must be >= 1")  # a train record in metrics.jsonl every this many steps, and after the last one
+    eval_tokens: int = setting(  # held-out tokens per validation (next-token loss); 0 = whole split
+        65536, lambda v: v >= 0, "must be >= 0")
+    log_every: int = setting(  # a train record in metrics.jsonl every this many steps, and after the last one
+        10, lambda v: v >= 1, "must be >= 1")
     checkpoint_every: int = setting(200, lambda v: v >= 0, "must be >= 0")  # 0 = only at the end
     keep_checkpoints: int = setting(2, lambda v: v >= 1, "must be >= 1")  # the newest this many checkpoints are kept
-    checkpoint_format: Literal["auto", "sharded", "gathered"] = "auto"  # auto: sharded under FSDP/HSDP, else gathered; sharded: DCP, every rank its shards
+    checkpoint_format: Literal["auto", "sharded", "gathered"] = "auto"  # auto: sharded (DCP) under FSDP/HSDP, else gathered
     async_checkpoint: bool = False  # sharded checkpoints are written in the background while training goes on
-    max_bad_steps: int = setting(5, lambda v: v >= 1, "must be >= 1")  # consecutive non-finite steps tolerated before the run stops
+    max_bad_steps: int = setting(  # consecutive non-finite steps tolerated before the run stops
+        5, lambda v: v >= 1, "must be >= 1")
     progress: bool = True  # tqdm progress bars (rank 0 only)
     tensorboard: bool = True  # TensorBoard scalars in out_dir/tensorboard (see superpose.tracking)
     wandb: bool = False  # also log to Weights & Biases (pip install 'superpose[wandb]')

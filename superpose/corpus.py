@@ -51,7 +51,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             if path.is_dir():
                 found = [p for p in sorted(path.rglob("*")) if p.is_file() and _supported(p)]
                 if not found:
-                    raise DataError(f"directory {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES)} files")
+                    raise DataError(f"directory {path} holds no "
+                                    f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES)} files")
                 files += found
             elif path.is_file():
                 if not _supported(path):

@@ -20,8 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import Config, PrepareOptions
-from .distributed import Runtime, barrier
 from .corpus import TABLE_SUFFIXES, DocumentCorpus, expand_inputs, shakespeare_files
+from .distributed import Runtime, barrier
 from .errors import DataError
 from .files import StagedDir, no_space
 from .integrity import ALGORITHM, HashingWriter, file_entry, write_manifest
@@ -133,7 +133,8 @@ def prepare(
             vocab = tok.get_vocab_size()
             dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
             tok.save(str(tmp / "tokenizer.json"))
-            splits = {split: write_shards(tmp, split, corpus.encode(split, tok, eos, progress), dtype) for split in ("train", "val")}
+            splits = {split: write_shards(tmp, split, corpus.encode(split, tok, eos, progress), dtype)
+                      for split in ("train", "val")}
             meta = {
                 "format": 1,
                 "vocab_size": vocab,
@@ -251,7 +252,8 @@ class TokenData:
         """What binds a run to this data (``check_same_data``): the SHA-256 of the tokenizer file and
         of the list of shards with their checksums (data prepared before checksums: their names
         and token counts)."""
-        shards = [[s["file"], s.get(ALGORITHM, s["tokens"])] for split in ("train", "val") for s in self.meta["splits"][split]["shards"]]
+        shards = [[s["file"], s.get(ALGORITHM, s["tokens"])]
+                  for split in ("train", "val") for s in self.meta["splits"][split]["shards"]]
         return {"tokenizer_sha256": file_entry(self.dir / self.meta["tokenizer"])[ALGORITHM],
                 "shards_sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest()}
 
@@ -328,7 +330,8 @@ def check_same_data(saved: dict | None, data: TokenData, what: str, flag: str, a
     current = data.identity()
     if saved is None or saved == current:
         return None
-    parts = [name for key, name in (("tokenizer_sha256", "tokenizer"), ("shards_sha256", "shards")) if saved.get(key) != current[key]]
+    parts = [name for key, name in (("tokenizer_sha256", "tokenizer"), ("shards_sha256", "shards"))
+             if saved.get(key) != current[key]]
     if not allow:
         raise DataError(f"{what} was trained on other data than {data.dir} holds now (its {' and '.join(parts)} differ); "
                         f"point data.dir at the data it was trained on, or pass {flag} to use this data anyway")

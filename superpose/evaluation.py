@@ -89,7 +89,8 @@ def text_task(files: list[Path], text_field: str, cache_dir: str) -> dict:
         "output_type": "loglikelihood_rolling",
         "doc_to_text": "",
         "doc_to_target": field,
-        "metric_list": [{"metric": m, "higher_is_better": False} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+        "metric_list": [{"metric": m, "higher_is_better": False}
+                        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
         "metadata": {"version": 1.0},
     }
 

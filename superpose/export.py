@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import _GATHER, _read, write_failed, verified
+from .checkpoint import _GATHER, _read, verified, write_failed
 from .config import Config, config_from_dict
 from .data import TokenData, check_same_data
 from .distributed import Runtime, barrier
@@ -118,8 +118,8 @@ def write_model_dir(state: dict[str, torch.Tensor], lm: nn.Module, tokenizer, eo
             _umask_modes(tmp)
             write_manifest(tmp)  # last: `superpose verify` checks the export like a checkpoint
         except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-            raise write_failed(tmp, f"the model export {out_dir}", err, "the checkpoints are intact, and so is any previous export",
-                               advice) from None
+            raise write_failed(tmp, f"the model export {out_dir}", err,
+                               "the checkpoints are intact, and so is any previous export", advice) from None
         staged.publish()
 
 

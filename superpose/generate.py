@@ -55,7 +55,8 @@ def generate(path: str | Path, prompt: str = GenerateOptions.prompt, max_new_tok
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.eos_token_id]])
     if positions is not None and ids.shape[1] + max_new_tokens > positions:
         raise ConfigError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "
-                          f"{positions} positions; give --max-new-tokens {max(positions - ids.shape[1], 0)} or less, or a shorter prompt")
+                          f"{positions} positions; give --max-new-tokens {max(positions - ids.shape[1], 0)} or less, "
+                          "or a shorter prompt")
     torch.manual_seed(seed)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0, temperature=temperature or None,
                          top_k=top_k, max_new_tokens=max_new_tokens, num_return_sequences=samples,

@@ -20,7 +20,8 @@ from tokenizers import Tokenizer
 from .corpus import JSONL_SUFFIXES, TEXT_SUFFIXES, holdout
 from .errors import DataError
 
-BUILDERS = {".parquet": "parquet", ".arrow": "arrow"} | dict.fromkeys(JSONL_SUFFIXES, "json") | dict.fromkeys(TEXT_SUFFIXES, "text")
+BUILDERS = ({".parquet": "parquet", ".arrow": "arrow"} | dict.fromkeys(JSONL_SUFFIXES, "json")
+            | dict.fromkeys(TEXT_SUFFIXES, "text"))
 
 
 def builder_of(path: Path) -> str:
@@ -58,7 +59,8 @@ class DatasetCorpus:
         for builder in sorted({builder_of(f) for f in files}):
             group = [str(f) for f in files if builder_of(f) == builder]
             options = {"sample_by": "document"} if builder == "text" else {}
-            if builder in ("text", "json"):  # bad UTF-8 replaced; json re-encodes (and so replaces) only for another encoding name
+            # bad UTF-8 replaced; json re-encodes (and so replaces) only for another encoding name
+            if builder in ("text", "json"):
                 options.update(encoding_errors="replace", **({"encoding": "utf-8-sig"} if builder == "json" else {}))
             try:
                 part = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=self.cache,
@@ -69,10 +71,12 @@ class DatasetCorpus:
                 raise DataError(f"{', '.join(group)}: cannot be read as {builder} ({err.__cause__ or err})") from None
             column = "text" if builder == "text" else text_field
             if column not in part.column_names:
-                raise DataError(f"{', '.join(group)}: no column {column!r} (columns: {', '.join(part.column_names)}); set --text-field")
+                raise DataError(f"{', '.join(group)}: no column {column!r} (columns: {', '.join(part.column_names)}); "
+                                "set --text-field")
             if getattr(part.features[column], "dtype", None) not in ("string", "large_string"):
                 raise DataError(f"{', '.join(group)}: column {column!r} holds {part.features[column]}, not text")
-            parts.append(part.select_columns([column]).rename_column(column, "text") if column != "text" else part.select_columns(["text"]))
+            parts.append(part.select_columns([column]).rename_column(column, "text") if column != "text"
+                         else part.select_columns(["text"]))
         texts = datasets.concatenate_datasets(parts)
         texts = texts.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True,
                              num_proc=self._procs(texts), desc="dropping empty documents")

@@ -111,7 +111,8 @@ def verify_targets(path: str | Path) -> list[tuple[Path, str | None]]:
     its problem (None = verified)."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"{path} does not exist" if not path.exists() else f"{path} is a file; give a run, checkpoint or model directory")
+        raise ConfigError(f"{path} does not exist" if not path.exists()
+                          else f"{path} is a file; give a run, checkpoint or model directory")
     if arms := arm_dirs(path):
         return [target for arm in arms for target in verify_targets(arm)]
     if (path / CONFIG).is_file() or (path / METRICS).is_file():

@@ -16,9 +16,8 @@ safe indices (ignored slots point at 0) and ``slot_w`` ``[N, m]`` fp32 is 0 on i
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import warnings
+from typing import Sequence
 
 import torch
 import torch._dynamo

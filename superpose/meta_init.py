@@ -79,7 +79,8 @@ def _on_scratch(init, module: nn.Module, owners: dict) -> None:
             continue
         if unwritten:
             raise ModelError(f"the init of {type(module).__name__}.{name} writes only part of it, so it cannot be built on "
-                             "the meta device; save the initial model with save_pretrained and give that directory as model.preset")
+                             "the meta device; save the initial model with save_pretrained and give that directory as "
+                             "model.preset")
         _copy_shard(param, full)
 
 

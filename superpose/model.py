@@ -96,7 +96,8 @@ def training_attention(config: PretrainedConfig, attn_implementation: str) -> st
     """The attention a model trains with: "sdpa" becomes ``CAUSAL_SDPA`` for a model whose every
     layer is fully causal (no sliding window), since TST's forwards have no padding and no packed
     sequences; any other choice stands. Not saved: an exported config names no attention."""
-    windowed = getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or [])
+    windowed = (getattr(config, "sliding_window", None)
+                or any(t != "full_attention" for t in getattr(config, "layer_types", None) or []))
     return CAUSAL_SDPA if attn_implementation == "sdpa" and not windowed else attn_implementation
 
 

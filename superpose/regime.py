@@ -141,12 +141,14 @@ def regime(non_embedding: int, parameters: int, steps: int, tokens_per_step: int
         point = min(no_gains, key=lambda p: (p.non_embedding, p.steps))
         verdict, text = "no-gain", (
             f"This run ({where}) is no larger, no longer and has no fewer tokens per step than a budget of "
-            f"superpose's small-scale map where no TST setting tried beat the baseline beyond noise (the best: {point.describe()}; {GAP}; "
+            f"superpose's small-scale map where no TST setting tried beat the baseline beyond noise "
+            f"(the best: {point.describe()}; {GAP}; "
             "docs/when-tst-pays.md): TST is not expected to pay here.")
     else:
         map_only = [p for p in points if p.source == "map"]
         point = min(map_only, key=lambda p: sum(math.log(a / b) ** 2 for a, b in (
-            (non_embedding, p.non_embedding), (tokens_per_step, p.tokens_per_step), (per_param, p.tokens_per_param)))) if map_only else None
+            (non_embedding, p.non_embedding), (tokens_per_step, p.tokens_per_step),
+            (per_param, p.tokens_per_param)))) if map_only else None
         closest = f"the nearest point measured: {point.describe()}; " if point else ""
         verdict, text = "untested", (
             f"This run ({where}) lies between the budgets measured ({closest}docs/when-tst-pays.md) and those "

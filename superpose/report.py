@@ -130,7 +130,8 @@ def summary_table(summary: dict) -> str:
             unreliable = key == "seconds_ratio" and _load_differs(c)
             if iso["reached"]:
                 return "n/a: machine load differed" if unreliable else _ratio(iso.get(key))
-            equivalent = None if unreliable else iso.get(key.replace("step_", "equivalent_step_").replace("seconds_", "equivalent_seconds_"))
+            equivalent = None if unreliable else iso.get(key.replace("step_", "equivalent_step_")
+                                                         .replace("seconds_", "equivalent_seconds_"))
             return "not reached" + (f" (equiv. {equivalent:.2f}x)" if equivalent is not None else "")
         return cell
 
@@ -197,7 +198,8 @@ def _prose(summary: dict) -> list[str]:
             lines.append(
                 f"- **Iso-loss: not reached.** {c['run']}'s best validation loss is {iso['candidate_best_val_loss']:.4f}, "
                 f"above the reference's final {iso['target_val_loss']:.4f}."
-                + (f" The reference was already at {c['run']}'s final loss at step {iso['reference_step_at_candidate_final']:.0f} "
+                + (f" The reference was already at {c['run']}'s final loss at step "
+                   f"{iso['reference_step_at_candidate_final']:.0f} "
                    f"(interpolated): {c['run']} needed {1 / iso['equivalent_step_ratio']:.2f}x the steps and FLOPs "
                    f"(equivalent speedup {iso['equivalent_step_ratio']:.2f}x)."
                    if iso.get("equivalent_step_ratio") else

@@ -346,7 +346,8 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
     try:
         changed = config_changes(saved, cfg)
     except ConfigError as err:  # e.g. a key this version does not know
-        raise ConfigError(f"the checkpoint's config cannot be checked ({err}); pass --allow-config-change to resume anyway") from None
+        raise ConfigError(f"the checkpoint's config cannot be checked ({err}); "
+                          "pass --allow-config-change to resume anyway") from None
     if changed:
         raise ConfigError(
             "resuming with a config that changes the run (" + "; ".join(changed) + "); "

@@ -125,7 +125,9 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
         if step < stage.end_step:
             if stage.blend:
                 i, k = step - stage.start_step, stage.end_step - stage.start_step
-                cumulative = lambda n: math.floor(n * (n + 1) / (2 * (k + 1)))  # sum_{j<n} (j+1)/(K+1)
+                def cumulative(n):  # sum_{j<n} (j+1)/(K+1)
+                    return math.floor(n * (n + 1) / (2 * (k + 1)))
+
                 if cumulative(i + 1) > cumulative(i):
                     return dataclasses.replace(stage, bag_size=1, mode="full", weighting="uniform", anneal=False)
             return stage

@@ -8,7 +8,8 @@
 Nothing is gathered, so a synchronous save costs no rank more memory than training does (an
 asynchronous one first copies the rank's shards to CPU memory). DCP's metadata records each
 tensor's global shape and which slice each file holds, so a checkpoint resumes on any world size
-and under any strategy: the reader asks for the slices of its own world and DCP reshards. This module writes and reads the files of one directory; where the
+and under any strategy: the reader asks for the slices of its own world and DCP reshards. \
+This module writes and reads the files of one directory; where the
 directory goes (temporary name, rename, retention) is ``superpose.checkpoint``'s business.
 
 Every rank hashes the shard files it wrote for the manifest, so the read-back that checksums cost

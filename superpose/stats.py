@@ -71,7 +71,8 @@ def iso_loss_speedup(reference: Curve, candidate: Curve) -> dict:
         if ref_step is not None and candidate.final("step") > 0:
             out.update(reference_step_at_candidate_final=ref_step,
                        equivalent_step_ratio=ref_step / candidate.final("step"),
-                       equivalent_seconds_ratio=value_at(reference.step, reference.elapsed, ref_step) / candidate.final("elapsed"))
+                       equivalent_seconds_ratio=(value_at(reference.step, reference.elapsed, ref_step)
+                                                 / candidate.final("elapsed")))
         return out
     seconds = value_at(candidate.step, candidate.elapsed, step)
     flops = value_at(candidate.step, candidate.flops, step)

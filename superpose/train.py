@@ -25,10 +25,20 @@ from .compilation import compile_blocks, compile_seconds
 from .config import Config, ConfigError
 from .data import WindowLoader, check_same_data, ensure_data, to_device
 from .device_defaults import resolve_auto
-from .distributed import (Runtime, all_reduce_sum, any_rank, barrier, check_world, gradient_sync, init_runtime, on_main,
-                          parallelize, shards_parameters)
-from .export import export_info, export_model
+from .distributed import (
+    Runtime,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    check_world,
+    gradient_sync,
+    init_runtime,
+    on_main,
+    parallelize,
+    shards_parameters,
+)
 from .errors import CheckpointError, DataError, Interrupted, TrainingError
+from .export import export_info, export_model
 from .files import LOCK_FILE, MARKER, claim_dir, writable_dir
 from .model import TSTModel, build_model, count_parameters, flops_per_step
 from .optim import make_optimizer
@@ -217,7 +227,8 @@ class Trainer:
                               open_trackers(cfg, run_dir, runtime.is_main, resume_step))
         if rejected or set_aside or data_change:
             self.log.write({"kind": "resume", "step": self.state.step, "checkpoint": str(self.resume_from),
-                            "rejected": rejected, "set_aside": set_aside, **({"data_changed": data_change} if data_change else {})})
+                            "rejected": rejected, "set_aside": set_aside,
+                            **({"data_changed": data_change} if data_change else {})})
         if self.state.step == 0:
             params = count_parameters(self.lm)
             self.log.write({"kind": "start", "step": 0, "parameters": params["total"],
@@ -304,7 +315,8 @@ class Trainer:
         if not math.isfinite(record["val_loss"]):
             raise self.fail(f"the validation loss at step {state.step} is {record['val_loss']}: the model diverged and is "
                             f"not exported; {self.newest_checkpoint('the newest checkpoint is {}')}; lower optim.lr (or check "
-                            "the data) and resume from a checkpoint before the divergence with --resume DIR --allow-config-change")
+                            "the data) and resume from a checkpoint before the divergence with --resume DIR "
+                            "--allow-config-change")
         state.last_eval = record
 
     def newest_checkpoint(self, phrase: str) -> str:

@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 from superpose.corpus import shakespeare_files  # noqa: E402
 from superpose.data import prepare  # noqa: E402
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (DEVELOPERS.md), else the workplace's copy.
 SHARED_DATA = next((p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "data").is_dir()), Path("/work/shared/data"))

@@ -19,9 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from superpose.activation_checkpointing import apply_activation_checkpointing
 from superpose.config import load_config
-from superpose.model import transformer_blocks
 from superpose.meta_init import initialize_like_one_process
-from superpose.model import TSTModel, build_model
+from superpose.model import TSTModel, build_model, transformer_blocks
 from superpose.runs import STATE_FILE
 from superpose.train import train
 

@@ -164,8 +164,9 @@ def test_cuda_requested_without_cuda(small_data, tmp_path, capsys):
 # ---------------------------------------------------------------------------- data and model
 
 
-@pytest.mark.parametrize("extra, fragment", [(["--distributed.shard_size=8"], "distributed.shard_size applies to strategy hsdp only"),
-                                             (["--distributed.strategy=hsdp"], "hsdp needs distributed.shard_size >= 1")])
+@pytest.mark.parametrize("extra, fragment",
+                         [(["--distributed.shard_size=8"], "distributed.shard_size applies to strategy hsdp only"),
+                          (["--distributed.strategy=hsdp"], "hsdp needs distributed.shard_size >= 1")])
 def test_shard_size_without_hsdp_or_hsdp_without_it(small_data, tmp_path, capsys, extra, fragment):
     fails(train_args(small_data, tmp_path / "run", *extra), capsys, fragment)
     assert not (tmp_path / "run").exists()
@@ -198,7 +199,8 @@ def test_token_id_out_of_range_in_validation_shard(data_copy, tmp_path, capsys):
     tokens[100] = 60000
     tokens.flush()
     del tokens
-    fails(train_args(data_copy, tmp_path / "run", "--train.eval_tokens=0"), capsys, "val-00000.bin: token id 60000 at position 100")
+    fails(train_args(data_copy, tmp_path / "run", "--train.eval_tokens=0"), capsys,
+          "val-00000.bin: token id 60000 at position 100")
 
 
 def test_model_vocab_smaller_than_tokenizer(small_data, tmp_path, capsys):
@@ -362,7 +364,8 @@ def test_tokenizer_without_end_of_document_token(tmp_path, capsys):
 
     path = tmp_path / "tok.json"
     Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(path))
-    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), extra=("--tokenizer", path)), capsys, "has none of <|endoftext|>, <|end_of_text|>")
+    fails(prepare_args(tmp_path / "out", *two_docs(tmp_path), extra=("--tokenizer", path)), capsys,
+          "has none of <|endoftext|>, <|end_of_text|>")
 
 
 def test_prepare_output_not_writable(tmp_path, capsys):
@@ -635,7 +638,8 @@ def test_prepare_takes_an_existing_path_literally_even_if_it_reads_as_a_glob(tmp
     literal, lookalike = tmp_path / "run[1]" / "a.jsonl", tmp_path / "run1" / "a.jsonl"
     for path, word in ((literal, "literal"), (lookalike, "glob")):
         path.parent.mkdir()
-        path.write_text("".join(json.dumps({"text": f"The {word} file says {word} {i} times over. " * 20}) + "\n" for i in range(4)))
+        path.write_text("".join(json.dumps({"text": f"The {word} file says {word} {i} times over. " * 20}) + "\n"
+                                for i in range(4)))
     cli(prepare_args(tmp_path / "data", literal))
     assert json.loads((tmp_path / "data" / "meta.json").read_text())["sources"] == [str(literal)]
 
@@ -715,7 +719,8 @@ def test_a_resume_never_falls_back_to_the_embedded_corpus(run_on_own_data, capsy
 
 def test_generate_refuses_more_tokens_than_the_model_has_positions(run_copy, capsys):
     """It used to run for 24 minutes past the model's 2,048 positions with only a warning."""
-    fails(["generate", run_copy, "--max-new-tokens", "100000"], capsys, "--max-new-tokens 100000 is beyond the model's 2048 positions")
+    fails(["generate", run_copy, "--max-new-tokens", "100000"], capsys,
+          "--max-new-tokens 100000 is beyond the model's 2048 positions")
     fails(["generate", run_copy, "--max-new-tokens", "2047", "--prompt", "To be, or not to be"], capsys,
           "exceed the model's 2048 positions")
 

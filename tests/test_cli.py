@@ -31,7 +31,8 @@ def test_help_version_and_config_errors_do_not_import_torch(argv):
     """What makes `superpose --help` take seconds is importing torch and transformers (and numpy, a
     tenth of a second): it must not happen, for any command's bad config or arguments."""
     code = ("import sys\nfrom superpose.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    print('exit', e.code)\nprint('heavy:', sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+            "    print('exit', e.code)\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().splitlines()[-1] == "heavy: []", done.stdout + done.stderr
     if argv == ["--version"]:

@@ -3,16 +3,14 @@ import gzip
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from conftest import SHARED_DATA
 
-from superpose.config import Config, ConfigError, load_config, validate
-from superpose.config import OptimConfig, TSTConfig
+from superpose.config import Config, ConfigError, OptimConfig, TSTConfig, load_config, validate
 from superpose.data import TokenData, WindowLoader, prepare, validation_windows
+from superpose.runs import config_changes, load_run_config, write_run_config
 from superpose.schedule import build_stages, lr_at, stage_at
-from superpose.runs import load_run_config, write_run_config
-from superpose.runs import config_changes
 
 GPT2 = str(SHARED_DATA / "tokenizers" / "gpt2")
 
@@ -249,8 +247,8 @@ def test_llama3_style_tokenizer_ends_documents_with_end_of_text(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
-    from superpose.export import export_model
     from superpose.distributed import Runtime
+    from superpose.export import export_model
     from superpose.model import TSTModel, build_model
 
     texts = [f"Document number {i}: the quick brown fox jumps over the lazy dog." for i in range(20)]

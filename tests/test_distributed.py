@@ -35,10 +35,12 @@ RUN = {  # 8 steps, phase 1 (s=2) for 4 of them, checkpoints after steps 3, 6 an
 }
 
 
-def launch(out_dir: Path, data_dir: Path, ranks: int, *overrides: str, resume: Path | None = None, env: dict | None = None) -> str:
+def launch(out_dir: Path, data_dir: Path, ranks: int, *overrides: str, resume: Path | None = None,
+           env: dict | None = None) -> str:
     """Run ``superpose train`` in 1 process, or under torchrun with ``ranks`` processes; returns stdout.
     ``env`` adds environment variables."""
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1
+              else [sys.executable])
     command = [*runner, "-m", "superpose", "train", *tiny_overrides(data_dir, out_dir, **RUN), *overrides]
     if resume is not None:
         command.append(f"--resume={resume}")
@@ -201,7 +203,8 @@ def test_async_sharded_checkpoints_under_fsdp(runs, small_data, tmp_path):
     launch(run, small_data, 2, "--distributed.strategy=fsdp", "--train.micro_batch_size=1", "--train.async_checkpoint=true")
     assert_identical(runs["fsdp"], run, range(1, 9))
     for step in (3, 6, 8):
-        entries = [json.loads((r / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())["files"] for r in (runs["fsdp"], run)]
+        entries = [json.loads((r / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())["files"]
+                   for r in (runs["fsdp"], run)]
         assert all(entries[0][name] == entries[1][name] for name in ("__0_0.distcp", "__1_0.distcp")), step
 
 
@@ -261,7 +264,8 @@ def test_moe_two_ranks_equal_one_process(runs, small_data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, layout", [(2, ["--distributed.strategy=fsdp"]),
-                                           (4, ["--distributed.strategy=hsdp", "--distributed.shard_size=2"])], ids=["fsdp", "hsdp"])
+                                           (4, ["--distributed.strategy=hsdp", "--distributed.shard_size=2"])],
+                         ids=["fsdp", "hsdp"])
 def test_bf16_mixed_precision_tracks_fp32(runs, small_data, tmp_path, ranks, layout):
     launch(tmp_path / "bf16", small_data, ranks, *layout, "--distributed.param_dtype=bf16", "--distributed.reduce_dtype=bf16")
     single, bf16 = steps(runs["single"]), steps(tmp_path / "bf16")
@@ -287,7 +291,8 @@ def test_tied_embeddings_under_fsdp(small_data, tmp_path):
         with safe_open(tmp_path / run / "model" / "model.safetensors", "pt") as weights:
             assert "lm_head.weight" not in weights.keys()
     main(["export", str(tmp_path / "fsdp" / "checkpoints" / "step-00000008"), str(tmp_path / "exported"), "--quiet"])
-    assert (tmp_path / "exported" / "model.safetensors").read_bytes() == (tmp_path / "fsdp" / "model" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "exported" / "model.safetensors").read_bytes()
+            == (tmp_path / "fsdp" / "model" / "model.safetensors").read_bytes())
 
 
 def test_moe_gives_every_parameter_a_gradient():
@@ -319,7 +324,8 @@ def test_activation_checkpointing_under_fsdp_equals_one_process(runs, small_data
 def test_mixed_precision_dtypes_need_fsdp():
     with pytest.raises(ConfigError, match="fsdp and hsdp only"):
         load_config(None, ["--distributed.param_dtype=bf16"])
-    assert load_config(None, ["--distributed.strategy=fsdp", "--distributed.reduce_dtype=bf16"]).distributed.reduce_dtype == "bf16"
+    assert load_config(None, ["--distributed.strategy=fsdp",
+                              "--distributed.reduce_dtype=bf16"]).distributed.reduce_dtype == "bf16"
     assert load_config(None, ["--distributed.strategy=hsdp", "--distributed.shard_size=8",
                               "--distributed.param_dtype=bf16"]).distributed.param_dtype == "bf16"
 

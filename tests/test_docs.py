@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import superpose
-from superpose.cli import build_parser
 from scripts.reference import field_comments, reference_markdown
+from superpose.cli import build_parser
 from superpose.config import COMMAND_OPTIONS, Config, StageConfig, choices, type_name
 from superpose.model import PRESETS
 

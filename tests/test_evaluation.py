@@ -6,9 +6,9 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
+from conftest import SHARED_DATA, tiny_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SHARED_DATA, tiny_overrides
 from superpose.cli import main
 from superpose.config import load_config
 from superpose.train import train

@@ -22,7 +22,8 @@ def test_smoke_runs_every_section_and_its_references_agree(tmp_path):
     assert not errors, errors
     correct = results["sections"]["correct"]
     assert len(correct["kernels"]) == 14 and all(k["ok"] for k in correct["kernels"]), correct["kernels"]
-    assert [r["name"] for r in correct["runs"]["comparisons"]] == ["bf16 vs fp32", "bf16+compile vs bf16", "fp32+fused_adamw vs fp32"]
+    assert [r["name"] for r in correct["runs"]["comparisons"]] == ["bf16 vs fp32", "bf16+compile vs bf16",
+                                                                   "fp32+fused_adamw vs fp32"]
     assert all(r["ok"] for r in correct["runs"]["comparisons"]), correct["runs"]["comparisons"]
     losses = correct["runs"]["losses"]["fp32"]
     assert len(losses) == 30 and losses[-1] < losses[0] - 0.3  # the runs train, through the switch at step 15

@@ -23,7 +23,8 @@ TOLERANCE, GRAD_NORM_RTOL = 1e-4, 1e-3  # as tests/test_distributed.py (two rank
 
 def run(tmp: Path, name: str, ranks: int, *args: str) -> list[dict]:
     """The per-step training records of one run of tests/trainer_run.py."""
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1
+              else [sys.executable])
     records = tmp / f"{name}.json"
     command = [*runner, str(ROOT / "tests" / "trainer_run.py"), "--run-dir", str(tmp / name), "--records", str(records), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -133,7 +133,8 @@ def test_resume_auto_falls_back_to_the_newest_good_checkpoint(reference, tmp_pat
     assert "step-00000006 failed verification" in err and "step-00000004 failed verification" in err, err
     assert "resuming from step 2" in err
     rejected = [r for r in read_records(run) if r["kind"] == "resume"]
-    assert len(rejected) == 1 and [Path(r["checkpoint"]).name for r in rejected[0]["rejected"]] == ["step-00000006", "step-00000004"]
+    assert len(rejected) == 1 and ([Path(r["checkpoint"]).name for r in rejected[0]["rejected"]]
+                                   == ["step-00000006", "step-00000004"])
     assert outcome(run) == outcome(reference)  # every loss, gradient norm, LR and validation loss, bit for bit
     assert (run / "model" / "model.safetensors").read_bytes() == (reference / "model" / "model.safetensors").read_bytes()
     assert find_damage(run / "checkpoints" / "step-00000006") is None  # rewritten by the resumed run

@@ -21,7 +21,8 @@ TIMING = {"tokens_per_s", "step_seconds", "elapsed"}
 
 
 def command(data: Path, out: Path, ranks: int, *extra: str) -> list[str]:
-    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else [sys.executable]
+    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1
+              else [sys.executable])
     return [*runner, "-m", "superpose", "train", *tiny_overrides(data, out, **RUN), *extra]
 
 

@@ -73,8 +73,10 @@ def test_the_paper_plan_continues_the_map_and_repeats_seeds_only_near_zero(plan,
     gaps = {"s6-r0.3": 0.30, "s4-r0.3": 0.01, "output-s2-r0.2": -0.05}  # noise 0.03: only s4 and output-only are near
     runs = [{"point": name, "seed": 0, "arm": "baseline", "val_loss": 4.0}]
     runs += [{"point": name, "seed": 0, "arm": arm, "val_loss": 4.0 + gap} for arm, gap in gaps.items()]
-    runs += [{"point": name, "seed": 1, "arm": "baseline", "val_loss": 4.1}, {"point": name, "seed": 1, "arm": "s4-r0.3", "val_loss": 4.1}]
-    seeds = [{"point": "medium-n1000-b16-cuda", "arm": "a", "gap_sd": 0.03}, {"point": "medium-n1000-b16", "arm": "a", "gap_sd": 0.5}]
+    runs += [{"point": name, "seed": 1, "arm": "baseline", "val_loss": 4.1},
+             {"point": name, "seed": 1, "arm": "s4-r0.3", "val_loss": 4.1}]
+    seeds = [{"point": "medium-n1000-b16-cuda", "arm": "a", "gap_sd": 0.03},
+             {"point": "medium-n1000-b16", "arm": "a", "gap_sd": 0.5}]
     todo = plan.paper_todo(args, runs, seeds)
     assert todo[:3] == [(first, 1, ["output-s2-r0.2"], False), (first, 2, ["s4-r0.3", "output-s2-r0.2"], True),
                         (later[0], 0, plan.PAPER_ARMS, True)]
@@ -87,8 +89,10 @@ def test_the_paper_plan_continues_the_map_and_repeats_seeds_only_near_zero(plan,
 def test_seeds_pair_with_their_baselines_across_sessions(plan):
     """The seeds table comes from the per-run rows: seeds tabulated in different sessions pair with
     the baseline of the same seed; a seed without its baseline does not count."""
-    runs = [{"point": "p", "seed": 0, "arm": "baseline", "val_loss": 5.0}, {"point": "p", "seed": 0, "arm": "a", "val_loss": 5.02},
-            {"point": "p", "seed": 1, "arm": "baseline", "val_loss": 5.1}, {"point": "p", "seed": 1, "arm": "a", "val_loss": 5.106},
+    runs = [{"point": "p", "seed": 0, "arm": "baseline", "val_loss": 5.0},
+            {"point": "p", "seed": 0, "arm": "a", "val_loss": 5.02},
+            {"point": "p", "seed": 1, "arm": "baseline", "val_loss": 5.1},
+            {"point": "p", "seed": 1, "arm": "a", "val_loss": 5.106},
             {"point": "p", "seed": 2, "arm": "a", "val_loss": 4.0}]
     (row,) = plan.seed_rows(runs)
     assert (row["point"], row["arm"], row["seeds"], row["gaps"]) == ("p", "a", 2, "+0.020 +0.006")
@@ -118,7 +122,8 @@ def test_the_paper_plan_rehearsed_on_cpu(plan, packed, tmp_path, monkeypatch):
     assert int(by_arm["s6-r0.3"]["tokens_seen"]) == 2 * 6 * 33 + 3 * 2 * 33
     assert float(by_arm["s6-r0.3"]["epochs"]) == pytest.approx((2 * 6 * 33 + 3 * 2 * 33) / tokens, rel=1e-3)
     # the row has the shape the runs had (--set made them 4 steps of 2 x 32 tokens), beside the committed rows
-    (row,) = [r for r in rows(out / "map.csv") if (r["preset"], r["steps"], r["batch"], r["seq_len"]) == (plan.PAPER[0][0], "4", "2", "32")]
+    (row,) = [r for r in rows(out / "map.csv")
+              if (r["preset"], r["steps"], r["batch"], r["seq_len"]) == (plan.PAPER[0][0], "4", "2", "32")]
     assert float(row["max_epochs"]) == float(by_arm["s6-r0.3"]["epochs"]) > float(row["epochs"])
     for arm in plan.PAPER_ARMS:
         assert float(row[arm]) == pytest.approx(float(by_arm[arm]["val_loss"]) - float(by_arm["baseline"]["val_loss"]), abs=1e-4)

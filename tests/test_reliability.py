@@ -14,8 +14,8 @@ from superpose.cli import main
 from superpose.config import Config
 from superpose.distributed import Runtime
 from superpose.model import TSTModel, build_model
-from superpose.schedule import Stage
 from superpose.optim import make_optimizer
+from superpose.schedule import Stage
 from superpose.train import train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")

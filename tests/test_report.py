@@ -18,11 +18,11 @@ from conftest import tiny_overrides
 
 from superpose.compare import arm_config, compare, compare_runs, sweep
 from superpose.config import Config, ConfigError, load_config
+from superpose.regime import Point, map_points, measured_points, regime
 from superpose.report import summary_table, write_report
 from superpose.runs import Run, config_differences, load_run
-from superpose.stats import Curve, difference_at, first_at_or_below, iso_loss_speedup, switch_spike, training_gap, value_at
-from superpose.regime import Point, map_points, measured_points, regime
 from superpose.schedule import build_stages, has_superposition
+from superpose.stats import Curve, difference_at, first_at_or_below, iso_loss_speedup, switch_spike, training_gap, value_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,8 @@ def test_arm_configs_derive_a_true_baseline():
 def test_run_describes_a_curriculum_by_its_stages():
     cfg = load_config(None, ["--tst.curriculum=[[8, 0.1], [4, 0.2], [8, 0.1]]", "--tst.blend_steps=5", "--train.steps=100"])
     stages = [dataclasses.asdict(stage) for stage in build_stages(cfg.tst, cfg.train.steps)]
-    run = Run("tst", Path("."), cfg, {"stages": stages}, [{"step": 0, "val_loss": 9.0, "elapsed": 0.0, "flops": 0.0, "tokens_seen": 0}], [], True)
+    run = Run("tst", Path("."), cfg, {"stages": stages},
+              [{"step": 0, "val_loss": 9.0, "elapsed": 0.0, "flops": 0.0, "tokens_seen": 0}], [], True)
     assert (run.bag_sizes, run.switch_step, run.ratio, run.method) == ([8, 4, 8], 40, 0.4, "s=8->4->8, r=0.4")
     plain = [dataclasses.asdict(st) for st in build_stages(load_config(None, ["--tst.ratio=0"]).tst, 100)]
     base = Run("baseline", Path("."), Config(), {"stages": plain}, run.evals, [], True)
@@ -267,7 +268,7 @@ def test_compare_writes_a_consistent_report(compared):
     assert comp["phase1"] == {"step": 4, "val_bag_loss": at_switch["val_bag_loss"],
                               "unigram_loss": at_switch["val_bag_unigram_loss"],
                               "beyond_unigram": at_switch["val_bag_unigram_loss"] - at_switch["val_bag_loss"]}
-    assert f"phase-1 bag loss (unigram)" in text and f"{at_switch['val_bag_loss']:.3f}" in text
+    assert "phase-1 bag loss (unigram)" in text and f"{at_switch['val_bag_loss']:.3f}" in text
 
 
 def test_wall_clock_speedup_is_not_reported_when_the_load_differed(compared):
@@ -360,7 +361,7 @@ def test_load_run_tolerates_a_restart_a_repeated_final_eval_and_a_cut_off_line(c
     source = root / "cmp" / "baseline"
     (tmp_path / "config.toml").write_text((source / "config.toml").read_text())
     lines = (source / "metrics.jsonl").read_text().splitlines()
-    final_eval = [l for l in lines if '"kind": "eval"' in l][-1]
+    final_eval = [line for line in lines if '"kind": "eval"' in line][-1]
     # A killed first attempt (restarted from scratch), then the full run, its final eval twice, a torn line.
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:3] + lines + [final_eval, '{"kind": "tra']) + "\n")
     run = load_run(tmp_path)
@@ -387,7 +388,7 @@ def test_compare_resumes_a_killed_arm_from_its_checkpoint(compared, tmp_path, ca
     printed = capsys.readouterr().err
     assert "[1/2] baseline: already finished" in printed and "resuming from" in printed and "step-00000004" in printed
     assert again["runs"][1]["final_val_loss"] == pytest.approx(summary["runs"][1]["final_val_loss"], abs=1e-6)
-    assert [json.loads(l)["kind"] for l in (tst / "metrics.jsonl").read_text().splitlines()].count("end") == 1
+    assert [json.loads(line)["kind"] for line in (tst / "metrics.jsonl").read_text().splitlines()].count("end") == 1
 
 
 def test_a_candidate_worse_than_the_untrained_reference_gets_a_report(compared, tmp_path):
@@ -420,9 +421,11 @@ def test_report_and_verify_take_a_compare_directory_and_replace_a_report_only_wi
     main(["report", str(root / "cmp"), "--force"])
     assert not (report / "stale.png").exists()
     summary = json.loads((report / "summary.json").read_text())
-    arms = ["baseline", *sorted(p.name for p in (root / "cmp").iterdir() if (p / "metrics.jsonl").is_file() and p.name != "baseline")]
+    arms = ["baseline", *sorted(p.name for p in (root / "cmp").iterdir()
+                                if (p / "metrics.jsonl").is_file() and p.name != "baseline")]
     assert "tst" in arms and [r["name"] for r in summary["runs"]] == arms  # the sweep test adds its grid's arms
     assert [p["run"] for p in summary["provenance"]] == arms and summary["provenance"][0]["cpu_capability"]
     main(["verify", str(root / "cmp")])
     checked = capsys.readouterr().out
-    assert f"ok       {root / 'cmp' / 'baseline' / 'model'}" in checked and f"ok       {root / 'cmp' / 'tst' / 'model'}" in checked
+    assert (f"ok       {root / 'cmp' / 'baseline' / 'model'}" in checked
+            and f"ok       {root / 'cmp' / 'tst' / 'model'}" in checked)

@@ -144,7 +144,8 @@ def test_disk_full_while_writing_a_sharded_checkpoint(sharded, tmp_path, capsys,
 
 def test_async_checkpoint_needs_the_sharded_format(small_data, tmp_path, capsys):
     with pytest.raises(ConfigError, match="async_checkpoint needs sharded"):
-        main(["--debug", *run_args(small_data, tmp_path / "a", "--train.checkpoint_format=gathered", "--train.async_checkpoint=true")])
+        main(["--debug", *run_args(small_data, tmp_path / "a", "--train.checkpoint_format=gathered",
+                                   "--train.async_checkpoint=true")])
     # 'auto' on one process means gathered: the same refusal, before any step
     fails(run_args(small_data, tmp_path / "b", "--train.async_checkpoint=true"), capsys, "'auto' gives gathered ones here")
     assert not (tmp_path / "b").exists()

@@ -28,8 +28,8 @@ COMMON = ["--module", "superpose.torchtitan", "--training.steps", str(STEPS),
 def torchtitan_run(script: str, data: Path, dump: Path, config: str = "llama3_tiny_tst", ranks: int = 1, *flags: str) -> dict:
     """Run ``script`` under torchrun; return the run's superpose train records (metrics.jsonl) by step."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(HERE / script),
-               *COMMON, "--config", config, *(["--tst.ratio", "0.5"] if config.endswith("_tst") else []), "--dataloader.dir", str(data), "--hf_assets_path", str(data),
-               "--dump_folder", str(dump), *flags]
+               *COMMON, "--config", config, *(["--tst.ratio", "0.5"] if config.endswith("_tst") else []),
+               "--dataloader.dir", str(data), "--hf_assets_path", str(data), "--dump_folder", str(dump), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -165,8 +165,10 @@ def test_loader_serves_each_stage_and_splits_ranks(small_data, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[tst]\nstages = [{bag_size = 4, steps = 1, mode = "input"}, {bag_size = 2, steps = 1}, {bag_size = 1}]\n')
     stages = TSTOptions(config=str(config)).stages(3)
-    make = lambda rank, world, batch: TokenWindowDataLoader(TokenWindowDataLoader.Config(dir=str(small_data), seed=3),
-                                                            dp_world_size=world, dp_rank=rank, seq_len=8, local_batch_size=batch)
+    def make(rank, world, batch):
+        return TokenWindowDataLoader(TokenWindowDataLoader.Config(dir=str(small_data), seed=3),
+                                     dp_world_size=world, dp_rank=rank, seq_len=8, local_batch_size=batch)
+
     one = make(0, 1, 4)
     one.plan(stages, accumulation=1)
     served = iter(one)

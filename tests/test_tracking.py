@@ -3,9 +3,9 @@ import json
 import shutil
 
 import pytest
+from conftest import tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_overrides
 from superpose.config import load_config
 from superpose.schedule import build_stages, stage_at
 from superpose.tracking import scalars

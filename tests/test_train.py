@@ -11,11 +11,11 @@ from transformers.utils import logging as hf_logging
 from superpose.config import load_config
 from superpose.data import TokenData, unigram_log_probs, validation_windows
 from superpose.distributed import Runtime
-from superpose.model import TSTModel, build_model
-from superpose.progress import hf_progress_bars
 from superpose.method import split_window
-from superpose.schedule import Stage
+from superpose.model import TSTModel, build_model
 from superpose.optim import make_optimizer
+from superpose.progress import hf_progress_bars
+from superpose.schedule import Stage
 from superpose.train import train, train_step
 from superpose.validation import validation_loss
 

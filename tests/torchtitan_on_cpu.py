@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 import types
 
-import torch
-
 
 def apply_shims() -> None:
     """Call before anything imports torchtitan."""

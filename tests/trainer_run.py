@@ -26,10 +26,11 @@ from transformers import TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fsdp_on_cpu import allow_fsdp_on_cpu  # noqa: E402  (this directory)
+
 from superpose.config import TSTConfig  # noqa: E402
 from superpose.hf_trainer import TSTTrainer, end_training, window_tokens  # noqa: E402
 from superpose.model import build_model  # noqa: E402
-from fsdp_on_cpu import allow_fsdp_on_cpu  # noqa: E402  (this directory)
 
 VOCAB, L, S = 64, 8, 4
 

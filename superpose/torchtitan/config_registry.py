@@ -35,7 +35,8 @@ def tst_config(model_spec: ModelSpec, *, lr: float, steps: int, warmup: int, glo
     return TSTTrainer.Config(
         model_spec=model_spec,
         tst=tst,
-        loss=ChunkedLossWrapper.Config(num_chunks=chunks, loss_fn=MultiHotLoss.Config(global_vocab_size=model_spec.model.vocab_size)),
+        loss=ChunkedLossWrapper.Config(num_chunks=chunks,
+                                       loss_fn=MultiHotLoss.Config(global_vocab_size=model_spec.model.vocab_size)),
         dataloader=TokenWindowDataLoader.Config(dir=data_dir),
         hf_assets_path=data_dir,
         optimizer=default_adamw(lr=lr),

@@ -55,7 +55,9 @@ class TokenWindowDataLoader(BaseDataLoader):
                               self.seed, self.dp_rank, self.dp_world_size, self.data.vocab_size)
         window = loader.batch(step, stage.window_length(self.seq_len))  # [b*g, W]
         inputs, labels, _ = stage.split(window, step)  # [b*g, L, k], [b*g, L, m]; the weights: TSTTrainer's
-        squeeze = lambda t: t.squeeze(-1) if t.shape[-1] == 1 else t
+        def squeeze(t):
+            return t.squeeze(-1) if t.shape[-1] == 1 else t
+
         return squeeze(inputs), squeeze(labels)
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:

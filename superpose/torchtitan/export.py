@@ -18,9 +18,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..export import write_model_dir
 from ..data import TokenData
 from ..errors import CheckpointError, ConfigError, UserError
+from ..export import write_model_dir
 
 
 def hf_llama_config(model) -> LlamaConfig:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch.distributed.tensor import DTensor
 from torchtitan.components.loss import BaseLoss, cross_entropy_loss

@@ -17,6 +17,7 @@ from .data import TokenWindowDataLoader
 from .embedding import BagEmbedding
 from .loss import MultiHotLoss
 
+
 @dataclass(kw_only=True, slots=True)
 class TSTOptions:
     """The ``[tst]`` table of a superpose config (docs/method.md): the shorthand, or ``config``."""
@@ -40,7 +41,8 @@ class TSTOptions:
             tst = config_from_dict({"tst": {"bag_size": self.bag_size, "ratio": self.ratio,
                                             "weighting": self.weighting, "mode": self.mode}}).tst
         stages = build_stages(tst, steps)
-        unsupported = [s.name for s in stages if s.lr_scale != 1.0 or s.rewarmup_steps] + (["reset_optimizer"] if tst.reset_optimizer else [])
+        unsupported = ([s.name for s in stages if s.lr_scale != 1.0 or s.rewarmup_steps]
+                       + (["reset_optimizer"] if tst.reset_optimizer else []))
         if unsupported:
             raise ConfigError(f"tst: lr_scale, rewarmup_steps and reset_optimizer are not supported on torchtitan "
                               f"(stages {', '.join(unsupported)}); torchtitan's lr_scheduler runs one schedule over the run")
