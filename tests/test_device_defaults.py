@@ -53,7 +53,7 @@ def test_a_run_records_the_resolved_values(small_data, tmp_path, capsys):
 def test_a_saved_run_matches_auto_but_not_another_explicit_value():
     """compare checks an arm's directory before train resolves "auto": a saved run's resolved
     values match "auto" (train checks them again after resolving), an explicit other value does not."""
-    from superpose.train import config_changes
+    from superpose.runs import config_changes
 
     saved = resolve_auto(load_config(), torch.device("cpu"), 8192).to_dict()
     assert config_changes(saved, load_config()) == []
