@@ -14,7 +14,12 @@ class ConfigError(UserError, ValueError):
     """A config that cannot run; the message says which key and how to fix it."""
 
 
-class RunInUse(ConfigError):
+class OutputError(ConfigError):
+    """An output directory that cannot be used: not writable, holding files of another kind, in the way.
+    A ConfigError too: the path is a setting (``train.out_dir``, ``--out``) the user chose."""
+
+
+class RunInUse(OutputError):
     """A run directory that another process is writing (it holds the directory's lock)."""
 
 

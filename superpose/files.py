@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError, RunInUse
+from .errors import OutputError, RunInUse
 
 LOCK_FILE = ".lock"
 MARKER = ".superpose"  # one line: the kind of directory superpose wrote
@@ -55,7 +55,7 @@ def writable_dir(path: str | Path, what: str) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        raise ConfigError(f"{what} {path} is not a writable directory ({err.strerror or err}); choose another {what}") from None
+        raise OutputError(f"{what} {path} is not a writable directory ({err.strerror or err}); choose another {what}") from None
     return path
 
 
@@ -129,19 +129,19 @@ def check_target(path: str | Path, kind: str, what: str) -> bool:
     a directory of ``kind`` (to be continued, or with ``--force`` replaced)."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        raise ConfigError(f"{what} {path} is {'a link' if path.is_symlink() else 'a file'}; give a directory")
+        raise OutputError(f"{what} {path} is {'a link' if path.is_symlink() else 'a file'}; give a directory")
     if not path.exists() or not [p for p in path.iterdir() if p.name != LOCK_FILE]:
         return False
     if dir_kind(path) == kind:
         return True
-    raise ConfigError(f"{what} {path} {describe(path)}: superpose writes {KINDS[kind]} only into a new or empty "
+    raise OutputError(f"{what} {path} {describe(path)}: superpose writes {KINDS[kind]} only into a new or empty "
                       f"directory or one of that kind; choose another {what}")
 
 
 def check_replace(path: str | Path, kind: str, what: str, force: bool) -> None:
     """The rule for a directory written whole: new, empty, or of ``kind`` and ``force`` given."""
     if check_target(path, kind, what) and not force:
-        raise ConfigError(f"{what} {path} already holds {KINDS[kind]}; pass --force to replace it, or choose another {what}")
+        raise OutputError(f"{what} {path} already holds {KINDS[kind]}; pass --force to replace it, or choose another {what}")
 
 
 def claim_dir(path: str | Path, kind: str, what: str, stack: contextlib.ExitStack | None = None) -> bool:
@@ -177,13 +177,13 @@ class StagedDir:
     def __enter__(self) -> Path:
         out = self.out.resolve()
         if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
-            raise ConfigError(f"{self.what} {self.out} is the current directory or one above it; give a new directory")
+            raise OutputError(f"{self.what} {self.out} is the current directory or one above it; give a new directory")
         check_target(self.out, self.kind, self.what)  # fail before any write; force is checked under the lock
         writable_dir(self.out.parent, f"{self.what}'s parent")
         for leftover in (self.tmp, self.old):
             if leftover.exists() and (leftover.is_symlink() or dir_kind(leftover) not in (self.kind, None)
                                       or dir_kind(leftover) is None and _has_files(leftover)):
-                raise ConfigError(f"{leftover} is in the way of {self.what} {self.out} and {describe(leftover)}; move it away")
+                raise OutputError(f"{leftover} is in the way of {self.what} {self.out} and {describe(leftover)}; move it away")
         self.tmp.mkdir(exist_ok=True)
         self.lock = DirectoryLock(self.tmp, self.what).__enter__()
         try:
