@@ -166,6 +166,7 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime, run_dir: Path, label: str, stack: contextlib.ExitStack,
                  resuming: bool = False):
         self.cfg, self.runtime, self.run_dir, self.label = cfg, runtime, run_dir, label
+        self.log, self.bar = None, None  # opened by resume and fit; until then say() prints
         check_world(runtime, cfg.train.batch_size, cfg.distributed.strategy, cfg.distributed.shard_size)
         set_threads(cfg, runtime, lambda text: self.say(f"{label}: {text}"))
         self.data = ensure_data(cfg, runtime, resuming)
@@ -197,7 +198,6 @@ class Trainer:
         self.validator = Validator(self.data, cfg, runtime, self.stages)
         self.state = TrainState(self.loader, runtime.device)
         self.step_flops = flops_per_step(self.lm, cfg.data.seq_len, cfg.train.batch_size * cfg.data.seq_len)
-        self.log, self.bar = None, None
 
     def say(self, text: str) -> None:
         if self.runtime.is_main:

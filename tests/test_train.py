@@ -25,6 +25,19 @@ def records(run_dir, kind):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def test_a_run_without_omp_num_threads_chooses_and_names_its_threads(small_data, tmp_path, monkeypatch, capsys):
+    """train.threads = 0 and no OMP_NUM_THREADS (a user's shell, unlike these tests): the run picks
+    its threads from the machine's load and says so in one line before it starts, then trains."""
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads = torch.get_num_threads()
+    train(load_config(None, tiny_overrides(small_data, tmp_path / "run", **{"train.steps": 2, "train.eval_every": 2})))
+    assert "CPU thread(s) per process" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads  # the run's choice ends with the run
+    assert records(tmp_path / "run", "eval")[-1]["step"] == 2
+
+
 @pytest.mark.parametrize("arm", ["tst", "baseline"])
 def test_tiny_model_learns(small_data, tmp_path, arm):
     ratio = 0.3 if arm == "tst" else 0.0
