@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .config import EvalOptions, GenerateOptions, PrepareOptions, SweepOptions  # torch-free
-from .errors import Interrupted, TrainingError, UserError
+from .errors import ConfigError, Interrupted, TrainingError, UserError
 from .launch import is_main_process
 
 # OSError: a full disk, a missing file, no permission; the message names the path.
@@ -15,6 +15,9 @@ USER_ERRORS = (UserError, OSError)
 
 
 def cmd_prepare(args) -> None:
+    from .config import check_prepare_options
+
+    check_prepare_options(args.val_fraction, args.vocab_size, args.num_proc, args.tokenizer)  # before torch loads
     from .data import prepare
 
     meta = prepare(
@@ -58,7 +61,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .config import ConfigError, load_config
+    from .config import load_config
 
     if args.runs:
         if args.config or args.overrides:
@@ -173,10 +176,12 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
+    if not tasks and not args.text:  # answered before the harness and torch load
+        raise ConfigError("nothing to evaluate: give --tasks and/or --text")
     from .evaluation import evaluate, format_results
     from .files import atomic_write_text
 
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
     results = evaluate(args.model, tasks, args.eval_dir, args.text or [], args.text_field, args.limit,
                        args.batch_size, args.device, args.max_length)
     print(format_results(results))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -416,6 +416,16 @@ class PrepareOptions:
     val_fraction: float = 0.05  # documents held out for validation when no --valid inputs are given
     seed: int = 0  # seed of the held-out document draw
     num_proc: int = 1  # > 1: tokenise in this many processes with Hugging Face datasets
+
+
+def check_prepare_options(val_fraction: float, vocab_size: int, num_proc: int, tokenizer: str | None) -> None:
+    """The checks of ``prepare``'s options, made by the CLI before torch loads and by ``prepare`` itself."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"the validation fraction must be in (0, 1), got {val_fraction}")
+    if tokenizer is None and vocab_size <= 256:
+        raise DataError(f"vocab size {vocab_size} is too small: a byte-level BPE needs more than 256 tokens")
+    if num_proc < 1:
+        raise DataError("num_proc must be >= 1")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .config import Config, PrepareOptions
+from .config import Config, PrepareOptions, check_prepare_options
 from .corpus import TABLE_SUFFIXES, DocumentCorpus, expand_inputs, shakespeare_files
 from .distributed import Runtime, barrier
 from .errors import DataError
@@ -108,17 +108,12 @@ def prepare(
     beside its place, locked against a second ``prepare``, and swapped in complete
     (``superpose.files.StagedDir``), with ``manifest.json`` (every file's SHA-256) for ``verify``.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"the validation fraction must be in (0, 1), got {val_fraction}")
-    if tokenizer is None and vocab_size <= 256:
-        raise DataError(f"vocab size {vocab_size} is too small: a byte-level BPE needs more than 256 tokens")
+    check_prepare_options(val_fraction, vocab_size, num_proc, tokenizer)
     out = Path(out_dir)
     files = shakespeare_files() if inputs is None else expand_inputs(inputs)
     valid_files = expand_inputs(valid_inputs) if valid_inputs else []
     if not files:
         raise DataError("no input files")
-    if num_proc < 1:
-        raise DataError("num_proc must be >= 1")
     staged = StagedDir(out, "data", "output directory", force)
     with staged as tmp:
         if num_proc > 1 or any(p.name.endswith(TABLE_SUFFIXES) for p in files + valid_files):

@@ -26,7 +26,9 @@ def user_error(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--train.stepz=1"], ["train", "--tst.ratio", "2"],
                                   ["compare", "--train.stepz=1"], ["sweep", "--tst.ratio=2"], ["sweep", "--ratios=x"],
                                   ["report", "no-such-run"], ["compare", "--runs", "no-base", "no-tst"],
-                                  ["export", "no-checkpoint", "out"], ["verify", "no-such-dir"], ["train", "--help"]])
+                                  ["export", "no-checkpoint", "out"], ["verify", "no-such-dir"], ["train", "--help"],
+                                  ["prepare", "--out", "x", "--val-fraction", "2"], ["prepare", "--out", "x", "--num-proc", "0"],
+                                  ["eval", "no-model"], ["generate", "no-model"]])
 def test_help_version_and_config_errors_do_not_import_torch(argv):
     """What makes `superpose --help` take seconds is importing torch and transformers (and numpy, a
     tenth of a second): it must not happen, for any command's bad config or arguments."""
