@@ -173,7 +173,7 @@ class Trainer:
         # "auto" precision, compile and loss chunking for this device: config.toml records the resolved values
         self.cfg = cfg = resolve_auto(cfg, runtime.device, self.data.vocab_size, lambda text: self.say(f"{label}: {text}"))
         self.data_id = self.data.identity()  # in every checkpoint and the start record: a resume or export checks it
-        self.resume_from, self.rejected = None, []
+        self.resume_from = None  # the checkpoint resume() restores, if any
         checkpoint_format = resolve_format(cfg.train.checkpoint_format, runtime, cfg.distributed.strategy)
         # Entered into the run's stack: an error anywhere waits for a background write before the process groups go.
         self.checkpoints = stack.enter_context(Checkpoints(run_dir, checkpoint_format, cfg.train.keep_checkpoints,
