@@ -108,8 +108,6 @@ def cmd_sweep(args) -> None:
 
 
 def parse_list(text: str, kind: type, name: str) -> list:
-    from .errors import ConfigError
-
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -121,7 +119,6 @@ def parse_list(text: str, kind: type, name: str) -> list:
 
 def check_run_dirs(paths: list[str]) -> None:
     """A wrong run directory answers at once, before the analysis modules are imported."""
-    from .errors import ConfigError
     from .files import dir_kind
 
     for path in paths:

@@ -243,6 +243,7 @@ class TokenData:
     def longest(self, split: str) -> int:
         """Tokens of the split's longest shard: no window can be longer (windows never cross shards)."""
         return max(shard.size for shard in self.splits[split])
+
     def identity(self) -> dict:
         """What binds a run to this data (``check_same_data``): the SHA-256 of the tokenizer file and
         of the list of shards with their checksums (data prepared before checksums: their names

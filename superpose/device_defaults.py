@@ -40,12 +40,13 @@ def resolve_auto(cfg: Config, device: torch.device, vocab_size: int, say=None) -
     CPU run) go unsaid, as before these defaults existed. config.toml records the values either way."""
     resolved = device_defaults(device, vocab_size)
     out = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
-    chosen = []
+    chosen = []  # the keys that were "auto"
     for key in AUTO_KEYS:
         section, name = key.split(".")
         if getattr(getattr(out, section), name) == "auto":
             setattr(getattr(out, section), name, resolved[key])
-            chosen.append(f"{key} = {resolved[key]!r}")
-    if say is not None and any(resolved[key] != PLAIN[key] for key in AUTO_KEYS if f"{key} = {resolved[key]!r}" in chosen):
-        say(f"on {device.type}: " + ", ".join(chosen) + " (\"auto\"; set them to override)")
+            chosen.append(key)
+    if say is not None and any(resolved[key] != PLAIN[key] for key in chosen):
+        values = ", ".join(f"{key} = {resolved[key]!r}" for key in chosen)
+        say(f"on {device.type}: {values} (\"auto\"; set them to override)")
     return out

@@ -22,7 +22,7 @@ from .files import LOCK_FILE, MARKER, atomic_write_text
 from .runs import CHECKPOINT_FILES, CHECKPOINTS, CONFIG, METRICS, MODEL, arm_dirs, checkpoint_dirs
 
 MANIFEST = "manifest.json"
-NO_MANIFEST = f"{MANIFEST} is missing"  # what ``problem`` says of a directory without one
+NO_MANIFEST = f"{MANIFEST} is missing"  # what ``find_damage`` says of a directory without one
 ALGORITHM = "sha256"
 _CHUNK = 1 << 20
 

@@ -303,8 +303,7 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         """What a checkpoint holds besides model and optimizer: the state and the config that made it."""
-        state = self.state.state_dict()
-        return {**state, "config": self.cfg.to_dict(), "last_eval": state.pop("last_eval"), "data": self.data_id}
+        return {**self.state.state_dict(), "config": self.cfg.to_dict(), "data": self.data_id}
 
     def validate(self) -> None:
         """Validate at the current step and log it; a non-finite loss stops the run (nothing is exported)."""
