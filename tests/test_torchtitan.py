@@ -225,6 +225,7 @@ def test_paper_configs_mirror_configs_paper(name, toml):
 
     titan, paper = getattr(config_registry, name)(), load_config(HERE.parent / "configs" / "paper" / f"{toml}.toml")
     assert (titan.tst.bag_size, titan.tst.ratio) == (paper.tst.bag_size, paper.tst.ratio)
+    assert titan.model_spec.flavor == paper.model.preset
     assert titan.optimizer.param_groups[0].optimizer_kwargs["lr"] == paper.optim.lr
     assert (titan.training.steps, titan.lr_scheduler.warmup_steps, titan.lr_scheduler.decay_ratio) == (
         paper.train.steps, paper.optim.warmup_steps, paper.optim.decay_fraction)

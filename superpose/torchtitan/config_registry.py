@@ -24,7 +24,7 @@ from torchtitan.trainer import Trainer
 from .data import TokenWindowDataLoader
 from .embedding import with_stock_embedding
 from .loss import MultiHotLoss
-from .models import llama3_spec, qwen3_moe_10b_a1b_spec
+from .models import llama3_spec, qwen3_moe_spec
 from .trainer import TSTOptions, TSTTrainer
 
 
@@ -64,7 +64,7 @@ def baseline(config: TSTTrainer.Config) -> Trainer.Config:
 
 
 def llama3_tiny_tst() -> TSTTrainer.Config:
-    """A 2-layer d=64 llama3 for CPU checks (vocab 8192: superpose prepare's default), s=4, r=0.3."""
+    """superpose's tiny preset (4 layers, d=128) for CPU checks (vocab 8192: superpose prepare's default), s=4, r=0.3."""
     return tst_config(llama3_spec("tiny", vocab_size=8192), lr=3e-3, steps=20, warmup=2, global_batch=4, local_batch=4,
                       seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare", chunks=2, log_freq=1)
 
@@ -76,7 +76,7 @@ def llama3_tiny_baseline() -> Trainer.Config:
 
 def llama3_270m_tst() -> TSTTrainer.Config:
     """The paper's 270M run (configs/paper/llama-270m.toml): peak LR 2e-3, 20k steps."""
-    return tst_config(llama3_spec("270m"), lr=2e-3, steps=20000, warmup=2000, global_batch=1024, local_batch=16,
+    return tst_config(llama3_spec("llama-270m"), lr=2e-3, steps=20000, warmup=2000, global_batch=1024, local_batch=16,
                       seq_len=2048, tst=TSTOptions(bag_size=6, ratio=0.3), data_dir="data/dclm-llama3")
 
 
@@ -87,17 +87,17 @@ def llama3_270m_baseline() -> Trainer.Config:
 
 def llama3_600m_tst() -> TSTTrainer.Config:
     """The paper's 600M run (configs/paper/llama-600m.toml): peak LR 1e-3, 20k steps."""
-    return tst_config(llama3_spec("600m"), lr=1e-3, steps=20000, warmup=2000, global_batch=1024, local_batch=8,
+    return tst_config(llama3_spec("llama-600m"), lr=1e-3, steps=20000, warmup=2000, global_batch=1024, local_batch=8,
                       seq_len=2048, tst=TSTOptions(bag_size=6, ratio=0.3), data_dir="data/dclm-llama3")
 
 
 def llama3_3b_tst() -> TSTTrainer.Config:
     """The paper's 3B run (configs/paper/llama-3b.toml): peak LR 2e-4, 20k steps."""
-    return tst_config(llama3_spec("3b"), lr=2e-4, steps=20000, warmup=2000, global_batch=1024, local_batch=4,
+    return tst_config(llama3_spec("llama-3b"), lr=2e-4, steps=20000, warmup=2000, global_batch=1024, local_batch=4,
                       seq_len=2048, tst=TSTOptions(bag_size=6, ratio=0.3), data_dir="data/dclm-llama3")
 
 
 def qwen3_moe_10b_a1b_tst() -> TSTTrainer.Config:
     """The paper's 10B-A1B MoE TST arm (configs/paper/qwen3-moe-10b-a1b.toml): s=16, r=0.25, LR 3e-4, 50k steps."""
-    return tst_config(qwen3_moe_10b_a1b_spec(), lr=3e-4, steps=50000, warmup=2000, global_batch=4096, local_batch=4,
+    return tst_config(qwen3_moe_spec("qwen3-moe-10b-a1b"), lr=3e-4, steps=50000, warmup=2000, global_batch=4096, local_batch=4,
                       seq_len=2048, tst=TSTOptions(bag_size=16, ratio=0.25), data_dir="data/dclm-fineweb-edu-llama3")
