@@ -3,8 +3,9 @@
 The shapes are superpose's presets, read from the HF config superpose builds for them
 (``superpose.model.model_config``), and the spec's ``flavor`` is the preset's name: the paper's
 270M and 600M are SmolLM2-135M / -360M with untied embeddings, its 3B the SmolLM3-3B shape, its
-10B-A1B a Qwen3 MoE; all over the Llama-3 vocabulary (128,256) unless given another ``vocab_size``. A torchtitan run and a superpose run of one preset
-train the same architecture (torchtitan's parameter initialisation, not transformers').
+10B-A1B a Qwen3 MoE; all over the Llama-3 vocabulary (128,256) unless given another ``vocab_size``.
+A torchtitan run and a superpose run of one preset train the same architecture (with torchtitan's
+parameter initialisation, not transformers').
 """
 from __future__ import annotations
 
