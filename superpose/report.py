@@ -63,7 +63,9 @@ def summarize(runs: list[Run], paired: bool = True) -> dict:
         entry = {
             "run": run.name,
             "reference": reference.name,
-            "config_differences": config_differences(reference.config, run.config),
+            "config_differences": config_differences(reference.config, run.config) + (
+                [f"framework: {reference.framework} -> {run.framework}"] if run.framework != reference.framework else []),
+            "framework": run.framework,
             "iso_loss": iso_loss_speedup(ref_c, c),
             "equal_steps": difference_at(ref_c, c, "step", min(ref_c.final("step"), c.final("step"))),
             "equal_data": difference_at(ref_c, c, "tokens", equal_tokens),
@@ -241,6 +243,8 @@ def _prose(summary: dict) -> list[str]:
                 f"- **Phase 1 on held-out bags** (step {p['step']}, its last eval): bag objective {p['val_bag_loss']:.3f} "
                 f"(MCE without log s) vs {p['unigram_loss']:.3f} for the train split's token frequencies on the same bags: "
                 f"{p['beyond_unigram']:.3f} nats learned beyond unigram statistics.")
+        elif c["switch"]["measured"] and c["framework"] == "torchtitan":
+            lines.append("- **Phase 1 on held-out bags**: not measured (a torchtitan run validates next-token windows only).")
         elif c["switch"]["measured"]:
             lines.append("- **Phase 1 on held-out bags**: not measured (no eval at or before the switch step; set "
                          "train.eval_every to a divisor of the switch step).")
@@ -286,7 +290,7 @@ def _write_report(runs: list[Run], out: Path, paired: bool, failed: dict[str, st
         "# Baseline vs TST\n",
         f"Reference: `{ref.name}` ({ref.path}). Model `{ref.config.model.preset}` ({runs[0].start['parameters']:,} "
         f"parameters), L = {ref.config.data.seq_len}, batch {ref.config.train.batch_size}, {ref.config.train.steps} steps, "
-        f"data `{ref.config.data.dir}`, seed {ref.config.train.seed}. Validation loss is next-token cross-entropy in "
+        f"data `{ref.config.data.dir}`, seed {ref.config.train.seed}, trained by {ref.framework}. Validation loss is next-token cross-entropy in "
         f"nats on the same held-out windows for every run. Differences are run minus reference: negative = better.\n",
         summary_table(summary) + "\n",
         *(f"**Failed: {name}** (not drawn, not compared): {error}\n" for name, error in summary["failed"].items()),

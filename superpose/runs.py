@@ -234,6 +234,11 @@ class Run:
         return switch_step(self.stages)
 
     @property
+    def framework(self) -> str:
+        """The trainer that wrote the run: superpose's own, or torchtitan (``superpose.torchtitan``)."""
+        return self.start.get("framework", "superpose")
+
+    @property
     def is_baseline(self) -> bool:
         return all(s.phase == "next-token" for s in self.stages)
 

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -323,6 +324,22 @@ def test_compare_runs_checks_the_runs_are_comparable(compared, tmp_path):
     other.train.seed, other.optim.lr = 1, 1e-3
     diffs = config_differences(load_run(base).config, other)
     assert diffs == ["optim.lr: 0.003 -> 0.001", "train.seed: 0 -> 1"]
+
+
+def test_runs_of_two_trainers_are_flagged_as_not_comparable(compared, tmp_path):
+    """A run that torchtitan trained (superpose.torchtitan: its start record names the framework)
+    has other initial weights and weight decay than superpose's own: the report says so."""
+    root, _, _, _ = compared
+    base, titan = root / "cmp" / "baseline", tmp_path / "titan"
+    shutil.copytree(root / "cmp" / "tst", titan, ignore=shutil.ignore_patterns("checkpoints", "model"))
+    lines = (titan / "metrics.jsonl").read_text().splitlines()
+    start = json.loads(lines[0])
+    assert start["kind"] == "start"
+    lines[0] = json.dumps({**start, "framework": "torchtitan"})
+    (titan / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    summary, out = compare_runs(base, titan, out=tmp_path / "report")
+    assert summary["comparisons"][0]["config_differences"] == ["framework: superpose -> torchtitan"]
+    assert "framework: superpose -> torchtitan" in (out / "report.md").read_text()
 
 
 def test_sweep_reuses_the_baseline_and_writes_csv_and_plot(compared):

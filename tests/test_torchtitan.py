@@ -58,10 +58,69 @@ def test_one_process_switches_and_matches_references(tst_run):
     assert {s: r["stage"] for s, r in stages.items()} == {0: "superposition", SWITCH: "next-token"}
     for step, record in train.items():  # phase 1: superpose's objective; phase 2: torchtitan's baseline step
         assert record["loss"] == pytest.approx(reference[step], rel=1e-6, abs=2e-6), (step, record["stage"])
-    # phase 1 reads s = 4 times the data tokens of a next-token step (B x L x s targets)
+    # superpose's tokens_seen: whole windows, B x (s*L + s) in phase 1 and B x (L + 1) after
     tokens = [train[s]["tokens_seen"] for s in sorted(train)]
-    assert tokens[0] == 4 * 32 * 4 and tokens[SWITCH] - tokens[SWITCH - 1] == 4 * 32
+    assert tokens[0] == 4 * (4 * 32 + 4) and tokens[SWITCH] - tokens[SWITCH - 1] == 4 * (32 + 1)
     assert train[STEPS]["loss"] < train[1]["loss"]
+
+
+def test_validation_scores_superposes_held_out_windows(tst_run, small_data, tmp_path):
+    """Every 4 steps and at the end, torchtitan's Validator scores superpose's held-out windows: the
+    logged loss equals the next-token loss of the exported checkpoint (a Hugging Face model) on
+    ``superpose.data.validation_windows`` of the val split."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from superpose.data import TokenData, bits_per_byte, validation_windows
+    from superpose.torchtitan.export import main
+
+    dump, _, _ = tst_run
+    evals = records(dump, "eval")
+    assert sorted(evals) == [SWITCH, STEPS]
+    out = tmp_path / "hf"
+    assert main(["llama3_tiny_tst", str(dump / "checkpoint" / f"step-{SWITCH}"), str(small_data), str(out)]) == 0
+    data = TokenData(small_data)
+    windows = validation_windows(data.splits["val"], 32, 2048, data.vocab_size)  # [n, L+1]
+    assert windows.shape[0] == 64  # not a multiple of anything that would hide a padding error
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits  # [n, L, V]
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+    assert evals[SWITCH]["val_loss"] == pytest.approx(reference, rel=1e-5)
+    assert evals[SWITCH]["val_bpb"] == pytest.approx(bits_per_byte(reference, data.bytes_per_token("val")))
+    assert evals[STEPS]["val_loss"] < evals[SWITCH]["val_loss"]
+
+
+def test_superpose_report_reads_a_torchtitan_comparison(tst_run, small_data, tmp_path):
+    """A TST arm and its baseline arm (``--tst.ratio 0``) on torchtitan: ``superpose report`` reads
+    both (config.toml and the start/train/eval/end records) and compares them at equal FLOPs."""
+    from superpose.cli import main
+    from superpose.runs import load_run, load_run_config
+    from superpose.torchtitan.export import main as export
+
+    dump, train, _ = tst_run
+    baseline = tmp_path / "baseline"
+    torchtitan_run("torchtitan_on_cpu.py", small_data, baseline, "llama3_tiny_tst", 1, "--tst.ratio", "0")
+    config = load_run_config(dump)
+    assert (config.model.preset, config.tst.bag_size, config.tst.ratio, config.train.steps) == ("tiny", 4, 0.5, STEPS)
+    assert (config.train.batch_size, config.data.seq_len, config.data.dir) == (4, 32, str(small_data))
+    run = load_run(dump)
+    assert run.ended and run.method == "s=4, r=0.5" and run.start["framework"] == "torchtitan"
+    assert [e["flops"] for e in run.evals] == [s * run.start["flops_per_step"] for s in (SWITCH, STEPS)]
+    assert run.evals[-1]["tokens_seen"] == train[STEPS]["tokens_seen"]
+    assert 0 < run.trains[0]["elapsed"] <= run.evals[-1]["elapsed"]
+    for arm in (baseline, dump):  # each final model where superpose's runs keep it: the paired re-evaluation reads it
+        assert export(["llama3_tiny_tst", str(arm / "checkpoint" / f"step-{STEPS}"), str(small_data), str(arm / "model")]) == 0
+    main(["report", str(baseline), str(dump), "--out", str(tmp_path / "report")])
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert "trained by torchtitan" in (tmp_path / "report" / "report.md").read_text()
+    comparison = summary["comparisons"][0]
+    assert comparison["config_differences"] == []
+    paired = comparison["paired_final_eval"]  # the same windows as the runs' validation: the same losses
+    assert paired["reference_val_loss"] == pytest.approx(load_run(baseline).evals[-1]["val_loss"], rel=1e-5)
+    assert paired["candidate_val_loss"] == pytest.approx(run.evals[-1]["val_loss"], rel=1e-5)
+    assert [r["method"] for r in summary["runs"]] == ["baseline", "s=4, r=0.5"]
+    assert summary["runs"][1]["final_val_loss"] == run.evals[-1]["val_loss"]
 
 
 def test_exported_model_loads(tst_run, small_data, tmp_path):
@@ -194,7 +253,7 @@ def test_bad_setups_fail_before_torchtitan_starts(small_data, tmp_path):
     from superpose.errors import ConfigError, DataError
     from superpose.torchtitan.config_registry import llama3_tiny_tst, tst_config
     from superpose.torchtitan.models import llama3_spec
-    from superpose.torchtitan.trainer import TSTOptions, TSTTrainer
+    from superpose.torchtitan.trainer import TSTOptions, TSTTrainer, check_parts
 
     small_vocab = tst_config(llama3_spec("tiny", vocab_size=512), lr=1e-3, steps=4, warmup=1, global_batch=4, local_batch=4,
                              seq_len=32, tst=TSTOptions(bag_size=4), data_dir=str(small_data))
@@ -208,6 +267,13 @@ def test_bad_setups_fail_before_torchtitan_starts(small_data, tmp_path):
     bad_mode = dataclasses.replace(llama3_tiny_tst(), tst=TSTOptions(mode="sideways"))
     with pytest.raises(ConfigError, match="tst.mode"):
         TSTTrainer(bad_mode)
+    for degree in ("tensor_parallel_degree", "context_parallel_degree"):  # bag stages cannot run there: refused up front
+        sharded = llama3_tiny_tst()
+        sharded.dataloader.dir = str(small_data)
+        setattr(sharded.parallelism, degree, 2)
+        with pytest.raises(ConfigError, match=f"superposition bag tokens, which {degree.split('_')[0]} parallelism"):
+            TSTTrainer(sharded)
+        check_parts(sharded, TSTOptions(ratio=0).stages(20))  # a baseline arm (no bag stage) may use it
     assert not (tmp_path / "a").exists()
 
 

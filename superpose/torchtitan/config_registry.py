@@ -26,12 +26,15 @@ from .embedding import with_stock_embedding
 from .loss import MultiHotLoss
 from .models import llama3_spec, qwen3_moe_spec
 from .trainer import TSTOptions, TSTTrainer
+from .validation import HeldOutValidator, HeldOutWindowLoader
 
 
 def tst_config(model_spec: ModelSpec, *, lr: float, steps: int, warmup: int, global_batch: int, local_batch: int,
-               seq_len: int, tst: TSTOptions, data_dir: str, chunks: int = 8, log_freq: int = 10) -> TSTTrainer.Config:
+               seq_len: int, tst: TSTOptions, data_dir: str, chunks: int = 8, log_freq: int = 10, eval_every: int = 1000,
+               eval_tokens: int = 4194304) -> TSTTrainer.Config:
     """A TSTTrainer config: the model, our loss inside torchtitan's chunked head+loss, the windows
-    of a prepared directory, one WSD schedule over the run, bf16 FSDP with fp32 reductions."""
+    of a prepared directory, one WSD schedule over the run, bf16 FSDP with fp32 reductions, the
+    held-out windows of the prepared val split scored every ``eval_every`` steps and at the end."""
     return TSTTrainer.Config(
         model_spec=model_spec,
         tst=tst,
@@ -45,6 +48,7 @@ def tst_config(model_spec: ModelSpec, *, lr: float, steps: int, warmup: int, glo
                                 max_norm=1.0, mixed_precision_param="bfloat16", mixed_precision_reduce="float32",
                                 disable_cuda_graphs=True),  # a graph needs fixed shapes; inputs change shape at the switch
         metrics=MetricsProcessor.Config(log_freq=log_freq, enable_tensorboard=True),
+        validator=HeldOutValidator.Config(freq=eval_every, dataloader=HeldOutWindowLoader.Config(tokens=eval_tokens)),
         parallelism=ParallelismConfig(),
         checkpoint=CheckpointManager.Config(enable=True, interval=1000, last_save_model_only=False),
         activation_checkpoint=SelectiveAC.Config(),
@@ -55,8 +59,11 @@ def tst_config(model_spec: ModelSpec, *, lr: float, steps: int, warmup: int, glo
 def baseline(config: TSTTrainer.Config) -> Trainer.Config:
     """The same run on torchtitan's stock ``Trainer``: its ``Embedding``, its cross-entropy, every step
     next-token, the same windows (by seed and step). A TST checkpoint loads into it (same keys).
-    ``--tst.ratio 0`` on a TST config trains the same steps; this is the unmodified reference."""
+    ``--tst.ratio 0`` on a TST config trains the same steps; this is the unmodified reference. It
+    writes torchtitan's logs only, and validates nothing (the held-out windows follow the TST
+    trainer's data directory); the baseline arm that ``superpose report`` reads is ``--tst.ratio 0``."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(Trainer.Config)}
+    fields["validator"] = dataclasses.replace(config.validator, enable=False)
     spec = dataclasses.replace(config.model_spec, model=with_stock_embedding(config.model_spec.model))
     loss = ChunkedLossWrapper.Config(num_chunks=config.loss.num_chunks,
                                      loss_fn=CrossEntropyLoss.Config(global_vocab_size=spec.model.vocab_size))
@@ -66,7 +73,8 @@ def baseline(config: TSTTrainer.Config) -> Trainer.Config:
 def llama3_tiny_tst() -> TSTTrainer.Config:
     """superpose's tiny preset (4 layers, d=128) for CPU checks (vocab 8192: superpose prepare's default), s=4, r=0.3."""
     return tst_config(llama3_spec("tiny", vocab_size=8192), lr=3e-3, steps=20, warmup=2, global_batch=4, local_batch=4,
-                      seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare", chunks=2, log_freq=1)
+                      seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare", chunks=2, log_freq=1,
+                      eval_every=4, eval_tokens=2048)
 
 
 def llama3_tiny_baseline() -> Trainer.Config:

@@ -48,10 +48,21 @@ class TokenWindowDataLoader(BaseDataLoader):
         """Serve ``stages`` (``superpose.schedule.build_stages``), ``accumulation`` micro-batches per step."""
         self.stages, self.accumulation = stages, accumulation
 
+    @property
+    def global_batch(self) -> int:
+        """Windows per optimizer step over all data-parallel ranks and micro-batches."""
+        return self.local_batch * self.dp_world_size * self.accumulation
+
+    def tokens_seen(self, steps: int) -> int:
+        """Data tokens the first ``steps`` steps read over all ranks (superpose's ``tokens_seen``:
+        the whole windows, ``s*L + s`` per sample in a full-TST step)."""
+        return sum(max(0, min(s.end_step, steps) - s.start_step) * self.global_batch * s.window_length(self.seq_len)
+                   for s in self.stages)
+
     def step_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's whole batch of 0-based ``step``: inputs ``[b*g, L(, k)]``, labels ``[b*g, L(, m)]``."""
         stage = stage_at(self.stages, step)
-        loader = WindowLoader(self.data.splits["train"], self.local_batch * self.dp_world_size * self.accumulation,
+        loader = WindowLoader(self.data.splits["train"], self.global_batch,
                               self.seed, self.dp_rank, self.dp_world_size, self.data.vocab_size)
         window = loader.batch(step, stage.window_length(self.seq_len))  # [b*g, W]
         inputs, labels, _ = stage.split(window, step)  # [b*g, L, k], [b*g, L, m]; the weights: TSTTrainer's
