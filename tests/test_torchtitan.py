@@ -142,12 +142,24 @@ def test_exported_model_loads(tst_run, small_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_at_the_switch_equals_uninterrupted(tst_run, small_data, tmp_path):
+    """A run killed after its checkpoint at the switch (its records went on to step 6) and resumed:
+    the same losses bit for bit, and the records superpose report reads are those of one run."""
+    from superpose.runs import load_run
+
     dump, train, _ = tst_run
     resumed = tmp_path / "resumed"
     shutil.copytree(dump / "checkpoint" / f"step-{SWITCH}", resumed / "checkpoint" / f"step-{SWITCH}")
+    shutil.copy(dump / "config.toml", resumed)
+    lines = (dump / "metrics.jsonl").read_text().splitlines()
+    killed = [line for line in lines if json.loads(line)["step"] <= 6 and json.loads(line)["kind"] != "end"]
+    (resumed / "metrics.jsonl").write_text("\n".join(killed) + "\n")
     after = torchtitan_run("torchtitan_on_cpu.py", small_data, resumed)
-    assert sorted(after) == list(range(SWITCH + 1, STEPS + 1))
     assert [after[s]["loss"] for s in sorted(after)] == [train[s]["loss"] for s in sorted(after)]
+    one, two = load_run(dump), load_run(resumed)
+    assert [r["step"] for r in two.trains] == list(range(1, STEPS + 1)) and two.ended
+    assert [(e["step"], e["val_loss"], e["tokens_seen"]) for e in two.evals] == [
+        (e["step"], e["val_loss"], e["tokens_seen"]) for e in one.evals]
+    assert two.evals[0]["elapsed"] == one.evals[0]["elapsed"] < two.evals[1]["elapsed"]  # elapsed went on from the checkpoint
 
 
 @pytest.mark.slow
