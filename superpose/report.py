@@ -291,7 +291,8 @@ def _write_report(runs: list[Run], out: Path, paired: bool, failed: dict[str, st
         f"Reference: `{ref.name}` ({ref.path}). Model `{ref.config.model.preset}` ({runs[0].start['parameters']:,} "
         f"parameters), L = {ref.config.data.seq_len}, batch {ref.config.train.batch_size}, {ref.config.train.steps} steps, "
         f"data `{ref.config.data.dir}`, seed {ref.config.train.seed}, trained by {ref.framework}. Validation loss is "
-        f"next-token cross-entropy in nats on the same held-out windows for every run. Differences are run minus reference: negative = better.\n",
+        "next-token cross-entropy in nats on the same held-out windows for every run. Differences are run minus "
+        "reference: negative = better.\n",
         summary_table(summary) + "\n",
         *(f"**Failed: {name}** (not drawn, not compared): {error}\n" for name, error in summary["failed"].items()),
         f"**Regime.** {summary['regime']['text']}\n",
