@@ -70,7 +70,7 @@ class TSTTrainer(Trainer):
     def __init__(self, config: Config):
         self.stages = config.tst.stages(config.training.steps)  # before any work: a bad table fails here
         check_parts(config, self.stages)
-        held_out = isinstance(config.validator, HeldOutValidator.Config) and config.validator.enable
+        self.held_out = held_out = isinstance(config.validator, HeldOutValidator.Config) and config.validator.enable
         if held_out and not config.validator.dataloader.dir:
             config.validator.dataloader.dir = config.dataloader.dir
         self.elapsed = 0.0  # training seconds of the steps done (checkpointed: ``state_dict``)
@@ -137,13 +137,13 @@ class TSTTrainer(Trainer):
         return self.elapsed + (time.perf_counter() - self.step_start if self.step_start is not None else 0.0)
 
     def train(self):
-        """torchtitan's loop, then (at the last step) a validation if the loop's last one was earlier,
-        and the ``end`` record."""
+        """torchtitan's loop, then (at the last step) a held-out validation if the loop's last one was
+        earlier, and the ``end`` record."""
         super().train()
         if self.step < self.config.training.steps:  # ran out of data
             return
         records = self.open_records(self.step)  # already open, unless resumed from the last checkpoint
-        if self.config.validator.enable and (self.last_eval is None or self.last_eval["step"] != self.step):
+        if self.held_out and (self.last_eval is None or self.last_eval["step"] != self.step):
             self.validator.validate(self.model_parts, self.step)
         records.end(self.step, self.last_eval, self.stages, self.elapsed)
 
