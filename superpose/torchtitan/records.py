@@ -17,6 +17,7 @@ from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from transformers import AutoModelForCausalLM
 
 from ..config import Config, config_from_dict
+from ..data import bits_per_byte
 from ..model import count_parameters, flops_per_step
 from ..provenance import provenance
 from ..runs import METRICS, MetricsLog, write_run_config
@@ -111,8 +112,6 @@ class RunRecords:
                         "step_seconds": seconds, "elapsed": elapsed})
 
     def eval(self, step: int, loss: float, bytes_per_token: float, tokens_seen: int, elapsed: float) -> dict:
-        from ..data import bits_per_byte
-
         record = {"kind": "eval", "step": step, "val_loss": loss, "val_bpb": bits_per_byte(loss, bytes_per_token),
                   "tokens_seen": tokens_seen, "elapsed": elapsed, "flops": step * self.flops_per_step}
         self.log.write(record)
