@@ -52,7 +52,7 @@ from superpose.method import embed_bags, window_length
 from superpose.model import TSTModel, build_model, flops_per_step
 from superpose.optim import make_optimizer
 from superpose.schedule import Stage
-from superpose.train import autocast, train_step
+from superpose.train import train_step
 
 # Dense bf16 peak FLOP/s of known devices (vendor figures, no sparsity); CPUs have none here.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12}
@@ -100,7 +100,7 @@ class StepCase:
                 self.plain_optimizer = torch.optim.AdamW(
                     self.lm.parameters(), lr=1e-4, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                     fused=self.device.type == "cuda" or None)
-            with autocast(self.cfg, self.runtime):
+            with self.runtime.autocast(self.cfg.train.precision):
                 loss = self.lm(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.lm.parameters(), o.grad_clip)

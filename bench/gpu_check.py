@@ -64,7 +64,7 @@ from superpose.method import split_window, window_length
 from superpose.model import PRESETS, TSTModel, build_model, flops_per_step
 from superpose.optim import make_optimizer
 from superpose.schedule import build_stages, lr_at, stage_at
-from superpose.train import autocast, train_step
+from superpose.train import train_step
 
 IGNORE = -100
 # The 10B-A1B MoE with 2 of its 24 layers: its expert and head shapes on one card.
@@ -500,7 +500,7 @@ def host_syncs(case: StepCase, bag: int) -> dict | None:
         if watch:
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            with autocast(case.cfg, case.runtime):
+            with case.runtime.autocast(case.cfg.train.precision):
                 loss_sum, _ = case.model(inputs, targets, weights)
             loss_sum.backward()
         finally:

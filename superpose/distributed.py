@@ -27,6 +27,12 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def autocast(self, precision: str):
+        """The forward's precision (``train.precision``): bf16 autocast, or fp32 as the weights are."""
+        if precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
 
 def init_runtime(device: str = "auto") -> Runtime:
     """Read torchrun's environment, pick this rank's device and join the process group."""

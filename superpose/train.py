@@ -78,7 +78,7 @@ def train_step(
     chunks = list(zip(inputs.split(micro), targets.split(micro)))
     loss_total = torch.zeros((), device=runtime.device)
     for i, (x, y) in enumerate(chunks):
-        with gradient_sync(model, i == len(chunks) - 1, cfg.distributed.strategy), autocast(cfg, runtime):
+        with gradient_sync(model, i == len(chunks) - 1, cfg.distributed.strategy), runtime.autocast(cfg.train.precision):
             loss_sum, _ = model(x, y, weights)
         # DDP/FSDP average gradients over ranks; the factor `world` turns that into a sum.
         (loss_sum * (runtime.world / global_weight)).backward()
@@ -95,12 +95,6 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, applied)
-
-
-def autocast(cfg: Config, runtime: Runtime):
-    if cfg.train.precision == "bf16":
-        return torch.autocast(runtime.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train(cfg: Config, resume: str = "never", allow_config_change: bool = False, label: str = "train",

@@ -20,8 +20,6 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtim
 
     Every rank runs the same number of forwards (FSDP needs that): the last rank's share is
     padded with windows whose targets are ignored."""
-    from .train import autocast  # the training step's precision
-
     stage = stage or NEXT_TOKEN
     model.eval()
     per_rank = -(-windows.shape[0] // runtime.world)
@@ -36,7 +34,7 @@ def validation_loss(model: nn.Module, windows: torch.Tensor, cfg: Config, runtim
     total = torch.zeros(2, device=runtime.device)
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // runtime.world)
     for x, y in zip(inputs.split(micro), targets.split(micro)):
-        with autocast(cfg, runtime):
+        with runtime.autocast(cfg.train.precision):  # the training step's precision
             loss_sum, weight = model(x.to(runtime.device), y.to(runtime.device), weights)
         total += torch.stack([loss_sum.float(), weight.float()])
     total = all_reduce_sum(total)
