@@ -69,8 +69,8 @@ def with_sdpa(model_config):
 @contextmanager
 def fp32_experts():
     """Not a CPU shim but the precision of the MoE parity checks. torchtitan's ``GroupedExperts`` casts
-    tokens and weights to bf16 for its grouped matmuls whatever the parameters' dtype (the bf16 grouped
-    GEMM of its GPUs); HF's Qwen3Moe experts compute in the parameters' dtype. Inside this context the
+    tokens and weights to bf16 for its grouped matmuls whatever the parameters' dtype; HF's Qwen3Moe
+    experts compute in the parameters' dtype. Inside this context the
     same grouped matmuls (``torch._grouped_mm``, which runs fp32 on CPU) take fp32, so the two models
     agree to fp32 rounding and a mismatch of the objective cannot hide under bf16's."""
     import torch

@@ -42,11 +42,13 @@ from superpose.torchtitan.export import hf_config  # noqa: E402
 
 def hf_copy(model_config, adapter, weights):
     """The HF model of torchtitan ``weights`` by the export's path: ``hf_config``, the adapter's ``to_hf``,
-    then transformers' own loading (which fuses a MoE's per-expert tensors), every key used."""
+    then transformers' own loading (which fuses a MoE's per-expert tensors), every key used. The copy
+    owns its tensors: loading may adopt a tensor it is given, and these are the run's parameters."""
     config = hf_config(model_config)
+    state = adapter.to_hf({name: t.clone() for name, t in weights.items()})
     with hf_progress_bars(False):
         lm, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-            None, config=config, state_dict=adapter.to_hf(dict(weights)), dtype=torch.float32, output_loading_info=True)
+            None, config=config, state_dict=state, dtype=torch.float32, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     return lm
 
