@@ -222,20 +222,26 @@ def test_exported_model_gives_torchtitans_logits(config, request, small_data, tm
 
 
 def test_hf_config_is_the_presets_config():
-    """hf_config of each preset's torchtitan model is the HF config superpose builds for the preset (so it
-    counts the same parameters); what HF's Llama / Qwen3Moe cannot express is refused in one line."""
+    """hf_config of each preset's torchtitan model is the HF config superpose builds for the preset, and
+    its meta-device model counts the torchtitan model's parameters; what HF's Llama / Qwen3Moe cannot
+    express is refused in one line."""
     import dataclasses
 
+    import torch
     from torchtitan.models.qwen3 import model_registry as qwen3_registry
+    from transformers import AutoModelForCausalLM
 
     from superpose.errors import ConfigError
-    from superpose.model import PRESETS, model_config
+    from superpose.model import PRESETS, count_parameters, model_config
     from superpose.torchtitan.export import hf_config
     from superpose.torchtitan.models import llama3_spec, qwen3_moe_spec
 
     for preset, fields in PRESETS.items():
         spec = (llama3_spec if fields["kind"] == "llama" else qwen3_moe_spec)(preset, vocab_size=1024)
         assert hf_config(spec.model).to_dict() == model_config(preset, 1024).to_dict(), preset
+        with torch.device("meta"):
+            counted = count_parameters(AutoModelForCausalLM.from_config(hf_config(spec.model)))["total"]
+            assert counted == sum(p.numel() for p in spec.model.build().parameters()), preset
     moe = qwen3_moe_spec("qwen3-moe-tiny", vocab_size=1024).model
     with pytest.raises(ConfigError, match="tied embeddings"):
         hf_config(dataclasses.replace(moe, enable_weight_tying=True))
