@@ -8,6 +8,7 @@ phase 2 after the switch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -207,6 +208,123 @@ def test_two_ranks_resume_the_one_process_run_at_the_switch(tst_run, small_data,
     assert sorted(train) == list(range(SWITCH + 1, STEPS + 1))
     for step, record in train.items():
         assert record["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def moe_run(small_data, tmp_path_factory):
+    """8 steps of qwen3_moe_tiny_tst across the switch, each step also scored by the references (the
+    experts in fp32 and the expert bias at zero: HF's Qwen3Moe is the reference, tests/torchtitan_parity.py)."""
+    dump = tmp_path_factory.mktemp("titan") / "moe"
+    train = torchtitan_run("torchtitan_parity.py", small_data, dump, "qwen3_moe_tiny_tst")
+    reference = {int(k): v for k, v in json.loads((dump / "reference.json").read_text()).items()}
+    return dump, train, reference
+
+
+def test_qwen3_moe_switches_and_matches_references(moe_run):
+    """torchtitan's qwen3 MoE (grouped experts, top-k router) under TSTTrainer: phase 1 equals superpose's
+    objective on an HF Qwen3Moe copy of the weights, phase 2 torchtitan's stock step."""
+    dump, train, reference = moe_run
+    assert [r["bag_size"] for r in train.values()] == [4] * SWITCH + [1] * (STEPS - SWITCH)
+    assert {s: r["stage"] for s, r in records(dump, "stage").items()} == {0: "superposition", SWITCH: "next-token"}
+    for step, record in train.items():
+        assert record["loss"] == pytest.approx(reference[step], rel=1e-6, abs=2e-6), (step, record["stage"])
+
+
+def test_qwen3_moe_trains_with_torchtitans_load_balancing(small_data, tmp_path):
+    """The config as it is (bf16 experts, the expert bias updated every step) trains across the switch
+    on CPU; the bias it learned routes tokens where HF's Qwen3Moe would not, so its export is refused."""
+    import torch
+
+    from superpose.torchtitan.export import EXPERT_BIAS, main, read_model_weights
+
+    dump = tmp_path / "moe"
+    train = torchtitan_run("torchtitan_on_cpu.py", small_data, dump, "qwen3_moe_tiny_tst")
+    assert [r["bag_size"] for r in train.values()] == [4] * SWITCH + [1] * (STEPS - SWITCH)
+    assert all(math.isfinite(r["loss"]) for r in train.values())
+    checkpoint = dump / "checkpoint" / f"step-{STEPS}"
+    bias = read_model_weights(checkpoint, [f"layers.0.{EXPERT_BIAS}"])[f"layers.0.{EXPERT_BIAS}"]  # [E]
+    assert bias.abs().max() > 0 and torch.allclose(bias.sum(), torch.zeros(()), atol=1e-6)  # moved, centred
+    assert main(["qwen3_moe_tiny_tst", str(checkpoint), str(small_data), str(tmp_path / "hf")]) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_qwen3_moe_two_ranks_fsdp_match_references(small_data, tmp_path):
+    """The MoE on 2 gloo FSDP2 ranks (local batch 2, global 4): every step equals the references on the
+    gathered weights and both ranks' windows (the router's choices made on each rank's tokens)."""
+    dump = tmp_path / "fsdp"
+    train = torchtitan_run("torchtitan_parity.py", small_data, dump, "qwen3_moe_tiny_tst", 2, "--training.local_batch_size", "2")
+    reference = {int(k): v for k, v in json.loads((dump / "reference.json").read_text()).items()}
+    assert [r["bag_size"] for r in train.values()] == [4] * SWITCH + [1] * (STEPS - SWITCH)
+    for step, record in train.items():
+        assert record["loss"] == pytest.approx(reference[step], rel=1e-6, abs=2e-6), step
+
+
+@pytest.mark.parametrize("config", ["llama3_tiny_tst", "qwen3_moe_tiny_tst"])
+def test_exported_model_gives_torchtitans_logits(config, request, small_data, tmp_path):
+    """The HF export of a run's last checkpoint (llama3: LlamaForCausalLM; qwen3 MoE: Qwen3MoeForCausalLM)
+    loads with every key and gives the torchtitan model's logits on the same ids, to fp32 rounding
+    (the MoE's experts in fp32 on both sides; torchtitan's own bf16 experts stay within bf16's)."""
+    import torch
+    from torchtitan_on_cpu import fp32_experts, with_sdpa
+    from transformers import AutoModelForCausalLM
+
+    from superpose.torchtitan import config_registry
+    from superpose.torchtitan.embedding import with_stock_embedding
+    from superpose.torchtitan.export import main, read_model_weights
+
+    dump = request.getfixturevalue("tst_run" if config.startswith("llama3") else "moe_run")[0]
+    checkpoint, out = dump / "checkpoint" / f"step-{STEPS}", tmp_path / "hf"
+    assert main([config, str(checkpoint), str(small_data), str(out)]) == 0
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, local_files_only=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    titan = with_sdpa(with_stock_embedding(getattr(config_registry, config)().model_spec.model)).build()
+    with torch.no_grad():
+        titan.init_weights(buffer_device=None)
+    titan.load_state_dict(read_model_weights(checkpoint, list(titan.state_dict())), strict=True)
+    ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0))  # [B, L]
+    with torch.no_grad():
+        expected = hf.eval()(ids).logits  # [B, L, V]
+        stock = titan.eval()(ids, positions=torch.arange(32).expand(2, -1))
+        with fp32_experts():
+            exact = titan(ids, positions=torch.arange(32).expand(2, -1))
+    assert (exact - expected).abs().max() < 1e-5
+    assert (stock - expected).abs().max() < (1e-5 if config.startswith("llama3") else 1e-2)
+
+
+def test_hf_config_is_the_presets_config():
+    """hf_config of each preset's torchtitan model is the HF config superpose builds for the preset, and
+    its meta-device model counts the torchtitan model's parameters; what HF's Llama / Qwen3Moe cannot
+    express is refused in one line."""
+    import dataclasses
+
+    import torch
+    from torchtitan.models.qwen3 import model_registry as qwen3_registry
+    from transformers import AutoModelForCausalLM
+
+    from superpose.errors import ConfigError
+    from superpose.model import PRESETS, count_parameters, model_config
+    from superpose.torchtitan.export import hf_config
+    from superpose.torchtitan.models import llama3_spec, qwen3_moe_spec
+
+    for preset, fields in PRESETS.items():
+        spec = (llama3_spec if fields["kind"] == "llama" else qwen3_moe_spec)(preset, vocab_size=1024)
+        assert hf_config(spec.model).to_dict() == model_config(preset, 1024).to_dict(), preset
+        with torch.device("meta"):
+            counted = count_parameters(AutoModelForCausalLM.from_config(hf_config(spec.model)))["total"]
+            assert counted == sum(p.numel() for p in spec.model.build().parameters()), preset
+    moe = qwen3_moe_spec("qwen3-moe-tiny", vocab_size=1024).model
+    with pytest.raises(ConfigError, match="tied embeddings"):
+        hf_config(dataclasses.replace(moe, enable_weight_tying=True))
+    moe.layers[1].moe.num_experts = moe.layers[1].moe.routed_experts.inner_experts.num_experts = 4
+    with pytest.raises(ConfigError, match="qwen3 MoE model does not handle layers of different shapes"):
+        hf_config(moe)
+    for layer in moe.layers:
+        layer.moe.router.score_func = "sigmoid"
+    with pytest.raises(ConfigError, match="layers of different shapes, a router other than softmax top-k"):
+        hf_config(moe)
+    with pytest.raises(ConfigError, match="qwen3 MoE models, not Qwen3Model.Config without MoE layers"):
+        hf_config(qwen3_registry("debugmodel").model)
 
 
 def test_importing_superpose_does_not_import_torchtitan():

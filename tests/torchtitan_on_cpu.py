@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import types
+from contextlib import contextmanager
 
 
 def apply_shims() -> None:
@@ -51,12 +52,44 @@ def cpu_config(config):
     """4. FlexAttention has no CPU backward: SDPA (plain causal, which is what our one-document
     windows mean) in every layer. 5. torchtitan's default spmd_types backend needs a newer
     ``fully_shard`` than torch 2.13's: the partial_dtensor backend."""
-    from torchtitan.models.common.attention import ScaledDotProductAttention
-
-    for layer in config.model_spec.model.layers:
-        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    with_sdpa(config.model_spec.model)
     config.parallelism.spmd_backend = "partial_dtensor"
     return config
+
+
+def with_sdpa(model_config):
+    """4. (of ``cpu_config``) SDPA in every layer of a torchtitan model config, in place."""
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    for layer in model_config.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    return model_config
+
+
+@contextmanager
+def fp32_experts():
+    """Not a CPU shim but the precision of the MoE parity checks. torchtitan's ``GroupedExperts`` casts
+    tokens and weights to bf16 for its grouped matmuls whatever the parameters' dtype; HF's Qwen3Moe
+    experts compute in the parameters' dtype. Inside this context the
+    same grouped matmuls (``torch._grouped_mm``, which runs fp32 on CPU) take fp32, so the two models
+    agree to fp32 rounding and a mismatch of the objective cannot hide under bf16's."""
+    import torch
+    import torch.nn.functional as F
+    from torchtitan.models.common.moe import GroupedExperts
+
+    def forward(self, x_RD, num_tokens_per_expert_E):  # GroupedExperts.forward without its bf16 casts
+        offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+
+        def grouped(a, w):  # a [R, in], w [E, out, in] -> [R, out], rows grouped by expert
+            return self._grouped_mm(A=a, B_t=w.transpose(-2, -1), offs=offsets_E)
+
+        return grouped(F.silu(grouped(x_RD, self.w1_EFD)) * grouped(x_RD, self.w3_EFD), self.w2_EDF)
+
+    stock, GroupedExperts.forward = GroupedExperts.forward, forward
+    try:
+        yield
+    finally:
+        GroupedExperts.forward = stock
 
 
 def main() -> None:

@@ -82,6 +82,13 @@ def llama3_tiny_baseline() -> Trainer.Config:
     return baseline(llama3_tiny_tst())
 
 
+def qwen3_moe_tiny_tst() -> TSTTrainer.Config:
+    """superpose's qwen3-moe-tiny preset (4 layers, d=128, 8 experts of 128, top-2) for CPU checks, like llama3_tiny_tst."""
+    return tst_config(qwen3_moe_spec("qwen3-moe-tiny", vocab_size=8192), lr=3e-3, steps=20, warmup=2, global_batch=4,
+                      local_batch=4, seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare",
+                      chunks=2, log_freq=1)
+
+
 def llama3_270m_tst() -> TSTTrainer.Config:
     """The paper's 270M run (configs/paper/llama-270m.toml): peak LR 2e-3, 20k steps."""
     return tst_config(llama3_spec("llama-270m"), lr=2e-3, steps=20000, warmup=2000, global_batch=1024, local_batch=16,

@@ -68,7 +68,7 @@ class RunRecords:
     """
 
     def __init__(self, config, global_batch: int, world: int, resume_step: int, elapsed: float):
-        from .export import hf_llama_config as hf_config
+        from .export import hf_config
 
         self.config, self.global_batch, self.world = config, global_batch, world
         self.main = int(os.environ.get("RANK", "0")) == 0
