@@ -70,11 +70,17 @@ def baseline(config: TSTTrainer.Config) -> Trainer.Config:
     return Trainer.Config(**{**fields, "model_spec": spec, "loss": loss})
 
 
-def llama3_tiny_tst() -> TSTTrainer.Config:
-    """superpose's tiny preset (4 layers, d=128) for CPU checks (vocab 8192: superpose prepare's default), s=4, r=0.3."""
-    return tst_config(llama3_spec("tiny", vocab_size=8192), lr=3e-3, steps=20, warmup=2, global_batch=4, local_batch=4,
-                      seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare", chunks=2, log_freq=1,
+def cpu_check(model_spec: ModelSpec) -> TSTTrainer.Config:
+    """A config for CPU checks: 20 steps of 4 x 32 positions, s=4, r=0.3, every step logged, validated
+    every 4 (the model's vocabulary 8192: superpose prepare's default)."""
+    return tst_config(model_spec, lr=3e-3, steps=20, warmup=2, global_batch=4, local_batch=4, seq_len=32,
+                      tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare", chunks=2, log_freq=1,
                       eval_every=4, eval_tokens=2048)
+
+
+def llama3_tiny_tst() -> TSTTrainer.Config:
+    """superpose's tiny preset (4 layers, d=128): CPU checks."""
+    return cpu_check(llama3_spec("tiny", vocab_size=8192))
 
 
 def llama3_tiny_baseline() -> Trainer.Config:
@@ -83,10 +89,8 @@ def llama3_tiny_baseline() -> Trainer.Config:
 
 
 def qwen3_moe_tiny_tst() -> TSTTrainer.Config:
-    """superpose's qwen3-moe-tiny preset (4 layers, d=128, 8 experts of 128, top-2) for CPU checks, like llama3_tiny_tst."""
-    return tst_config(qwen3_moe_spec("qwen3-moe-tiny", vocab_size=8192), lr=3e-3, steps=20, warmup=2, global_batch=4,
-                      local_batch=4, seq_len=32, tst=TSTOptions(bag_size=4, ratio=0.3), data_dir="data/shakespeare",
-                      chunks=2, log_freq=1)
+    """superpose's qwen3-moe-tiny preset (4 layers, d=128, 8 experts of 128, top-2): CPU checks."""
+    return cpu_check(qwen3_moe_spec("qwen3-moe-tiny", vocab_size=8192))
 
 
 def llama3_270m_tst() -> TSTTrainer.Config:
