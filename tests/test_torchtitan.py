@@ -107,6 +107,7 @@ def test_superpose_report_reads_a_torchtitan_comparison(tst_run, small_data, tmp
     assert (config.train.batch_size, config.data.seq_len, config.data.dir) == (4, 32, str(small_data))
     run = load_run(dump)
     assert run.ended and run.method == "s=4, r=0.5" and run.start["framework"] == "torchtitan"
+    assert run.start["counted_by"] == "superpose" and run.start["parameters"] == 3146880  # the tiny preset, untied, V=8192
     assert [e["flops"] for e in run.evals] == [s * run.start["flops_per_step"] for s in (SWITCH, STEPS)]
     assert run.evals[-1]["tokens_seen"] == train[STEPS]["tokens_seen"]
     assert 0 < run.trains[0]["elapsed"] <= run.evals[-1]["elapsed"]
@@ -405,6 +406,27 @@ def test_bad_setups_fail_before_torchtitan_starts(small_data, tmp_path):
             TSTTrainer(sharded)
         check_parts(sharded, TSTOptions(ratio=0).stages(20))  # a baseline arm (no bag stage) may use it
     assert not (tmp_path / "a").exists()
+
+
+def test_records_count_a_model_without_a_hugging_face_twin_by_torchtitan(small_data, tmp_path):
+    """A model ``hf_config`` cannot mirror (here: tied embeddings) still trains with records: its start
+    record carries torchtitan's parameter count and FLOPs per token, and says so."""
+    import dataclasses
+
+    from superpose.torchtitan.config_registry import llama3_tiny_tst
+    from superpose.torchtitan.records import RunRecords
+
+    config = llama3_tiny_tst()
+    tied = dataclasses.replace(config.model_spec.model, enable_weight_tying=True)
+    config = dataclasses.replace(config, model_spec=dataclasses.replace(config.model_spec, model=tied),
+                                 dump_folder=str(tmp_path / "run"))
+    config.dataloader.dir = config.validator.dataloader.dir = str(small_data)
+    log = RunRecords(config, global_batch=4, world=1, resume_step=0, elapsed=0.0, titan_counts=(1000, 6e4))
+    log.start([], {"bag_size": 4, "ratio": 0.3}, {})
+    log.close()
+    start = records(tmp_path / "run", "start")[0]
+    assert (start["parameters"], start["flops_per_step"], start["counted_by"]) == (1000, 6e4 * 4 * 32, "torchtitan")
+    assert start["active_matmul_parameters"] is None
 
 
 @pytest.mark.parametrize("name, toml", [("llama3_270m_tst", "llama-270m"), ("llama3_600m_tst", "llama-600m"),

@@ -4,7 +4,8 @@
 holds superpose's ``start``, ``stage``, ``train``, ``eval`` and ``end`` records (the schema of
 ``superpose.runs``), beside torchtitan's TensorBoard/W&B logs. Parameters and FLOPs per step are
 counted by superpose's own formula on the Hugging Face twin of the model (``export.hf_config``),
-so a torchtitan run and a superpose run of one preset count alike.
+so a torchtitan run and a superpose run of one preset count alike; a model without a twin is
+counted by torchtitan (the start record says which).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from ..config import Config, config_from_dict
 from ..data import bits_per_byte
+from ..errors import ConfigError
 from ..model import count_parameters, flops_per_step
 from ..provenance import provenance
 from ..runs import METRICS, MetricsLog, write_run_config
@@ -67,15 +69,26 @@ class RunRecords:
     records are written only there.
     """
 
-    def __init__(self, config, global_batch: int, world: int, resume_step: int, elapsed: float):
+    def __init__(self, config, global_batch: int, world: int, resume_step: int, elapsed: float,
+                 titan_counts: tuple[int, float]):
+        """``titan_counts``: torchtitan's parameter count and FLOPs per token of the model, used only when
+        the model has no Hugging Face twin (``export.hf_config`` refuses it)."""
         from .export import hf_config
 
         self.config, self.global_batch, self.world = config, global_batch, world
         self.main = int(os.environ.get("RANK", "0")) == 0
-        with torch.device("meta"):
-            self.lm = AutoModelForCausalLM.from_config(hf_config(config.model_spec.model))  # no memory
         self.positions = global_batch * config.training.seq_len
-        self.flops_per_step = flops_per_step(self.lm, config.training.seq_len, self.positions)
+        try:
+            with torch.device("meta"):
+                lm = AutoModelForCausalLM.from_config(hf_config(config.model_spec.model))  # no memory
+            counts = count_parameters(lm)
+            self.counts = {"parameters": counts["total"], "active_matmul_parameters": counts["active_matmul"],
+                           "flops_per_step": flops_per_step(lm, config.training.seq_len, self.positions),
+                           "counted_by": "superpose"}
+        except ConfigError:  # a model superpose cannot mirror: torchtitan's own count and FLOPs formula
+            self.counts = {"parameters": titan_counts[0], "active_matmul_parameters": None,
+                           "flops_per_step": titan_counts[1] * self.positions, "counted_by": "torchtitan"}
+        self.flops_per_step = self.counts["flops_per_step"]
         dump = Path(config.dump_folder)
         if self.main:
             dump.mkdir(parents=True, exist_ok=True)
@@ -88,12 +101,9 @@ class RunRecords:
             return
         config, world = self.config, self.world
         write_run_config(config.dump_folder, superpose_config(config, tst, self.global_batch, world))
-        params = count_parameters(self.lm)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.log.write({"kind": "start", "step": 0, "parameters": params["total"], "active_matmul_parameters":
-                        params["active_matmul"], "flops_per_step": self.flops_per_step, "positions_per_step": self.positions,
-                        "world_size": world, "stages": [vars(s) for s in stages], "data": data_id,
-                        "framework": "torchtitan",
+        self.log.write({"kind": "start", "step": 0, **self.counts, "positions_per_step": self.positions, "world_size": world,
+                        "stages": [vars(s) for s in stages], "data": data_id, "framework": "torchtitan",
                         "provenance": {**provenance(device, world), "torchtitan": importlib.metadata.version("torchtitan")}})
 
     def stage(self, step: int, stage: Stage) -> None:

@@ -104,8 +104,10 @@ class TSTTrainer(Trainer):
         it: 0, or the checkpoint's step); the config and the ``start`` record when that is 0."""
         if self.records is None:
             config = self.config
+            parameters = sum(p.numel() for part in self.model_parts for p in part.parameters())  # DTensors: global
             self.records = RunRecords(config, self.dataloader.global_batch, self.parallel_dims.world_size,
-                                      resume_step=done, elapsed=self.elapsed)
+                                      resume_step=done, elapsed=self.elapsed,
+                                      titan_counts=(parameters, self.metrics_processor.num_flops_per_token))
             if done == 0:
                 self.records.start(self.stages, config.tst.section().to_dict(), TokenData(config.dataloader.dir).identity())
         return self.records
