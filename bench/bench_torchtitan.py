@@ -6,13 +6,14 @@
 DIR is a ``superpose prepare`` directory (the same windows feed every arm). First it checks that
 torchtitan.train imports on this torch (bench/torchtitan_compat.py, with its shims for released
 torch) and stops with that one line if not. Then five runs of --steps steps each, one after
-another on the same device, each its own process:
+another on the same device, each its own process, in this order (a --budget that runs out drops the
+last ones):
 
   titan-tst       torchrun bench/torchtitan_compat.py --module superpose.torchtitan --config llama3_270m_tst,
                   every step phase 1 (s=6)
-  titan-ntp       the same config with --tst.ratio 0: every step next-token (torchtitan's own step path)
   titan-stock     llama3_270m_baseline: torchtitan's unmodified Trainer, embedding and loss
   superpose-tst   superpose train configs/paper/llama-270m.toml, every step phase 1
+  titan-ntp       llama3_270m_tst with --tst.ratio 0: every step next-token (torchtitan's own step path)
   superpose-ntp   the same with --tst.ratio 0
 
 Every arm runs B x L = batch x seq_len positions per step (equal FLOPs) with torchtitan's vocabulary
@@ -31,12 +32,12 @@ On this project's GPU machine (docs/torchtitan.md, "On the GPU machine"): prepar
         --valid ../shared/data/gutenberg/valid-00000.jsonl.gz --out /tmp/bench-data
     python scripts/paper_data.py pack /tmp/bench-data .bench-data
 
-then one call, run(carry=[".whl", ".bench-data"], timeout_s=540, command=...):
+then one call, run(carry=[".whl", ".bench-data"], timeout_s=400, command=...), the lines joined by spaces:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
       && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 bench/torchtitan_compat.py --check || exit;
     python3 scripts/paper_data.py unpack .bench-data /tmp/bench-data || exit;
-    python3 bench/bench_torchtitan.py --data /tmp/bench-data --out /tmp/bt --arm-timeout 240; rc=$?;
+    python3 bench/bench_torchtitan.py --data /tmp/bench-data --out /tmp/bt --arm-timeout 200 --budget 330; rc=$?;
     cp /tmp/bt/bench_torchtitan.json /tmp/bt/*.log $OUT/; exit $rc
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,14 +113,21 @@ def superpose_times(out: Path, warmup: int, peak: float | None) -> dict:
             "mfu_percent": 100 * start["flops_per_step"] / seconds / peak if peak else None}
 
 
-def run_arm(name: str, command: list[str], kind: str, env: dict, args, peak: float | None) -> dict:
-    """One arm in its own process: its timings, or its error (the end of its output)."""
+def run_arm(name: str, command: list[str], kind: str, env: dict, args, peak: float | None, limit: float | None) -> dict:
+    """One arm in its own process, stopped after ``limit`` seconds: its timings, or its error (the end of its output)."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.arm_timeout)
-        output, failed = run.stdout + run.stderr, run.returncode != 0
-    except subprocess.TimeoutExpired as stopped:
-        parts = [o.decode(errors="replace") if isinstance(o, bytes) else o for o in (stopped.stdout, stopped.stderr) if o]
-        output, failed = "".join(parts) + f"\nstopped after --arm-timeout {args.arm_timeout:g} s", True
+        output, _ = proc.communicate(timeout=limit)
+        failed = proc.returncode != 0
+    except subprocess.TimeoutExpired:
+        import psutil  # torchrun starts its workers in sessions of their own: the whole tree is stopped
+
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        output, failed = proc.communicate()[0] + f"\nstopped after {limit:.0f} s (--arm-timeout, --budget)", True
     (args.out / f"{name}.log").write_text(output)
     if failed:
         return {"error": output[-2000:]}
@@ -137,6 +146,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--arm-timeout", type=float, default=None, help="seconds before an arm is stopped (its row: failed)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all arms: each gets what is left (at most --arm-timeout), none starts after")
     args = parser.parse_args()
     smoke = dict(steps=4, warmup=1, batch=4, seq_len=32) if args.smoke else dict(steps=30, warmup=10, batch=8, seq_len=2048)
     for key, value in smoke.items():
@@ -163,22 +174,28 @@ def main() -> int:
         peak = get_peak_flops(torch.cuda.get_device_name())
     arms = {
         "titan-tst": (titan_command(f"{titan}_tst", args.out / "titan-tst", args, "--tst.ratio", "1"), "titan"),
-        "titan-ntp": (titan_command(f"{titan}_tst", args.out / "titan-ntp", args, "--tst.ratio", "0"), "titan"),
         "titan-stock": (titan_command(f"{titan}_baseline", args.out / "titan-stock", args), "titan"),
         "superpose-tst": (superpose_command(str(paper), model, args.out / "superpose-tst", args, 1.0), "superpose"),
+        "titan-ntp": (titan_command(f"{titan}_tst", args.out / "titan-ntp", args, "--tst.ratio", "0"), "titan"),
         "superpose-ntp": (superpose_command(str(paper), model, args.out / "superpose-ntp", args, 0.0), "superpose"),
     }
-    results = {}
+    results, deadline = {}, time.monotonic() + args.budget if args.budget else None
     for name, (command, kind) in arms.items():
-        print(f"{name} ...", flush=True)
-        results[name] = run_arm(name, command, kind, env, args, peak)
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left < 1:
+            results[name] = {"error": f"not run: --budget {args.budget:g} s spent"}
+        else:
+            print(f"{name} ...", flush=True)
+            limit = min((t for t in (args.arm_timeout, left) if t is not None), default=None)
+            results[name] = run_arm(name, command, kind, env, args, peak, limit)
         (args.out / "bench_torchtitan.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                                     "check": check.stdout.strip(), "peak_flops": peak,
                                                                     "results": results}, indent=2))
     print(f"{'arm':<15} {'s/step':>9} {'positions/s':>12} {'MFU %':>7}")
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<15} failed (see {args.out / (name + '.log')})")
+            why = r["error"] if r["error"].startswith("not run") else f"failed (see {args.out / (name + '.log')})"
+            print(f"{name:<15} {why}")
         else:
             mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
             print(f"{name:<15} {r['step_seconds']:>9.4f} {r['positions_per_s']:>12.0f} {mfu:>7}")
