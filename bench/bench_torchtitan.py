@@ -14,7 +14,7 @@ last ones):
   titan-stock     llama3_270m_baseline: torchtitan's unmodified Trainer, embedding and loss
   superpose-tst   superpose train configs/paper/llama-270m.toml, every step phase 1
   titan-ntp       llama3_270m_tst with --tst.ratio 0: every step next-token (torchtitan's own step path)
-  superpose-ntp   the same with --tst.ratio 0
+  superpose-ntp   superpose-tst with --tst.ratio 0
 
 Every arm runs B x L = batch x seq_len positions per step (equal FLOPs) with torchtitan's vocabulary
 (the superpose arms get a model directory of the same preset at the torchtitan config's vocab size,
