@@ -4,12 +4,12 @@
     python bench/bench_torchtitan.py --data DIR --out OUT --smoke      # CPU, the tiny model (torchtitan CPU shims)
 
 DIR is a ``superpose prepare`` directory (the same windows feed every arm). First it checks that
-torchtitan.train imports on this torch (bench/torchtitan_compat.py, with its shims for released
+torchtitan.train imports on this torch (superpose.torchtitan.train, with its shims for released
 torch) and stops with that one line if not. Then five runs of --steps steps each, one after
 another on the same device, each its own process, in this order (a --budget that runs out drops the
 last ones):
 
-  titan-tst       torchrun bench/torchtitan_compat.py --module superpose.torchtitan --config llama3_270m_tst,
+  titan-tst       torchrun -m superpose.torchtitan.train --module superpose.torchtitan --config llama3_270m_tst,
                   every step phase 1 (s=6)
   titan-stock     llama3_270m_baseline: torchtitan's unmodified Trainer, embedding and loss
   superpose-tst   superpose train configs/paper/llama-270m.toml, every step phase 1
@@ -35,7 +35,7 @@ On this project's GPU machine (docs/torchtitan.md, "On the GPU machine"): prepar
 then one call, run(carry=[".whl", ".bench-data"], timeout_s=400, command=...), the lines joined by spaces:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-      && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 bench/torchtitan_compat.py --check || exit;
+      && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; python3 -m superpose.torchtitan.train --check || exit;
     python3 scripts/paper_data.py unpack .bench-data /tmp/bench-data || exit;
     python3 bench/bench_torchtitan.py --data /tmp/bench-data --out /tmp/bt --arm-timeout 200 --budget 330; rc=$?;
     cp /tmp/bt/bench_torchtitan.json /tmp/bt/*.log $OUT/; exit $rc
@@ -52,15 +52,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPAT = ROOT / "bench" / "torchtitan_compat.py"
 
 
 def titan_command(config: str, dump: Path, args, *flags: str) -> list[str]:
-    script = ROOT / "tests" / "torchtitan_on_cpu.py" if args.smoke else COMPAT
+    script = [str(ROOT / "tests" / "torchtitan_on_cpu.py")] if args.smoke else ["-m", "superpose.torchtitan.train"]
     sizes = ["--training.local_batch_size", str(args.batch), "--training.global_batch_size", str(args.batch),
              "--training.seq_len", str(args.seq_len)]
     compile_flags = ["--compile.enable"] if args.compile else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(script),
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", *script,
             "--module", "superpose.torchtitan", "--config", config, "--dataloader.dir", str(args.data),
             "--hf_assets_path", str(args.data), "--dump_folder", str(dump), "--training.steps", str(args.steps),
             "--checkpoint.no-enable", "--validator.no-enable", "--metrics.log_freq", "1", "--lr_scheduler.warmup_steps", "1",
@@ -155,14 +154,15 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")]  # the carried wheels' site stays on the path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
-    check = subprocess.run([sys.executable, str(COMPAT), "--check"], env=env, capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "superpose.torchtitan.train", "--check"], env=env, capture_output=True,
+                           text=True)
     print(check.stdout.strip() or check.stderr.strip()[-2000:], flush=True)
     if check.returncode:
         return 2  # nothing to time: the line above says why
-    from torchtitan_compat import torch_shims  # bench/, beside this file
+    sys.path.insert(0, str(ROOT))
+    from superpose.torchtitan.train import torch_shims
 
     torch_shims()  # this process reads torchtitan's configs and its peak-FLOPs table
-    sys.path.insert(0, str(ROOT))
     titan, paper = (("llama3_tiny", ROOT / "configs" / "tiny.toml") if args.smoke
                     else ("llama3_270m", ROOT / "configs" / "paper" / "llama-270m.toml"))
     model = superpose_model(titan, paper, args.out / "superpose-model")

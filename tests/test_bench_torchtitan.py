@@ -1,4 +1,4 @@
-"""bench/bench_torchtitan.py and bench/torchtitan_compat.py, the prepared GPU check of issue #27, kept from
+"""bench/bench_torchtitan.py and superpose.torchtitan.train, the prepared GPU check of issue #27, kept from
 rotting between GPU loans: the import check and, slow, the five arms of ``--smoke`` on CPU."""
 import json
 import os
@@ -20,7 +20,7 @@ def test_check_says_torchtitan_imports_with_the_shims_this_torch_needs():
     probe = ("import torch.distributed as d, torch.distributed.fsdp as f; "
              "print(hasattr(d, 'set_timeout'), hasattr(f, 'DataParallelMeshDims'))")
     has = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=120).stdout.split()
-    done = subprocess.run([sys.executable, "bench/torchtitan_compat.py", "--check"], cwd=ROOT, env=ENV,
+    done = subprocess.run([sys.executable, "-m", "superpose.torchtitan.train", "--check"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     line = done.stdout.strip()

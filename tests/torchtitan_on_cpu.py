@@ -1,5 +1,6 @@
 """torchtitan 0.3.0 on CPU processes with gloo, for tests: the shims, each with why. Nothing of
-torchtitan's files is edited and the plugin (superpose.torchtitan) carries none of them.
+torchtitan's files is edited and the plugin (superpose.torchtitan) carries none of them; it carries
+only the shims of a released torch (``superpose.torchtitan.train``), which these add to.
 
     torchrun --nproc-per-node N tests/torchtitan_on_cpu.py --module superpose.torchtitan --config NAME [FLAGS]
 
@@ -16,7 +17,6 @@ from contextlib import contextmanager
 def apply_shims() -> None:
     """Call before anything imports torchtitan."""
     import torch._utils
-    import torch.distributed as dist
 
     # 1. torchtitan picks its device type when torchtitan.tools.utils is imported and falls back to
     #    "cuda" when no accelerator is found; make that "cpu", with a device module that adds the
@@ -30,9 +30,10 @@ def apply_shims() -> None:
     torch._utils._get_available_device_type = lambda: "cpu"
     get_module = torch._utils._get_device_module
     torch._utils._get_device_module = lambda kind: cpu if kind == "cpu" else get_module(kind)
-    # 2. torch 2.13 has no public dist.set_timeout (torchtitan calls it after the first step).
-    if not hasattr(dist, "set_timeout"):
-        dist.set_timeout = lambda timeout, group=None: dist.distributed_c10d._set_pg_timeout(timeout, group)
+    # 2. what a released torch lacks (dist.set_timeout, ...), as on a GPU: superpose.torchtitan.train's shims
+    from superpose.torchtitan.train import torch_shims, torchtitan_shims
+
+    torch_shims()
     # 3. gloo has no PREMUL_SUM reduction, which FSDP2 uses to pre-divide gradients: ask each FSDP
     #    module for a plain sum (then divided) instead.
     import torchtitan.distributed.fsdp as fsdp
@@ -46,6 +47,7 @@ def apply_shims() -> None:
         return sharded
 
     fsdp.fully_shard = fully_shard_with_sum
+    torchtitan_shims()  # wraps the sum-reducing fully_shard where this torch's FSDP needs one module per group
 
 
 def cpu_config(config):

@@ -1,4 +1,11 @@
-"""torchtitan 0.3.0 on a released torch (2.11 in the GPU machine's image, 2.13): the shims, each with why.
+"""torchtitan's entry point (``torchtitan.train``) on a released torch: the shims it needs, each with why.
+
+    torchrun --nproc-per-node 8 -m superpose.torchtitan.train --module superpose.torchtitan --config NAME [FLAGS]
+    python -m superpose.torchtitan.train --check     # does torchtitan.train import here? exit 1 if not
+
+takes the flags of ``-m torchtitan.train``; on a PyTorch nightly that has what torchtitan needs,
+no shim applies and it is ``-m torchtitan.train``. Each shim is applied only where torch lacks the
+feature, and none changes what a step computes.
 
 torchtitan 0.3.0 is written against a PyTorch nightly. On torch 2.11.0 (checked on CPU processes,
 tests/test_torchtitan.py passing, slow tests included, with these shims and the CPU ones) it needs:
@@ -21,16 +28,12 @@ tests/test_torchtitan.py passing, slow tests included, with these shims and the 
 
 The MoE path also uses ``ShardPlacementResult`` (fsdp.py:263, expert parallelism) and
 ``torch.compiler._is_non_strict_tracing`` (models/common/token_dispatcher.py:259), both missing in
-2.11 and not shimmed. Each shim is applied only where torch lacks the feature.
-
-    torchrun --nproc-per-node 1 bench/torchtitan_compat.py --module superpose.torchtitan --config NAME [FLAGS]
-    python bench/torchtitan_compat.py --check     # does torchtitan.train import here? exit 1 if not
+2.11 and not shimmed.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 
 
 def torch_shims() -> list[str]:
@@ -80,7 +83,6 @@ def check() -> int:
     """Print whether torchtitan.train and the plugin import on this torch (with the shims); 0 if they do."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # superpose, from a checkout
     try:
         applied = torch_shims()
         import torchtitan.train  # noqa: F401
