@@ -125,6 +125,27 @@ def test_superpose_report_reads_a_torchtitan_comparison(tst_run, small_data, tmp
     assert summary["runs"][1]["final_val_loss"] == run.evals[-1]["val_loss"]
 
 
+def test_held_out_windows_are_split_over_ranks_with_ignored_padding(small_data):
+    """3 ranks of 5 windows per batch over 64 windows: every rank serves 5 batches (FSDP needs them
+    all), and the labels that are not ignored are every window's targets exactly once."""
+    import torch
+
+    from superpose.data import TokenData, validation_windows
+    from superpose.torchtitan.validation import HeldOutWindowLoader
+
+    config = HeldOutWindowLoader.Config(dir=str(small_data), tokens=2048)
+    ranks = [list(HeldOutWindowLoader(config, dp_world_size=3, dp_rank=r, seq_len=32, local_batch_size=5)) for r in range(3)]
+    assert [len(batches) for batches in ranks] == [5, 5, 5]
+    served = torch.cat([y for batches in ranks for _, y in batches])  # [75, L]
+    real = served[(served != -100).all(dim=1)]
+    assert (served == -100).all(dim=1).sum() == 75 - 64
+    data = TokenData(small_data)
+    windows = validation_windows(data.splits["val"], 32, 2048, data.vocab_size)  # [64, L+1]
+    assert sorted(map(tuple, real.tolist())) == sorted(map(tuple, windows[:, 1:].tolist()))
+    x, _ = ranks[1][0]
+    assert torch.equal(x["input"][0], windows[1, :-1])  # inputs are the windows' first L tokens
+
+
 def test_exported_model_loads(tst_run, small_data, tmp_path):
     """The HF export of the last checkpoint (torchtitan's state-dict adapter) loads with no missing
     keys; the parity test above scored every superposition step on such a copy of the weights."""
