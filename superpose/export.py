@@ -66,8 +66,7 @@ def export_checkpoint(path: Path, out_dir: Path, force: bool = False, allow_data
     change = check_same_data(trainer.get("data"), data, f"checkpoint {path}", "--allow-data-change", allow_data_change)
     with torch.device("meta"):  # the architecture only: no memory, no random draws
         lm = AutoModelForCausalLM.from_config(model_config(cfg.model.preset, data.vocab_size), dtype=torch.float32)
-    with StagedDir(out_dir, "model", "OUT_DIR", force):  # checked before the weights are read
-        pass
+    StagedDir(out_dir, "model", "OUT_DIR", force).check()  # before the weights are read
     if state is None:  # a tied weight is read once, under its first name; write_model_dir ties it again
         weights = read_sharded_model(path, skip=["lm." + alias for alias in tied_names(lm)])
     else:

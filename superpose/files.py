@@ -174,7 +174,13 @@ class StagedDir:
         self.old = self.out.with_name(f".old-{self.out.name}")
         self.lock, self.published = None, False
 
-    def __enter__(self) -> Path:
+    def check(self) -> None:
+        """What entering checks, ``force`` included, without creating the staging directory: for a
+        command to refuse ``out`` before its long work (reading a checkpoint's weights)."""
+        self._check_unlocked()
+        check_replace(self.out, self.kind, self.what, self.force)
+
+    def _check_unlocked(self) -> None:
         out = self.out.resolve()
         if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
             raise OutputError(f"{self.what} {self.out} is the current directory or one above it; give a new directory")
@@ -184,6 +190,9 @@ class StagedDir:
             if leftover.exists() and (leftover.is_symlink() or dir_kind(leftover) not in (self.kind, None)
                                       or dir_kind(leftover) is None and _has_files(leftover)):
                 raise OutputError(f"{leftover} is in the way of {self.what} {self.out} and {describe(leftover)}; move it away")
+
+    def __enter__(self) -> Path:
+        self._check_unlocked()
         self.tmp.mkdir(exist_ok=True)
         self.lock = DirectoryLock(self.tmp, self.what).__enter__()
         try:

@@ -146,7 +146,7 @@ def test_held_out_windows_are_split_over_ranks_with_ignored_padding(small_data):
     assert torch.equal(x["input"][0], windows[1, :-1])  # inputs are the windows' first L tokens
 
 
-def test_exported_model_loads(tst_run, small_data, tmp_path):
+def test_exported_model_loads(tst_run, small_data, tmp_path, capsys):
     """The HF export of the last checkpoint (torchtitan's state-dict adapter) loads with no missing
     keys; the parity test above scored every superposition step on such a copy of the weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,6 +161,11 @@ def test_exported_model_loads(tst_run, small_data, tmp_path):
     assert AutoTokenizer.from_pretrained(out, local_files_only=True).vocab_size == 1024
     assert main(["llama3_tiny_tst", str(tmp_path / "no-checkpoint"), str(small_data), str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()
+    notes = tmp_path / "notes"  # a user's directory: refused before any weight is read, and left as it was
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert main(["llama3_tiny_tst", str(tmp_path / "no-checkpoint"), str(small_data), str(notes)]) == 1
+    assert "OUT_DIR" in capsys.readouterr().err and [p.name for p in notes.iterdir()] == ["todo.txt"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qw
 from ..data import TokenData
 from ..errors import CheckpointError, ConfigError, ModelError, UserError
 from ..export import write_model_dir
+from ..files import StagedDir
 
 EXPERT_BIAS = "moe.expert_bias_E"  # torchtitan's load-balancing bias of an MoE layer, [E]
 
@@ -118,6 +119,7 @@ def export(model_spec, checkpoint: str | Path, data_dir: str | Path, out_dir: st
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(hf_config(model_spec.model), dtype=torch.float32)
         names = list(model_spec.model.build().state_dict())
+    StagedDir(out_dir, "model", "OUT_DIR", force).check()  # before the weights are read
     weights = read_model_weights(checkpoint, names)
     biased = [name for name in names if name.endswith(EXPERT_BIAS) and weights[name].any()]
     if biased:
