@@ -10,7 +10,6 @@ counted by torchtitan (the start record says which).
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from ..config import Config, config_from_dict
 from ..data import bits_per_byte
 from ..errors import ConfigError
+from ..launch import is_main_process
 from ..model import count_parameters, flops_per_step
 from ..provenance import provenance
 from ..runs import METRICS, MetricsLog, write_run_config
@@ -76,7 +76,7 @@ class RunRecords:
         from .export import hf_config
 
         self.config, self.global_batch, self.world = config, global_batch, world
-        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.main = is_main_process()
         self.positions = global_batch * config.training.seq_len
         try:
             with torch.device("meta"):

@@ -109,7 +109,7 @@ class TSTTrainer(Trainer):
                                       resume_step=done, elapsed=self.elapsed,
                                       titan_counts=(parameters, self.metrics_processor.num_flops_per_token))
             if done == 0:
-                self.records.start(self.stages, config.tst.section().to_dict(), TokenData(config.dataloader.dir).identity())
+                self.records.start(self.stages, config.tst.section().to_dict(), self.dataloader.data.identity())
         return self.records
 
     def batch_generator(self, data_iterable):

@@ -8,6 +8,7 @@ the same data measure the same thing and ``superpose report`` can put them side 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,7 @@ class HeldOutWindowLoader(BaseDataLoader):
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, seq_len: int, local_batch_size: int,
                  **_: Any):  # tokenizer: the windows are already tokens
-        windows = held_out_windows(config, seq_len)  # [n, L+1]
+        windows = held_out_windows(config.dir, seq_len, config.tokens)  # [n, L+1]
         per_batch = local_batch_size * dp_world_size
         batches = -(-windows.shape[0] // per_batch)
         pad = batches * per_batch - windows.shape[0]
@@ -63,10 +64,12 @@ class HeldOutWindowLoader(BaseDataLoader):
         pass
 
 
-def held_out_windows(config: HeldOutWindowLoader.Config, seq_len: int) -> torch.Tensor:
-    """The fixed windows ``[n, L+1]`` of the val split (``superpose.data.validation_windows``)."""
-    data = TokenData(config.dir)
-    return validation_windows(data.splits["val"], seq_len, config.tokens, data.vocab_size)
+@functools.lru_cache(maxsize=4)
+def held_out_windows(directory: str, seq_len: int, tokens: int) -> torch.Tensor:
+    """The fixed windows ``[n, L+1]`` of the val split (``superpose.data.validation_windows``), read
+    once per process: torchtitan's Validator builds its data loader again at every validation."""
+    data = TokenData(directory)
+    return validation_windows(data.splits["val"], seq_len, tokens, data.vocab_size)
 
 
 class HeldOutValidator(Validator):
@@ -82,7 +85,7 @@ class HeldOutValidator(Validator):
     def __init__(self, config: Config, *, seq_len: int, local_batch_size: int, dp_world_size: int, **kwargs):
         # the batch count every rank serves, so that torchtitan's Validator stops on all ranks together
         # (its steps=-1 would read until the loader ends, which it warns may hang: it does not here)
-        windows = held_out_windows(config.dataloader, seq_len).shape[0]
+        windows = held_out_windows(config.dataloader.dir, seq_len, config.dataloader.tokens).shape[0]
         steps = -(-windows // (local_batch_size * dp_world_size))
         super().__init__(dataclasses.replace(config, steps=steps), seq_len=seq_len, local_batch_size=local_batch_size,
                          dp_world_size=dp_world_size, **kwargs)
