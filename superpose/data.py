@@ -199,6 +199,7 @@ class TokenData:
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
+        self._identity: dict | None = None  # identity(), computed on first use
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"{self.dir} is not a prepared data directory (no meta.json); run `superpose prepare`")
@@ -247,11 +248,13 @@ class TokenData:
     def identity(self) -> dict:
         """What binds a run to this data (``check_same_data``): the SHA-256 of the tokenizer file and
         of the list of shards with their checksums (data prepared before checksums: their names
-        and token counts)."""
-        shards = [[s["file"], s.get(ALGORITHM, s["tokens"])]
-                  for split in ("train", "val") for s in self.meta["splits"][split]["shards"]]
-        return {"tokenizer_sha256": file_entry(self.dir / self.meta["tokenizer"])[ALGORITHM],
-                "shards_sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest()}
+        and token counts). Hashed once per ``TokenData``: the run and the resume check both ask."""
+        if self._identity is None:
+            shards = [[s["file"], s.get(ALGORITHM, s["tokens"])]
+                      for split in ("train", "val") for s in self.meta["splits"][split]["shards"]]
+            self._identity = {"tokenizer_sha256": file_entry(self.dir / self.meta["tokenizer"])[ALGORITHM],
+                              "shards_sha256": hashlib.sha256(json.dumps(shards).encode()).hexdigest()}
+        return self._identity
 
     def tokens(self, split: str) -> int:
         return sum(s.size for s in self.splits[split])
